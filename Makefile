@@ -1,0 +1,33 @@
+# fastcxr — set-up, demo, tests, figures. Every target creates or reuses the virtual environment.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASTCXR := $(VENV)/bin/fastcxr
+RUNS ?= runs
+DEMO_RUN ?= demo-compare
+
+.PHONY: install demo ablation test lint figures clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## The main job: Experiment II (three formulations) on the built-in synthetic dataset.
+demo: install
+	$(FASTCXR) compare --name $(DEMO_RUN) --runs $(RUNS)
+
+## Experiment I (progressive unfreezing) on the built-in synthetic dataset.
+ablation: install
+	$(FASTCXR) unfreeze-ablation --name demo-ablation --runs $(RUNS)
+
+test: install
+	$(PY) -m pytest -q -m "not gpu or gpu" tests
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(RUNS) reports/build

@@ -1,0 +1,103 @@
+"""Run configuration: frozen dataclasses, schedule stages as data, and the presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from fastcxr.findings import STUDY_FINDINGS
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a schedule: unfreeze `unfreeze` (see `models.resolve_unfreeze`), then fit."""
+
+    name: str
+    unfreeze: str
+    max_epochs: int = 10
+    lr: float = 1e-3
+
+
+# The study's Experiment I: head; + conv5 block 3; + all of conv5; + last 3 blocks of conv4.
+PAPER_STAGES = (
+    Stage("head", "head"),
+    Stage("conv5_block3", "conv5_block-1", lr=1e-4),
+    Stage("conv5", "conv5", lr=1e-4),
+    Stage("conv4_last3", "conv4_block-3", lr=1e-4),
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides the data; saved, resolved, with every run."""
+
+    arch: str = "resnet152"
+    size: int = 512
+    batch_size: int = 64
+    pretrained: bool = True
+    weights: str | None = None
+    findings: tuple[str, ...] = STUDY_FINDINGS
+    stages: tuple[Stage, ...] = PAPER_STAGES
+    ablation_stages: tuple[Stage, ...] = PAPER_STAGES
+    patience: int = 3  # epochs without a better validation loss before a stage stops
+    lr_ratio: float = 10.0  # discriminative LRs: earliest unfrozen group gets lr / lr_ratio
+    weight_decay: float = 1e-2
+    freeze_style: str = "keras"  # "keras": frozen blocks fully frozen, BN in eval; "fastai"
+    uncertain: str = "drop"
+    blank: str = "drop"
+    augment: bool = True
+    seed: int = 0
+    workers: int | None = None
+    preset: str = "paper"
+    max_train_images: int | None = None
+
+    def replace(self, **changes) -> TrainConfig:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        for k in ("stages", "ablation_stages"):
+            d[k] = tuple(Stage(**s) for s in d.get(k, ()))
+        d["findings"] = tuple(d["findings"])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# The CPU demo: a one-block-per-stage ResNet from scratch on 64x64 images. With random
+# weights a frozen backbone is meaningless, so compare/train unfreeze everything at once;
+# the ablation keeps the study's stage list (its numbers then show what random features buy).
+DEMO = TrainConfig(
+    arch="resnet10", size=64, batch_size=64, pretrained=False,
+    stages=(Stage("all", "all", max_epochs=5, lr=2e-3),),
+    ablation_stages=tuple(replace(s, max_epochs=2, lr=2e-3) for s in PAPER_STAGES),
+    patience=2, augment=False, preset="demo",
+)  # fmt: skip
+PAPER = TrainConfig()
+PRESETS: dict[str, TrainConfig] = {"demo": DEMO, "paper": PAPER}
+
+
+def get_preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {list(PRESETS)}") from None
+
+
+def parse_stages(text: str, max_epochs: int | None = None, lr: float | None = None
+                 ) -> tuple[Stage, ...]:
+    """`head,conv5_block-1,conv5` → stages named after what they unfreeze."""
+    out = []
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
+        name, _, unfreeze = spec.partition("=")
+        st = Stage(name, unfreeze or name)
+        out.append(replace(st, **{k: v for k, v in (("max_epochs", max_epochs), ("lr", lr))
+                                  if v is not None}))
+    if not out:
+        raise ValueError("empty stage list")
+    return tuple(out)
+
+
+__all__ = ["DEMO", "PAPER", "PAPER_STAGES", "PRESETS", "Stage", "TrainConfig",
+           "get_preset", "parse_stages"]

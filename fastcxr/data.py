@@ -1,0 +1,106 @@
+"""Manifest → fastai `DataLoaders` for one network of a formulation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from fastai.data.block import DataBlock
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.transforms import ColReader, ColSplitter, Normalize
+from fastai.vision.augment import Resize, aug_transforms
+from fastai.vision.core import PILImageBW
+from fastai.vision.data import ImageBlock
+from PIL import Image
+
+from fastcxr.config import TrainConfig
+from fastcxr.dicom import read_dicom
+from fastcxr.findings import LabelPolicy
+from fastcxr.formulations import Formulation, Network
+
+# ImageNet statistics averaged over RGB: what a 1-channel stem summed from RGB weights expects.
+GRAY_MEAN, GRAY_STD = 0.449, 0.226
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on (empty split, one-class label, …)."""
+
+
+class CXRImage(PILImageBW):
+    """A grayscale radiograph from a cached PNG/JPG or straight from a DICOM file."""
+
+    intensity = "voi"
+
+    @classmethod
+    def create(cls, fn, **kwargs):
+        if isinstance(fn, (str, Path)) and Path(fn).suffix.lower() in (".dcm", ".dicom"):
+            return cls(Image.fromarray(read_dicom(fn, mode=cls.intensity)))
+        return super().create(fn, **kwargs)
+
+
+@dataclass
+class NetworkData:
+    dls: DataLoaders
+    test_dl: TfmdDL
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    y_train: np.ndarray  # (n, k) 0/1 labels of the network's findings
+
+
+def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataFrame:
+    """Rows usable under the run's label policy, findings as 0/1, split sizes checked."""
+    df = LabelPolicy(cfg.uncertain, cfg.blank).apply(manifest, findings)
+    for split in ("train", "valid", "test"):
+        if not (df["split"] == split).any():
+            raise DataError(f"the {split!r} split is empty under the label policy "
+                            f"(uncertain={cfg.uncertain}, blank={cfg.blank})")
+    train = df[df["split"] == "train"]
+    for f in findings:
+        classes = np.unique(train[f])
+        if len(classes) < 2:
+            raise DataError(f"finding {f!r} has only class {classes.tolist()} in the training "
+                            "split: nothing to learn")
+    return df
+
+
+def default_workers() -> int:
+    return min(8, max((os.cpu_count() or 1) - 1, 0))
+
+
+def network_data(df: pd.DataFrame, root: str | Path, form: Formulation, net: Network,
+                 cfg: TrainConfig, device=None) -> NetworkData:
+    """DataLoaders (train/valid) and a labelled test DataLoader for `net`."""
+    df = df.copy()
+    y = df[list(net.findings)].to_numpy(np.int64)
+    targets = form.targets(y)
+    df["_y"] = list(targets) if targets.ndim == 2 else targets.tolist()
+    df["_is_valid"] = df["split"] == "valid"
+    tv = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
+    test = df[df["split"] == "test"].reset_index(drop=True)
+    first = Path(root) / tv["image"].iloc[0]
+    item_tfms = []
+    if first.suffix.lower() in (".dcm", ".dicom") or Image.open(first).size != (cfg.size,) * 2:
+        item_tfms = [Resize(cfg.size, method="squish")]
+    batch_tfms = []
+    if cfg.augment:  # no flips: the heart's side is anatomy, not noise
+        batch_tfms += aug_transforms(do_flip=False, max_rotate=5.0, max_zoom=1.1,
+                                     max_lighting=0.2, max_warp=0.0, size=cfg.size)
+    batch_tfms.append(Normalize.from_stats([GRAY_MEAN], [GRAY_STD]))
+    block = DataBlock(
+        blocks=(ImageBlock(cls=CXRImage), form.block(net)),
+        get_x=ColReader("image", pref=f"{Path(root).resolve()}{os.sep}"),
+        get_y=ColReader("_y"),
+        splitter=ColSplitter("_is_valid"),
+        item_tfms=item_tfms,
+        batch_tfms=batch_tfms,
+    )
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    dls = block.dataloaders(tv, bs=cfg.batch_size, num_workers=workers, device=device,
+                            persistent_workers=workers > 0)
+    test_dl = dls.test_dl(test, with_labels=True)
+    return NetworkData(dls, test_dl, tv[~tv["_is_valid"]], tv[tv["_is_valid"]], test,
+                       y[df["split"].to_numpy() == "train"])

@@ -1,0 +1,111 @@
+"""Finding names shared across datasets, and the label policies applied at training time.
+
+Manifests keep the *raw* labels (1 positive, 0 negative, -1 uncertain, blank = not mentioned);
+a `LabelPolicy` turns them into 0/1 targets when training, so one manifest serves every policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+# The 14 CheXpert-labeller findings, in the column order of mimic-cxr-2.0.0-chexpert.csv.
+CHEXPERT_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
+    "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
+)  # fmt: skip
+STUDY_FINDINGS = ("Edema", "Pleural Effusion")  # the study's two findings, in its order
+
+# Other spellings users and datasets use (lower-case) → the canonical name.
+_ALIASES = {
+    "pulmonary edema": "Edema",
+    "oedema": "Edema",
+    "pulmonary oedema": "Edema",
+    "effusion": "Pleural Effusion",  # NIH ChestX-ray14's name
+    "pleural effusion": "Pleural Effusion",
+}
+
+UNCERTAIN_CHOICES = ("drop", "zeros", "ones")
+BLANK_CHOICES = ("drop", "zeros")
+
+
+def canonical_finding(name: str) -> str:
+    """Map a finding name or alias onto the shared vocabulary; unknown names raise."""
+    key = name.strip().lower()
+    for f in CHEXPERT_FINDINGS:
+        if f.lower() == key:
+            return f
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise ValueError(f"unknown finding {name!r}; known: {', '.join(CHEXPERT_FINDINGS)}")
+
+
+def canonical_findings(names: Sequence[str]) -> tuple[str, ...]:
+    out = tuple(canonical_finding(n) for n in names)
+    if len(set(out)) != len(out):
+        raise ValueError(f"findings repeat: {list(names)}")
+    if not out:
+        raise ValueError("no findings given")
+    return out
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """How uncertain (-1) and blank labels become targets.
+
+    `uncertain` / `blank` apply to every finding unless `per_finding` overrides them, e.g.
+    ``{"Edema": ("ones", "drop")}`` for the U-Ones policy on Edema only (Irvin et al. 2019).
+    The study's default keeps only images whose findings are all 0 or 1.
+    """
+
+    uncertain: str = "drop"
+    blank: str = "drop"
+    per_finding: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for f, (u, b) in [("*", (self.uncertain, self.blank)), *self.per_finding.items()]:
+            if u not in UNCERTAIN_CHOICES:
+                raise ValueError(f"uncertain policy for {f} must be one of {UNCERTAIN_CHOICES}")
+            if b not in BLANK_CHOICES:
+                raise ValueError(f"blank policy for {f} must be one of {BLANK_CHOICES}")
+
+    def for_finding(self, finding: str) -> tuple[str, str]:
+        return self.per_finding.get(finding, (self.uncertain, self.blank))
+
+    def apply(self, df: pd.DataFrame, findings: Sequence[str]) -> pd.DataFrame:
+        """Rows kept under the policy, with each finding column as int 0/1."""
+        missing = [f for f in findings if f not in df.columns]
+        if missing:
+            raise KeyError(f"manifest has no column for {missing}; columns: {list(df.columns)}")
+        keep = np.ones(len(df), bool)
+        targets = {}
+        for f in findings:
+            raw = pd.to_numeric(df[f], errors="coerce").to_numpy(float)
+            bad = ~np.isnan(raw) & ~np.isin(raw, (1.0, 0.0, -1.0))
+            if bad.any():
+                raise ValueError(f"column {f!r} holds values other than 1/0/-1/blank: "
+                                 f"{sorted(set(raw[bad].tolist()))[:5]}")
+            uncertain, blank = self.for_finding(f)
+            y = raw.copy()
+            if uncertain == "drop":
+                keep &= raw != -1
+            else:
+                y[raw == -1] = 1.0 if uncertain == "ones" else 0.0
+            if blank == "drop":
+                keep &= ~np.isnan(raw)
+            else:
+                y[np.isnan(raw)] = 0.0
+            targets[f] = y
+        out = df.loc[keep].copy()
+        for f in findings:
+            out[f] = targets[f][keep].astype(np.int64)
+        return out.reset_index(drop=True)
+
+    def describe(self) -> str:
+        s = f"uncertain={self.uncertain}, blank={self.blank}"
+        extra = ", ".join(f"{f}: uncertain={u} blank={b}" for f, (u, b) in self.per_finding.items())
+        return f"{s}; {extra}" if extra else s

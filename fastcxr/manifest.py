@@ -1,0 +1,65 @@
+"""The manifest: one row per image, the contract between preparation and training.
+
+Columns: `image` (path relative to the manifest's folder), `patient_id`, `study_id`, `view`,
+`split` (train/valid/test) and one column per finding with the *raw* label
+(1, 0, -1 uncertain, blank = not mentioned).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED = ("image", "patient_id", "split")
+SPLITS = ("train", "valid", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be trained on; the message names the problem."""
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and validate a manifest CSV (columns, splits, patient leakage, paths)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.csv"
+    if not path.exists():
+        raise ManifestError(f"no manifest at {path}")
+    df = pd.read_csv(path, dtype={"image": str, "patient_id": str, "study_id": str})
+    validate_manifest(df, path)
+    return df
+
+
+def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None:
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source}: missing column(s) {missing}; has {list(df.columns)}")
+    bad = sorted(set(df["split"].astype(str)) - set(SPLITS))
+    if bad:
+        raise ManifestError(f"{source}: unknown split value(s) {bad}; expected {SPLITS}")
+    leaks = patients_in_several_splits(df)
+    if leaks:
+        shown = ", ".join(leaks[:10]) + (" …" if len(leaks) > 10 else "")
+        raise ManifestError(
+            f"{source}: {len(leaks)} patient(s) appear in more than one split "
+            f"(data leakage): {shown}")
+    for i, p in enumerate(df["image"].astype(str)):
+        q = Path(p)
+        if q.is_absolute() or ".." in q.parts:
+            raise ManifestError(f"{source}: row {i + 2}, column 'image': path {p!r} leaves the "
+                                "dataset folder (absolute or '..')")
+
+
+def patients_in_several_splits(df: pd.DataFrame) -> list[str]:
+    n = df.groupby(df["patient_id"].astype(str))["split"].nunique()
+    return sorted(n[n > 1].index)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

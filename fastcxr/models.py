@@ -1,0 +1,159 @@
+"""Architectures, weights, and the block-level splitter that progressive unfreezing needs.
+
+fastai's ResNet splitter gives only 3 parameter groups (`body[:6]`, `body[6:]`, head), so
+`freeze_to(-n)` cannot unfreeze "conv5 block 3" alone. `block_groups` cuts the body into one
+group per residual block (ResNet) or dense layer (DenseNet), named Keras-style after the
+study (`conv5_block3` = torchvision `layer4[2]`), so `freeze_to(-n)` unfreezes the head and
+the last n-1 blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from fastai.torch_core import params
+from fastai.vision.learner import create_vision_model
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+def resnet10(weights=None, **kwargs) -> ResNet:
+    """torchvision's ResNet with one BasicBlock per stage: the CPU demo's architecture.
+
+    No ImageNet weights exist for it; it is here so the whole pipeline (splitter, stages,
+    formulations) runs in minutes on a laptop CPU.
+    """
+    if weights is not None:
+        raise ValueError("resnet10 has no pretrained weights; use --no-pretrained")
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "resnet10": resnet10,
+    **{n: getattr(torchvision.models, n) for n in
+       ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+        "densenet121", "densenet161", "densenet169", "densenet201")},
+}  # fmt: skip
+_CUT = {"resnet": -2, "densenet": -1}  # drop avgpool+fc / the classifier
+
+
+class TorchvisionArch:
+    """An `arch` for `vision_learner` that builds a torchvision model with the chosen weights.
+
+    `weights_file` (a torchvision state dict, e.g. resnet152-394f9c45.pth) serves offline
+    machines; otherwise `pretrained=True` loads torchvision's ImageNet weights (downloaded once
+    into the torch hub cache).
+    """
+
+    def __init__(self, name: str, weights_file: str | Path | None = None):
+        if name not in ARCHS:
+            raise ValueError(f"unknown architecture {name!r}; choose from {list(ARCHS)}")
+        self.name, self.weights_file = name, weights_file
+        self.__name__ = name
+
+    @property
+    def cut(self) -> int:
+        return _CUT["densenet" if self.name.startswith("densenet") else "resnet"]
+
+    def __call__(self, pretrained: bool = False) -> nn.Module:
+        build = ARCHS[self.name]
+        if self.weights_file is not None:
+            model = build(weights=None)
+            model.load_state_dict(load_state_dict(self.weights_file))
+            return model
+        return build(weights="DEFAULT" if pretrained else None)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from `path`, loaded without unpickling arbitrary objects."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a plain state dict loadable with weights_only=True "
+                         f"({type(e).__name__}: {e})") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict)")
+    return sd
+
+
+def build_model(arch: str, n_out: int, pretrained: bool = False,
+                weights_file: str | Path | None = None) -> nn.Module:
+    """fastai's body (1 input channel) + head, as `vision_learner` would build it."""
+    a = TorchvisionArch(arch, weights_file)
+    return create_vision_model(a, n_out, pretrained=pretrained or weights_file is not None,
+                               cut=a.cut, n_in=1)
+
+
+# -- block-level groups ---------------------------------------------------------------------
+def block_groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """(name, modules) per parameter group, input to output; the last is the head."""
+    body, head = model[0], model[1]
+    if isinstance(body[0], nn.Conv2d) and len(body) == 8:  # ResNet: conv1 bn1 relu pool l1..l4
+        groups = [("stem", [body[0], body[1]])]
+        for stage, layer in enumerate(body[4:], start=2):
+            groups += [(f"conv{stage}_block{i}", [blk]) for i, blk in enumerate(layer, 1)]
+    elif hasattr(body[0], "denseblock1"):  # DenseNet: features
+        f = body[0]
+        groups = [("stem", [f.conv0, f.norm0])]
+        pending: list[nn.Module] = []  # a transition joins the first layer of the next block
+        for stage in range(1, 5):
+            for i, layer in enumerate(getattr(f, f"denseblock{stage}").children(), 1):
+                groups.append((f"conv{stage + 1}_block{i}", [*pending, layer]))
+                pending = []
+            if stage < 4:
+                pending = [getattr(f, f"transition{stage}")]
+        groups[-1][1].append(f.norm5)
+    else:
+        raise ValueError(f"no block splitter for {type(body[0]).__name__}; ResNet or DenseNet")
+    return [*groups, ("head", [head])]
+
+
+def block_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
+    """fastai splitter: one parameter group per block (see `block_groups`)."""
+    return [[p for m in mods for p in params(m)] for _, mods in block_groups(model)]
+
+
+def group_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in block_groups(model)]
+
+
+def resolve_unfreeze(spec: str, names: list[str]) -> int:
+    """How many groups from the end a stage unfreezes (the n of `freeze_to(-n)`).
+
+    `spec` is `head`, `all`, a group name (`conv5_block3`: from that block on), a stage
+    (`conv5`: all of its blocks), or a stage with a negative block index (`conv4_block-3`:
+    the last 3 blocks of conv4, and everything after them). Indices past the start of a stage
+    clamp to its first block, so a stage list written for ResNet152 runs on smaller nets.
+    """
+    if spec == "head":
+        return 1
+    if spec == "all":
+        return len(names)
+    if spec in names:
+        return len(names) - names.index(spec)
+    stage, _, block = spec.partition("_block")
+    members = [i for i, n in enumerate(names) if n.startswith(stage + "_block")]
+    if not members:
+        raise ValueError(f"unfreeze spec {spec!r} matches no group; groups: {names[0]} … "
+                         f"{names[-1]}")
+    if not block:
+        first = members[0]
+    else:
+        k = int(block)
+        first = members[max(len(members) + k, 0)] if k < 0 else members[min(k, len(members)) - 1]
+    return len(names) - first
+
+
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["ARCHS", "TorchvisionArch", "block_groups", "block_splitter", "build_model",
+           "count_params", "group_names", "load_state_dict", "resolve_unfreeze"]

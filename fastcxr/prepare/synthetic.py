@@ -1,0 +1,295 @@
+"""A miniature MIMIC-CXR: real folder layout, real label files, radiograph-like DICOMs.
+
+The tree `prepare synthetic OUT` writes is laid out exactly like a MIMIC-CXR download, so
+`fastcxr prepare mimic OUT` runs on it unchanged:
+
+    OUT/files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.dcm
+    OUT/mimic-cxr-2.0.0-metadata.csv.gz   dicom_id, subject_id, study_id, …, ViewPosition, …
+    OUT/mimic-cxr-2.0.0-chexpert.csv.gz   subject_id, study_id, 14 findings (1/0/-1/blank)
+    OUT/mimic-cxr-2.0.0-split.csv.gz      dicom_id, study_id, subject_id, split
+
+Images carry learnable signs: a pleural effusion is a basal opacity with a meniscus that
+blunts the costophrenic angle; pulmonary edema is a bilateral perihilar ("bat-wing") haze.
+Label combinations follow the study's training set (Table 2: (Edema, Effusion) = (0,0) 11548,
+(0,1) 5709, (1,0) 2310, (1,1) 14136). Labels are per study; patients have several studies;
+some labels are uncertain (-1) or blank; views are PA, AP and lateral; pixel data are 12-bit
+MONOCHROME1 or MONOCHROME2, with or without a rescale and window tags.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from fastcxr.findings import CHEXPERT_FINDINGS
+
+TABLE2 = {(0, 0): 11548, (0, 1): 5709, (1, 0): 2310, (1, 1): 14136}  # (Edema, Effusion)
+DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+SPLIT_PROBS = {"train": 0.75, "validate": 0.10, "test": 0.15}
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What `write_synthetic_mimic` generates; deterministic for a seed."""
+
+    patients: int = 1000
+    seed: int = 0
+    rows: int = 224
+    cols: int = 192
+    p_uncertain: float = 0.06  # per study and finding
+    p_blank: float = 0.07
+    p_lateral: float = 0.4  # a study also has a lateral view
+
+
+def _grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    return y / (rows - 1), x / (cols - 1)
+
+
+def _sig(v: np.ndarray, soft: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(np.clip(-v / soft, -50, 50)))
+
+
+def _ellipse(x, y, cx, cy, rx, ry, soft=0.08):
+    return _sig(1.0 - ((x - cx) / rx) ** 2 - ((y - cy) / ry) ** 2, soft)
+
+
+def _smooth_noise(rng: np.random.Generator, rows: int, cols: int, cells: int) -> np.ndarray:
+    """Low-frequency texture: a coarse random grid, bilinearly upsampled."""
+    g = rng.normal(size=(cells + 1, cells + 1)).astype(np.float32)
+    yi = np.linspace(0, cells, rows, dtype=np.float32)
+    xi = np.linspace(0, cells, cols, dtype=np.float32)
+    y0, x0 = np.minimum(yi.astype(int), cells - 1), np.minimum(xi.astype(int), cells - 1)
+    fy, fx = (yi - y0)[:, None], (xi - x0)[None, :]
+    a, b = g[y0][:, x0], g[y0][:, x0 + 1]
+    c, d = g[y0 + 1][:, x0], g[y0 + 1][:, x0 + 1]
+    return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+
+
+def render_frontal(
+    rng: np.random.Generator, rows: int, cols: int, edema: float, effusion: tuple[float, float],
+    ap: bool = False,
+) -> np.ndarray:
+    """A frontal chest radiograph in display space (0..1, dense = bright).
+
+    `edema` is the severity (0 none .. 1 severe) of a bilateral perihilar haze; `effusion`
+    the severity at the image-left (patient right) and image-right bases.
+    """
+    y, x = _grid(rows, cols)
+    s = rng.uniform(0.94, 1.06)
+    x = (x - 0.5 - rng.uniform(-0.03, 0.03)) / s + 0.5
+    y = (y - 0.5 - rng.uniform(-0.03, 0.03)) / s + 0.5
+    img = 0.05 + 0.45 * _ellipse(x, y, 0.5, 0.58, 0.47, 0.62, 0.05)  # air, then soft tissue
+    img += 0.12 * _sig(0.09 - np.abs(x - 0.5), 0.01) * _sig(y - 0.05, 0.02)  # spine
+    lungs = np.zeros_like(img)
+    bases = []
+    for side, cx in ((0, 0.31), (1, 0.69)):
+        rx, ry = 0.15 * rng.uniform(0.92, 1.08), 0.30 * rng.uniform(0.92, 1.08)
+        cy = 0.47
+        base = cy + 0.78 * ry  # lowest point of the lung field, at the costophrenic angle
+        lateral = (x - cx) * (1 if side else -1) / rx  # 1 at the lateral edge
+        dome = base - 0.07 * (1 - np.clip(lateral, -1, 1) ** 2)
+        field = _ellipse(x, y, cx, cy, rx, ry, 0.06)
+        lung = field * _sig(dome - y, 0.006)
+        lungs = np.maximum(lungs, lung)
+        bases.append((cx, rx, ry, base, lung))
+    img -= 0.33 * lungs
+    ribs = np.sin((y * 11.0 + 1.6 * (x - 0.5) ** 2) * 2 * np.pi) > 0.75
+    img += 0.05 * lungs * ribs
+    heart_r = 0.15 * rng.uniform(0.9, 1.1) * (1.12 if ap else 1.0)
+    heart = _ellipse(x, y, 0.55, 0.63, heart_r, 0.12, 0.05)
+    mediastinum = _sig(0.07 - np.abs(x - 0.5), 0.012) * _sig(0.74 - y, 0.02)
+    img += 0.30 * np.maximum(heart, mediastinum) * np.maximum(lungs, 0.35)
+    if edema > 0:  # bilateral perihilar haze, fading towards the periphery
+        haze = sum(_ellipse(x, y, hx, 0.47, 0.10, 0.16, 0.35) for hx in (0.39, 0.61))
+        texture = 1 + 0.35 * _smooth_noise(rng, rows, cols, 12)
+        img += (0.10 + 0.12 * edema) * haze * lungs * texture
+    for (cx, rx, ry, base, lung), sev in zip(bases, effusion):
+        if sev <= 0:
+            continue
+        depth = (0.06 + 0.16 * sev) * ry / 0.30
+        lateral = np.abs(x - cx) / rx
+        meniscus = base - depth - 0.05 * np.clip(lateral, 0, 1.2) ** 2  # higher laterally
+        img += (0.24 + 0.08 * sev) * _sig(y - meniscus, 0.008) * lung  # fills the base
+    img += 0.04 * _smooth_noise(rng, rows, cols, 6) + rng.normal(0, 0.015, img.shape)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.15)
+    return img.astype(np.float32)
+
+
+def render_lateral(rng: np.random.Generator, rows: int, cols: int, edema: float,
+                   effusion: float) -> np.ndarray:
+    """A lateral view: one lung field, spine posterior, effusion at the posterior sulcus."""
+    y, x = _grid(rows, cols)
+    img = 0.05 + 0.45 * _ellipse(x, y, 0.5, 0.55, 0.44, 0.6, 0.05)
+    lung = _ellipse(x, y, 0.5, 0.47, 0.28, 0.32, 0.06)
+    img -= 0.28 * lung
+    img += 0.15 * _sig(0.03 - np.abs(x - 0.82 + 0.05 * y), 0.01)
+    img += 0.2 * _ellipse(x, y, 0.38, 0.66, 0.14, 0.13, 0.05) * lung
+    if edema > 0:
+        img += (0.08 + 0.1 * edema) * _ellipse(x, y, 0.5, 0.47, 0.15, 0.18, 0.3) * lung
+    if effusion > 0:
+        img += (0.2 + 0.1 * effusion) * _sig(y - (0.74 - 0.1 * effusion), 0.01) * lung
+    img += 0.04 * _smooth_noise(rng, rows, cols, 6) + rng.normal(0, 0.015, img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def _dicom_id(rng: np.random.Generator) -> str:
+    return "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, 5))
+
+
+def _encode(rng: np.random.Generator, img: np.ndarray, view: str, meta: dict, path: Path) -> None:
+    """Write `img` (display 0..1) as a 12-bit DICOM with varied but correct display tags."""
+    rows, cols = img.shape
+    mono1 = rng.random() < 0.3
+    # Modality values: display 0..1 ↔ 100..3700; MONOCHROME1 stores dense tissue as low values.
+    mv = 100 + 3600 * ((1 - img) if mono1 else img)
+    slope, icpt = (1.0, 0.0) if rng.random() < 0.5 else (2.0, -1000.0)
+    stored = np.clip(np.rint((mv - icpt) / slope), 0, 4095).astype(np.uint16)
+
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = DX_SOP_CLASS
+    fm.MediaStorageSOPInstanceUID = generate_uid()
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = fm
+    ds.SOPClassUID, ds.SOPInstanceUID = DX_SOP_CLASS, fm.MediaStorageSOPInstanceUID
+    ds.Modality = "CR" if rng.random() < 0.5 else "DX"
+    ds.PatientID = str(meta["subject_id"])
+    ds.StudyID = str(meta["study_id"])[-8:]
+    ds.AccessionNumber = str(meta["study_id"])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyDate, ds.StudyTime = meta["StudyDate"], meta["StudyTime"]
+    ds.ViewPosition = view
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, icpt, "US"
+    if rng.random() < 0.85:  # the rest have no window: readers fall back to min-max
+        ds.WindowCenter = round(1900 + rng.uniform(-80, 80), 1)
+        ds.WindowWidth = round(3600 + rng.uniform(-150, 150), 1)
+    ds.PixelData = stored.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def _raw_label(rng: np.random.Generator, truth: int, spec: SyntheticSpec) -> float:
+    r = rng.random()
+    if r < spec.p_uncertain:
+        return -1.0
+    if r < spec.p_uncertain + spec.p_blank:
+        return np.nan
+    return float(truth)
+
+
+def _write_image(job) -> None:
+    path, seed, view, sev_edema, sev_eff, meta, rows, cols = job
+    rng = np.random.default_rng(seed)
+    if view == "LATERAL":
+        img = render_lateral(rng, rows, cols, sev_edema, max(sev_eff))
+    else:
+        img = render_frontal(rng, rows, cols, sev_edema, sev_eff, ap=view == "AP")
+    _encode(rng, img, view, meta, path)
+
+
+def write_synthetic_mimic(out: str | Path, spec: SyntheticSpec = SyntheticSpec(),
+                          workers: int | None = None) -> Path:
+    """Write the miniature MIMIC-CXR tree under `out`; returns `out`.
+
+    Deterministic for `spec` (each image has its own seeded generator, so the worker count
+    does not change a pixel); images already on disk are kept (an interrupted run resumes).
+    """
+    out = Path(out)
+    rng = np.random.default_rng(spec.seed)
+    combos = list(TABLE2)
+    p_combo = np.array([TABLE2[c] for c in combos], float)
+    p_combo /= p_combo.sum()
+    subjects = rng.choice(np.arange(10_000_000, 20_000_000), spec.patients, replace=False)
+    split_names = list(SPLIT_PROBS)
+    meta_rows, label_rows, split_rows = [], [], []
+    study_pool = iter(rng.choice(np.arange(50_000_000, 60_000_000), spec.patients * 8, False))
+    edema_i = CHEXPERT_FINDINGS.index("Edema")
+    jobs = []
+    effusion_i = CHEXPERT_FINDINGS.index("Pleural Effusion")
+    for subject in subjects:
+        split = split_names[rng.choice(len(split_names), p=list(SPLIT_PROBS.values()))]
+        date = dt.date(2110, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3000)))
+        for _ in range(1 + min(int(rng.poisson(1.2)), 4)):
+            study = int(next(study_pool))
+            date += dt.timedelta(days=int(rng.integers(1, 400)))
+            edema, effusion = combos[rng.choice(len(combos), p=p_combo)]
+            labels = [np.nan] * len(CHEXPERT_FINDINGS)
+            labels[edema_i] = _raw_label(rng, edema, spec)
+            labels[effusion_i] = _raw_label(rng, effusion, spec)
+            # An uncertain label has a subtle sign half the time; a blank one shows nothing.
+            sev_edema = rng.uniform(0.25, 1.0) if edema else 0.0
+            if labels[edema_i] == -1:
+                sev_edema = rng.uniform(0.0, 0.3) * (rng.random() < 0.5)
+            elif np.isnan(labels[edema_i]):
+                sev_edema = 0.0
+            sides = rng.choice([(1, 1), (1, 0), (0, 1)], p=[0.6, 0.2, 0.2]) if effusion else (0, 0)
+            sev_eff = tuple(float(rng.uniform(0.3, 1.0) * s) for s in sides)
+            if labels[effusion_i] == -1:
+                sev_eff = (rng.uniform(0.0, 0.3) * (rng.random() < 0.5), 0.0)
+            elif np.isnan(labels[effusion_i]):
+                sev_eff = (0.0, 0.0)
+            if not (edema or effusion) and rng.random() < 0.5:
+                labels[CHEXPERT_FINDINGS.index("No Finding")] = 1.0
+            if rng.random() < 0.3:
+                labels[CHEXPERT_FINDINGS.index("Support Devices")] = float(rng.random() < 0.6)
+            label_rows.append([int(subject), study, *labels])
+            views = ["PA" if rng.random() < 0.55 else "AP"]
+            if rng.random() < spec.p_lateral:
+                views.append("LATERAL")
+            stime = f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}.000"
+            for view in views:
+                dicom_id = _dicom_id(rng)
+                m = dict(dicom_id=dicom_id, subject_id=int(subject), study_id=study,
+                         StudyDate=date.strftime("%Y%m%d"), StudyTime=stime)
+                path = (out / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
+                        / f"{dicom_id}.dcm")
+                if not path.exists():
+                    jobs.append((path, [spec.seed, int(subject), study, len(meta_rows)], view,
+                                 sev_edema, sev_eff, m, spec.rows, spec.cols))
+                meta_rows.append({
+                    "dicom_id": dicom_id, "subject_id": int(subject), "study_id": study,
+                    "PerformedProcedureStepDescription": f"CHEST ({view})",
+                    "ViewPosition": view, "Rows": spec.rows, "Columns": spec.cols,
+                    "StudyDate": int(m["StudyDate"]), "StudyTime": float(stime),
+                    "ProcedureCodeSequence_CodeMeaning": f"CHEST ({view})",
+                    "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior",
+                                                     "AP": "antero-posterior",
+                                                     "LATERAL": "lateral"}[view],
+                    "PatientOrientationCodeSequence_CodeMeaning": "Erect",
+                })  # fmt: skip
+                split_rows.append([dicom_id, study, int(subject), split])
+    if workers == 1 or len(jobs) < 16:
+        for job in jobs:
+            _write_image(job)
+    else:
+        with ProcessPoolExecutor(workers or os.cpu_count()) as ex:
+            list(ex.map(_write_image, jobs, chunksize=8))
+    _write_csv(pd.DataFrame(meta_rows), out / "mimic-cxr-2.0.0-metadata.csv.gz")
+    _write_csv(pd.DataFrame(label_rows, columns=["subject_id", "study_id", *CHEXPERT_FINDINGS]),
+               out / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    _write_csv(pd.DataFrame(split_rows, columns=["dicom_id", "study_id", "subject_id", "split"]),
+               out / "mimic-cxr-2.0.0-split.csv.gz")
+    return out
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    df.to_csv(tmp, index=False, compression="gzip")
+    os.replace(tmp, path)

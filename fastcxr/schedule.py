@@ -1,0 +1,153 @@
+"""Run a schedule of stages on a fastai `Learner`: freeze_to, discriminative LRs, early stop.
+
+Each stage unfreezes the head and the last n-1 blocks (`learn.freeze_to(-n)`), trains up to
+`max_epochs` with Adam at per-group learning rates spread geometrically from lr/lr_ratio
+(earliest unfrozen block) to lr (head), stops when validation loss has not improved for
+`patience` epochs, and restores the weights of its best epoch.
+
+Freezing styles:
+* ``keras`` (the study's): frozen blocks are fully frozen — their BatchNorm layers too, kept in
+  eval mode so running statistics do not drift — and no gradient flows through them.
+* ``fastai``: fastai's default `train_bn=True`; BatchNorm stays trainable everywhere, so the
+  backward pass still runs through the whole backbone (~3x the cost of a frozen stage).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from fastai.callback.core import Callback
+from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
+from fastai.learner import Learner, Recorder
+from torch import nn
+
+from fastcxr.config import Stage, TrainConfig
+from fastcxr.models import count_params, group_names, resolve_unfreeze
+
+FREEZE_STYLES = ("keras", "fastai")
+
+
+class FrozenBNEval(Callback):
+    """Keras-style freezing: BatchNorm layers whose parameters are frozen run in eval mode."""
+
+    order = 1  # after TrainEvalCallback (order -10) has put the model in train mode
+
+    def before_train(self):
+        for m in self.learn.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                if not m.weight.requires_grad:
+                    m.eval()
+
+
+class RestoreBest(TrackerCallback):
+    """Keep the best epoch's weights in memory; load them when the stage ends."""
+
+    def before_fit(self):
+        super().before_fit()
+        self.best_state, self.best_epoch = None, None
+
+    def after_epoch(self):
+        super().after_epoch()
+        if self.new_best:
+            self.best_epoch = self.epoch
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
+                                             self.learn.model.state_dict().items()})
+
+    def after_fit(self):
+        if self.best_state is not None:
+            self.learn.model.load_state_dict(self.best_state)
+
+
+class History(Callback):
+    """Per-epoch record: stage, losses and seconds (train and whole epoch)."""
+
+    order = Recorder.order + 1
+
+    def __init__(self, stage: str, rows: list[dict], log: Callable[[dict], None] | None):
+        self.stage, self.rows, self.log = stage, rows, log
+
+    def before_epoch(self):
+        self.t0 = time.perf_counter()
+
+    def before_train(self):
+        self.t_train = time.perf_counter()
+
+    def after_train(self):
+        self.train_seconds = time.perf_counter() - self.t_train
+
+    def after_epoch(self):
+        vals = self.learn.recorder.values[-1] if self.learn.recorder.values else [np.nan] * 2
+        row = {"stage": self.stage, "epoch": self.epoch + 1, "train_loss": float(vals[0]),
+               "valid_loss": float(vals[1]), "train_seconds": self.train_seconds,
+               "seconds": time.perf_counter() - self.t0}
+        self.rows.append(row)
+        if self.log:
+            self.log(row)
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    unfrozen: list[str]
+    trainable_params: int
+    epochs: int
+    best_epoch: int | None
+    valid_loss: float
+    train_seconds: float
+    seconds: float
+
+
+def apply_stage(learn: Learner, stage: Stage) -> list[str]:
+    """Freeze everything but the stage's groups; returns the names of the unfrozen groups."""
+    names = group_names(learn.model)
+    n = resolve_unfreeze(stage.unfreeze, names)
+    if n >= len(names):
+        learn.unfreeze()
+    else:
+        learn.freeze_to(-n)
+    return names[-n:]
+
+
+def stage_lrs(learn: Learner, n_unfrozen: int, lr: float, ratio: float) -> list[float]:
+    """Per-group LRs: geometric from lr/ratio (earliest unfrozen group) to lr (head)."""
+    n_groups = len(learn.opt.param_lists)
+    live = np.geomspace(lr / ratio, lr, n_unfrozen) if n_unfrozen > 1 else np.array([lr])
+    return [float(live[0])] * (n_groups - n_unfrozen) + live.tolist()
+
+
+def run_stage(learn: Learner, stage: Stage, cfg: TrainConfig, history: list[dict],
+              log: Callable[[dict], None] | None = None) -> StageResult:
+    unfrozen = apply_stage(learn, stage)
+    trainable = count_params(learn.model)
+    cbs = [RestoreBest(monitor="valid_loss"),
+           EarlyStoppingCallback(monitor="valid_loss", patience=cfg.patience),
+           History(stage.name, history, log)]
+    if cfg.freeze_style == "keras":
+        cbs.append(FrozenBNEval())
+    start = len(history)
+    lrs = stage_lrs(learn, len(unfrozen), stage.lr, cfg.lr_ratio)
+    learn.fit(stage.max_epochs, lr=lrs, wd=cfg.weight_decay, cbs=cbs)
+    rows = history[start:]
+    best = cbs[0]
+    return StageResult(
+        stage=stage, unfrozen=unfrozen, trainable_params=trainable, epochs=len(rows),
+        best_epoch=None if best.best_epoch is None else best.best_epoch + 1,
+        valid_loss=float(best.best) if best.best_epoch is not None else float("nan"),
+        train_seconds=sum(r["train_seconds"] for r in rows),
+        seconds=sum(r["seconds"] for r in rows),
+    )
+
+
+def plan(learn: Learner, stages: tuple[Stage, ...]) -> list[dict]:
+    """Per stage: what it unfreezes and how many parameters train (no training)."""
+    out = []
+    for st in stages:
+        unfrozen = apply_stage(learn, st)
+        out.append({"name": st.name, "unfreeze": st.unfreeze, "unfrozen": unfrozen,
+                    "trainable_params": count_params(learn.model),
+                    "max_epochs": st.max_epochs, "lr": st.lr})
+    return out

@@ -1,0 +1,254 @@
+"""The study's jobs as library functions: train one formulation, compare, unfreeze-ablation.
+
+They return plain dicts (the same ones `--json` prints) and write run records; they never
+print. `log` receives one dict per event (epoch finished, network started) for progress.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from fastai.callback.progress import ProgressCallback
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+from fastai.torch_basics import set_seed
+from fastai.vision.learner import vision_learner
+
+from fastcxr.config import Stage, TrainConfig
+from fastcxr.data import NetworkData, apply_policy, network_data
+from fastcxr.formulations import FORMULATIONS, Formulation, Network, get_formulation
+from fastcxr.manifest import file_sha256, read_manifest
+from fastcxr.metrics import all_metrics
+from fastcxr.models import TorchvisionArch, block_splitter, build_model
+from fastcxr.runs import (environment, is_complete, load_run, mark_complete, save_weights,
+                          write_csv, write_json)
+from fastcxr.schedule import StageResult, plan, run_stage
+
+Log = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A manifest on disk: its rows, the folder its image paths are relative to, and its hash."""
+
+    manifest: Path
+    df: pd.DataFrame
+    synthetic: bool = False
+
+    @property
+    def root(self) -> Path:
+        return self.manifest.parent
+
+    @classmethod
+    def load(cls, manifest: str | Path, synthetic: bool = False) -> Dataset:
+        p = Path(manifest)
+        p = p / "manifest.csv" if p.is_dir() else p
+        return cls(p.resolve(), read_manifest(p), synthetic)
+
+    def describe(self) -> dict:
+        return {"manifest": str(self.manifest), "sha256": file_sha256(self.manifest),
+                "synthetic": self.synthetic, "images": len(self.df)}
+
+
+def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainConfig) -> Learner:
+    """`vision_learner` with a 1-channel stem, the block splitter and the formulation's loss."""
+    arch = TorchvisionArch(cfg.arch, cfg.weights)
+    learn = vision_learner(
+        nd.dls, arch, n_out=form.n_out(net), pretrained=cfg.pretrained or bool(cfg.weights),
+        loss_func=form.loss(net, nd.y_train, device=nd.dls.device), splitter=block_splitter,
+        cut=arch.cut, n_in=1, normalize=False, opt_func=Adam, metrics=[],
+        train_bn=cfg.freeze_style == "fastai",
+    )  # fmt: skip
+    if ProgressCallback in [type(c) for c in learn.cbs]:
+        learn.remove_cb(ProgressCallback)  # progress is reported through `log`
+    learn.logger = _quiet
+    return learn
+
+
+def _quiet(*args, **kwargs) -> None:
+    """fastai's Recorder prints each epoch; fastcxr reports epochs through `log` instead."""
+
+
+def _stage_dict(r: StageResult) -> dict:
+    return {"name": r.stage.name, "unfreeze": r.stage.unfreeze, "unfrozen": r.unfrozen,
+            "trainable_params": r.trainable_params, "epochs": r.epochs,
+            "best_epoch": r.best_epoch, "valid_loss": r.valid_loss,
+            "train_seconds": r.seconds, "lr": r.stage.lr}
+
+
+def _sidecar(cfg: TrainConfig, form: Formulation, net: Network, nd: NetworkData) -> dict:
+    return {"format": "fastcxr-weights-1", "arch": cfg.arch, "formulation": form.name,
+            "findings": list(net.findings), "n_out": form.n_out(net), "n_in": 1,
+            "head": "fastai vision_learner head (concat pool, BN, dropout, 2 linear)",
+            "preprocessing": {"size": cfg.size, "resize": "squish", "mean": 0.449,
+                              "std": 0.226, "intensity": "voi"},
+            "thresholds": dict.fromkeys(net.findings, 0.5), "train_images": len(nd.train)}
+
+
+def _columns(findings: tuple[str, ...], net: Network) -> list[int]:
+    return [findings.index(f) for f in net.findings]
+
+
+def train_formulation(data: Dataset, formulation: str, cfg: TrainConfig, run_dir: str | Path,
+                      log: Log | None = None, stages: tuple[Stage, ...] | None = None) -> dict:
+    """Train `formulation` through the schedule; write its run record; return its summary.
+
+    With several networks (the `single` formulation), each is trained in turn and epochs and
+    time are added up, as the study counts two binary networks together.
+    """
+    run_dir = Path(run_dir)
+    form = get_formulation(formulation)
+    findings = cfg.findings
+    stages = stages or cfg.stages
+    df = apply_policy(data.df, cfg, findings)
+    test = df[df["split"] == "test"].reset_index(drop=True)
+    y_test = test[list(findings)].to_numpy(int)
+    stage_probs: dict[str, np.ndarray] = {s.name: np.full(y_test.shape, np.nan) for s in stages}
+    history, networks = [], []
+    t_start = time.perf_counter()
+    for net in form.networks(findings):
+        if log:
+            log({"event": "network", "formulation": form.name, "network": net.name})
+        set_seed(cfg.seed, reproducible=True)
+        nd = network_data(df, data.root, form, net, cfg)
+        learn = make_learner(nd, form, net, cfg)
+        cols = _columns(findings, net)
+        results, net_hist = [], []
+        for st in stages:
+            r = run_stage(learn, st, cfg, net_hist, log)
+            results.append(r)
+            preds, _ = learn.get_preds(dl=nd.test_dl)
+            stage_probs[st.name][:, cols] = form.probabilities(net, preds)
+        history += [{"network": net.name, **row} for row in net_hist]
+        save_weights(run_dir / f"model-{net.name}.pth", learn.model, _sidecar(cfg, form, net, nd))
+        networks.append({"network": net.name, "findings": list(net.findings),
+                         "stages": [_stage_dict(r) for r in results],
+                         "epochs": sum(r.epochs for r in results),
+                         "train_seconds": sum(r.seconds for r in results)})
+    probs = stage_probs[stages[-1].name]
+    epochs = sum(n["epochs"] for n in networks)
+    train_seconds = sum(n["train_seconds"] for n in networks)
+    metrics = all_metrics(y_test, probs, findings)
+    summary = {
+        "formulation": form.name, "description": form.description,
+        "findings": {f: {"accuracy": m["accuracy"], "auc": m["auc"]} for f, m in metrics.items()},
+        "epochs": epochs, "seconds_per_epoch": train_seconds / max(epochs, 1),
+        "train_seconds": train_seconds, "networks": networks,
+        "split_sizes": df["split"].value_counts().to_dict(),
+        "wall_seconds": time.perf_counter() - t_start,
+    }  # fmt: skip
+    per_stage = {s.name: all_metrics(y_test, stage_probs[s.name], findings) for s in stages}
+    pred_df = test[["image", "patient_id"]].copy()
+    for i, f in enumerate(findings):
+        pred_df[f"y_{f}"] = y_test[:, i]
+        pred_df[f"p_{f}"] = probs[:, i]
+    write_json(run_dir / "config.json", {"train": cfg.to_dict(), "formulation": form.name,
+                                         "stages": [s.__dict__ for s in stages],
+                                         "data": data.describe(), "environment": environment()})
+    write_csv(run_dir / "history.csv", pd.DataFrame(history))
+    write_csv(run_dir / "predictions.csv", pred_df)
+    write_json(run_dir / "metrics.json", {"findings": metrics, "per_stage": per_stage,
+                                          **{k: v for k, v in summary.items() if k != "findings"}})
+    mark_complete(run_dir, summary)
+    return summary
+
+
+def compare(data: Dataset, cfg: TrainConfig, run_dir: str | Path,
+            formulations: tuple[str, ...] = tuple(FORMULATIONS), log: Log | None = None) -> dict:
+    """Experiment II: every formulation with the same data, split, seed and schedule.
+
+    Formulations whose run record is already complete are read back, not retrained.
+    """
+    run_dir = Path(run_dir)
+    out = {}
+    for name in formulations:
+        sub = run_dir / name
+        if is_complete(sub):
+            out[name] = load_run(sub)["record"]
+            out[name].pop("complete", None)
+            if log:
+                log({"event": "skip", "formulation": name, "reason": "complete run found"})
+            continue
+        out[name] = train_formulation(data, name, cfg, sub, log)
+    result = {"formulations": out, "findings": list(cfg.findings), "run_dir": str(run_dir),
+              "synthetic": data.synthetic, "preset": cfg.preset, "arch": cfg.arch,
+              "size": cfg.size}
+    write_json(run_dir / "compare.json", result)
+    return result
+
+
+def unfreeze_ablation(data: Dataset, cfg: TrainConfig, run_dir: str | Path,
+                      formulation: str = "multilabel", log: Log | None = None) -> dict:
+    """Experiment I: the ablation stages in sequence, test metrics after each stage.
+
+    The best stage is the one with the lowest validation loss (chosen without the test set).
+    """
+    summary = train_formulation(data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages)
+    metrics = load_run(run_dir)["metrics"]["per_stage"]
+    stages = []
+    for i, st in enumerate(cfg.ablation_stages):
+        per_net = [n["stages"][i] for n in summary["networks"]]
+        stages.append({
+            "name": st.name, "unfreeze": st.unfreeze,
+            "unfrozen": per_net[0]["unfrozen"],  # same architecture for every network
+            "trainable_params": sum(s["trainable_params"] for s in per_net),
+            "epochs": sum(s["epochs"] for s in per_net),
+            "valid_loss": float(np.mean([s["valid_loss"] for s in per_net])),
+            "train_seconds": sum(s["train_seconds"] for s in per_net),
+            "findings": {f: {"accuracy": m["accuracy"], "auc": m["auc"]}
+                         for f, m in metrics[st.name].items()},
+        })  # fmt: skip
+    best = min(stages, key=lambda s: s["valid_loss"])["name"]
+    result = {"stages": stages, "best_stage": best, "formulation": formulation,
+              "run_dir": str(run_dir), "synthetic": data.synthetic, "preset": cfg.preset,
+              "arch": cfg.arch, "freeze_style": cfg.freeze_style}
+    write_json(Path(run_dir) / "ablation.json", result)
+    return result
+
+
+def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
+    """The ablation's stages with trainable parameter counts, without data or training."""
+    form = get_formulation(formulation)
+    net = form.networks(cfg.findings)[0]
+    model = build_model(cfg.arch, form.n_out(net), pretrained=False)
+    learn = Learner(DataLoaders(), model, loss_func=form.loss(net, _dummy_y(net)),
+                    splitter=block_splitter, train_bn=cfg.freeze_style == "fastai")
+    stages = plan(learn, cfg.ablation_stages)
+    return {"stages": stages, "arch": cfg.arch, "formulation": formulation,
+            "freeze_style": cfg.freeze_style, "networks": len(form.networks(cfg.findings)),
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def _dummy_y(net: Network) -> np.ndarray:
+    """One training row per label combination, so a loss can be built for a plan."""
+    k = len(net.findings)
+    return (np.arange(2**k)[:, None] >> np.arange(k - 1, -1, -1)[None, :]) & 1
+
+
+def builtin_dataset(size: int, home: str | Path | None = None, log: Log | None = None,
+                    workers: int | None = None) -> Dataset:
+    """The built-in synthetic MIMIC-CXR, generated once and prepared once per image size."""
+    from fastcxr.prepare.mimic import prepare_mimic
+    from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic
+
+    home = Path(home or os.environ.get("FASTCXR_HOME") or Path.home() / ".cache" / "fastcxr")
+    spec = SyntheticSpec()
+    raw = home / f"synthetic-mimic-seed{spec.seed}"
+    prepared = raw / f"prepared-{size}"
+    if not (raw / ".complete").exists():
+        if log:
+            log({"event": "data", "message": f"generating the built-in synthetic dataset in {raw}"})
+        write_synthetic_mimic(raw, spec)
+        (raw / ".complete").write_text("ok\n")
+    if not (prepared / "prepare.json").exists():
+        if log:
+            log({"event": "data", "message": f"preparing it at {size}x{size} in {prepared}"})
+        prepare_mimic(raw, prepared, size=size, workers=workers)
+    return Dataset.load(prepared / "manifest.csv", synthetic=True)
