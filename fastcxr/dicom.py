@@ -41,14 +41,19 @@ class DicomError(ValueError):
 def read_dicom(path: str | Path, *, mode: str = "voi", size: int | None = None) -> np.ndarray:
     """Read `path` as a uint8 (H, W) display image, resized to `size` x `size` if given."""
     ds = _read_dataset(path)
-    check_supported(ds, path)
+    try:
+        check_supported(ds, path)
+    except DicomError:
+        raise
+    except Exception as e:  # a header value of the wrong type or form
+        raise DicomError(f"{path}: malformed header ({type(e).__name__}: {e})") from e
     arr = _decode(ds, path)
-    if mode == "voi":
-        img = display_voi(arr, ds)
-    elif mode == "mimic-jpg":
-        img = display_mimic_jpg(arr, ds)
-    else:
+    if mode not in INTENSITY_MODES:
         raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
+    try:
+        img = display_voi(arr, ds) if mode == "voi" else display_mimic_jpg(arr, ds)
+    except Exception as e:  # e.g. a VOI LUT or window tag that cannot be applied
+        raise DicomError(f"{path}: cannot apply display tags ({type(e).__name__}: {e})") from e
     return resize_u8(img, size) if size else img
 
 
@@ -103,7 +108,10 @@ def _decode(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
         raise DicomError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from e
     if arr.ndim != 2:
         raise DicomError(f"{path}: expected a 2-D image, decoded shape {arr.shape}")
-    return stored_values(arr, ds)
+    try:
+        return stored_values(arr, ds)
+    except Exception as e:
+        raise DicomError(f"{path}: malformed pixel description ({type(e).__name__}: {e})") from e
 
 
 def stored_values(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:

@@ -1,0 +1,367 @@
+"""The `fastcxr` command line: thin commands that call the library and render with rich."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fastcxr import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train chest-radiograph classifiers fast and honestly, on fastai.")
+prepare_app = typer.Typer(no_args_is_help=True,
+                          help="Build a manifest and an 8-bit image cache from a dataset.")
+app.add_typer(prepare_app, name="prepare")
+
+out = Console()
+err = Console(stderr=True)
+
+# -- shared options -------------------------------------------------------------------------
+Data = Annotated[Path | None, typer.Option(
+    "--data", help="Manifest CSV (or its folder). Default: the built-in synthetic dataset.")]
+Preset = Annotated[str, typer.Option(help="Settings preset: demo (CPU-sized) or paper (the "
+                                          "study: ResNet152, 512x512, its schedule).")]
+Arch = Annotated[str | None, typer.Option(help="Architecture (resnet10/18/34/50/101/152, "
+                                               "densenet121/161/169/201).")]
+Size = Annotated[int | None, typer.Option(help="Image size (square).")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Batch size.")]
+Epochs = Annotated[int | None, typer.Option("--epochs", help="Max epochs per stage.")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate of the head.")]
+Stages = Annotated[str | None, typer.Option(
+    "--stages", help="Comma-separated stages, each what it unfreezes: head, conv5_block-1, "
+                     "conv5, conv4_block-3, all (optionally NAME=SPEC).")]
+Weights = Annotated[Path | None, typer.Option(
+    "--weights", help="Local torchvision state dict to start from (offline machines).")]
+NoPretrained = Annotated[bool, typer.Option(
+    "--no-pretrained", help="Random initialisation instead of ImageNet weights.")]
+FreezeStyle = Annotated[str | None, typer.Option(
+    "--freeze-style", help="keras: frozen blocks fully frozen, BatchNorm in eval (the study); "
+                           "fastai: BatchNorm stays trainable (train_bn=True).")]
+Findings = Annotated[str | None, typer.Option(
+    help="Comma-separated findings (default: Edema,Pleural Effusion).")]
+Uncertain = Annotated[str | None, typer.Option(help="Uncertain (-1) labels: drop|zeros|ones.")]
+Blank = Annotated[str | None, typer.Option(help="Blank labels: drop|zeros.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
+Name = Annotated[str | None, typer.Option(help="Run name (default: command-preset-time). "
+                                               "An existing compare run resumes.")]
+Runs = Annotated[Path, typer.Option(help="Folder that holds run records.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _config(preset: str, **overrides):
+    from fastcxr.config import get_preset, parse_stages
+    from fastcxr.findings import canonical_findings
+
+    cfg = get_preset(preset)
+    stages = overrides.pop("stages", None)
+    epochs, lr = overrides.pop("epochs", None), overrides.pop("lr", None)
+    findings = overrides.pop("findings", None)
+    if overrides.pop("no_pretrained", False):
+        overrides["pretrained"] = False
+    if overrides.get("weights") is not None:
+        overrides["weights"] = str(overrides["weights"])
+    if findings:
+        overrides["findings"] = canonical_findings(findings.split(","))
+    cfg = cfg.replace(**overrides)
+    if stages:
+        cfg = cfg.replace(stages=parse_stages(stages, epochs, lr),
+                          ablation_stages=parse_stages(stages, epochs, lr))
+    elif epochs is not None or lr is not None:
+        from dataclasses import replace
+
+        upd = {k: v for k, v in (("max_epochs", epochs), ("lr", lr)) if v is not None}
+        cfg = cfg.replace(stages=tuple(replace(s, **upd) for s in cfg.stages),
+                          ablation_stages=tuple(replace(s, **upd) for s in cfg.ablation_stages))
+    if cfg.freeze_style not in ("keras", "fastai"):
+        raise ValueError(f"--freeze-style must be keras or fastai, not {cfg.freeze_style!r}")
+    return cfg
+
+
+def _dataset(data: Path | None, cfg, log):
+    from fastcxr.study import Dataset, builtin_dataset
+
+    if data is None:
+        return builtin_dataset(cfg.size, log=log)
+    return Dataset.load(data)
+
+
+def _logger(quiet: bool):
+    def log(ev: dict) -> None:
+        if "epoch" in ev:
+            err.print(f"  [dim]{ev['stage']:>14} epoch {ev['epoch']:>2}[/]  train {ev['train_loss']:.4f}"
+                      f"  valid {ev['valid_loss']:.4f}  {ev['seconds']:.1f}s")
+        elif ev.get("event") == "network":
+            err.print(f"[bold]{ev['formulation']}[/]: training network {ev['network']}")
+        elif ev.get("event") == "skip":
+            err.print(f"[bold]{ev['formulation']}[/]: skipped ({ev['reason']})")
+        elif ev.get("event") == "data":
+            err.print(ev["message"])
+
+    return log
+
+
+@contextlib.contextmanager
+def _library_errors():
+    """Turn the library's errors into a clean exit; keep stdout for the result only."""
+    from fastcxr.data import DataError
+    from fastcxr.dicom import DicomError
+    from fastcxr.manifest import ManifestError
+    from fastcxr.runs import RunError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    except (DataError, DicomError, ManifestError, RunError, ValueError, KeyError,
+            FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+
+
+def _run_name(name: str | None, command: str, preset: str) -> str:
+    return name or f"{command}-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _fmt(v, digits=3) -> str:
+    return "undefined" if v is None else f"{v:.{digits}f}"
+
+
+def _synthetic_note(result: dict) -> None:
+    if result.get("synthetic"):
+        err.print("[yellow]Data: the built-in SYNTHETIC dataset (not patient data); "
+                  "numbers show the pipeline works, not clinical performance.[/]")
+
+
+# -- commands -------------------------------------------------------------------------------
+@app.command()
+def version() -> None:
+    """Print the fastcxr version."""
+    out.print(__version__)
+
+
+@app.command("compare")
+def compare_cmd(
+    data: Data = None, preset: Preset = "demo", arch: Arch = None, size: Size = None,
+    batch_size: BatchSize = None, epochs: Epochs = None, lr: Lr = None, stages: Stages = None,
+    weights: Weights = None, no_pretrained: NoPretrained = False,
+    freeze_style: FreezeStyle = None, findings: Findings = None, uncertain: Uncertain = None,
+    blank: Blank = None, seed: Seed = None, workers: Workers = None,
+    formulations: Annotated[str, typer.Option(help="Comma-separated formulations.")] =
+    "single,multilabel,multiclass",
+    name: Name = None, runs: Runs = Path("runs"), json_out: Json = False,
+) -> None:
+    """Experiment II: train single / multilabel / multiclass on the same data and compare."""
+    from fastcxr.study import compare
+
+    with _library_errors():
+        cfg = _config(preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs, lr=lr,
+                      stages=stages, weights=weights, no_pretrained=no_pretrained,
+                      freeze_style=freeze_style, findings=findings, uncertain=uncertain,
+                      blank=blank, seed=seed, workers=workers)
+        forms = tuple(f.strip() for f in formulations.split(",") if f.strip())
+        log = _logger(json_out)
+        ds = _dataset(data, cfg, log)
+        result = compare(ds, cfg, runs / _run_name(name, "compare", cfg.preset), forms, log)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    _synthetic_note(result)
+    t = Table(title=f"Experiment II — formulations ({cfg.arch}, {cfg.size}px, {cfg.preset})")
+    t.add_column("formulation")
+    for f in cfg.findings:
+        t.add_column(f"{f}\nacc", justify="right")
+        t.add_column(f"{f}\nAUC", justify="right")
+    for c in ("epochs", "s/epoch", "train time (s)"):
+        t.add_column(c, justify="right")
+    for fname, r in result["formulations"].items():
+        cells = [fname + (f" ({len(r['networks'])} nets)" if len(r["networks"]) > 1 else "")]
+        for f in cfg.findings:
+            cells += [_fmt(r["findings"][f]["accuracy"]), _fmt(r["findings"][f]["auc"])]
+        cells += [str(r["epochs"]), f"{r['seconds_per_epoch']:.1f}", f"{r['train_seconds']:.0f}"]
+        t.add_row(*cells)
+    out.print(t)
+    out.print(f"run record: {result['run_dir']}")
+
+
+@app.command("train")
+def train_cmd(
+    formulation: Annotated[str, typer.Option(help="single | multilabel | multiclass")] =
+    "multilabel",
+    data: Data = None, preset: Preset = "demo", arch: Arch = None, size: Size = None,
+    batch_size: BatchSize = None, epochs: Epochs = None, lr: Lr = None, stages: Stages = None,
+    weights: Weights = None, no_pretrained: NoPretrained = False,
+    freeze_style: FreezeStyle = None, findings: Findings = None, uncertain: Uncertain = None,
+    blank: Blank = None, seed: Seed = None, workers: Workers = None, name: Name = None,
+    runs: Runs = Path("runs"), json_out: Json = False,
+) -> None:
+    """Train one formulation through the schedule and write its run record."""
+    from fastcxr.study import train_formulation
+
+    with _library_errors():
+        cfg = _config(preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs, lr=lr,
+                      stages=stages, weights=weights, no_pretrained=no_pretrained,
+                      freeze_style=freeze_style, findings=findings, uncertain=uncertain,
+                      blank=blank, seed=seed, workers=workers)
+        log = _logger(json_out)
+        ds = _dataset(data, cfg, log)
+        run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
+        result = train_formulation(ds, formulation, cfg, run_dir, log)
+        result["run_dir"], result["synthetic"] = str(run_dir), ds.synthetic
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    _synthetic_note(result)
+    t = Table(title=f"{formulation} ({cfg.arch}, {cfg.size}px)")
+    for c in ("finding", "accuracy", "ROC AUC"):
+        t.add_column(c, justify="right" if c != "finding" else "left")
+    for f, m in result["findings"].items():
+        t.add_row(f, _fmt(m["accuracy"]), _fmt(m["auc"]))
+    out.print(t)
+    out.print(f"{result['epochs']} epochs, {result['seconds_per_epoch']:.1f} s/epoch, "
+              f"{result['train_seconds']:.0f} s — run record: {run_dir}")
+
+
+@app.command("unfreeze-ablation")
+def ablation_cmd(
+    data: Data = None, preset: Preset = "demo", arch: Arch = None, size: Size = None,
+    batch_size: BatchSize = None, epochs: Epochs = None, lr: Lr = None, stages: Stages = None,
+    weights: Weights = None, no_pretrained: NoPretrained = False,
+    freeze_style: FreezeStyle = None, findings: Findings = None, uncertain: Uncertain = None,
+    blank: Blank = None, seed: Seed = None, workers: Workers = None,
+    formulation: Annotated[str, typer.Option(help="Formulation to train.")] = "multilabel",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (stages and "
+                                                             "trainable parameters); no training.")] = False,
+    name: Name = None, runs: Runs = Path("runs"), json_out: Json = False,
+) -> None:
+    """Experiment I: progressive block unfreezing, test metrics after each stage."""
+    from fastcxr.study import ablation_plan, unfreeze_ablation
+
+    with _library_errors():
+        cfg = _config(preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs, lr=lr,
+                      stages=stages, weights=weights, no_pretrained=no_pretrained,
+                      freeze_style=freeze_style, findings=findings, uncertain=uncertain,
+                      blank=blank, seed=seed, workers=workers)
+        if dry_run:
+            result = ablation_plan(cfg, formulation)
+        else:
+            log = _logger(json_out)
+            ds = _dataset(data, cfg, log)
+            result = unfreeze_ablation(ds, cfg, runs / _run_name(name, "ablation", cfg.preset),
+                                       formulation, log)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    if dry_run:
+        t = Table(title=f"Experiment I plan — {cfg.arch}, {formulation}, "
+                        f"{cfg.freeze_style}-style freezing")
+        for c in ("stage", "adds", "trainable params", "Δ params", "epochs≤", "lr"):
+            t.add_column(c, justify="left" if c in ("stage", "adds") else "right")
+        prev, seen = 0, set()
+        for s in result["stages"]:
+            new = [g for g in s["unfrozen"] if g not in seen]
+            seen.update(new)
+            shown = ", ".join(new[:3]) + (f" … ({len(new)} groups)" if len(new) > 3 else "")
+            t.add_row(s["name"], shown, f"{s['trainable_params']:,}",
+                      f"{s['trainable_params'] - prev:+,}", str(s["max_epochs"]), f"{s['lr']:g}")
+            prev = s["trainable_params"]
+        out.print(t)
+        out.print(f"total parameters: {result['total_params']:,}")
+        return
+    _synthetic_note(result)
+    t = Table(title=f"Experiment I — progressive unfreezing ({cfg.arch}, {formulation})")
+    for c in ("stage", "unfrozen", "trainable params", "epochs", "valid loss"):
+        t.add_column(c, justify="left" if c in ("stage", "unfrozen") else "right")
+    for f in cfg.findings:
+        t.add_column(f"{f}\nacc", justify="right")
+        t.add_column(f"{f}\nAUC", justify="right")
+    for s in result["stages"]:
+        best = s["name"] == result["best_stage"]
+        unfrozen = [g for g in s["unfrozen"] if g != "head"]
+        shown = "head" + (f" + {len(unfrozen)} blocks ({unfrozen[0]}…)" if unfrozen else "")
+        cells = [s["name"] + (" ★" if best else ""), shown, f"{s['trainable_params']:,}",
+                 str(s["epochs"]), f"{s['valid_loss']:.4f}"]
+        for f in cfg.findings:
+            cells += [_fmt(s["findings"][f]["accuracy"]), _fmt(s["findings"][f]["auc"])]
+        t.add_row(*cells, style="bold" if best else None)
+    out.print(t)
+    out.print(f"★ best stage by validation loss: {result['best_stage']} — "
+              f"run record: {result['run_dir']}")
+
+
+@prepare_app.command("synthetic")
+def prepare_synthetic(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the MIMIC-style tree to.")],
+    patients: Annotated[int, typer.Option(help="Number of patients.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    rows: Annotated[int, typer.Option(help="DICOM rows.")] = 224,
+    cols: Annotated[int, typer.Option(help="DICOM columns.")] = 192,
+    workers: Workers = None,
+) -> None:
+    """Write a miniature MIMIC-CXR (DICOMs + label files in the real layout)."""
+    from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic
+
+    with _library_errors():
+        write_synthetic_mimic(out_dir, SyntheticSpec(patients=patients, seed=seed, rows=rows,
+                                                     cols=cols), workers=workers)
+    n = sum(1 for _ in out_dir.glob("files/p*/p*/s*/*.dcm"))
+    out.print(f"wrote {n} DICOMs and the three label files under {out_dir} (synthetic)")
+
+
+@prepare_app.command("mimic")
+def prepare_mimic_cmd(
+    root: Annotated[Path, typer.Argument(help="MIMIC-CXR root (files/ + the label CSVs).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder (manifest + cache).")],
+    size: Annotated[int, typer.Option(help="Cache image size.")] = 512,
+    workers: Workers = None,
+    views: Annotated[str, typer.Option(help="ViewPosition values to keep (comma-separated; "
+                                            "'all' for every view).")] = "PA,AP",
+    intensity: Annotated[str, typer.Option(help="voi (DICOM window/VOI LUT) or mimic-jpg "
+                                                "(min-max + histogram equalisation).")] = "voi",
+    json_out: Json = False,
+) -> None:
+    """Join MIMIC-CXR's label files to its images; write manifest.csv and an 8-bit cache."""
+    from dataclasses import asdict
+
+    from rich.progress import BarColumn, Progress, TimeRemainingColumn
+
+    from fastcxr.prepare.mimic import prepare_mimic
+
+    keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(","))
+    with _library_errors(), Progress(*Progress.get_default_columns()[:-1], BarColumn(),
+                                     TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+        report = prepare_mimic(root, out_dir, size=size, workers=workers, views=keep,
+                               intensity=intensity,
+                               progress=lambda i, n: bar.update(task, completed=i, total=n))
+    if json_out:
+        print(json.dumps(asdict(report), indent=2))
+        return
+    t = Table(title=f"prepared {root} → {out_dir}")
+    t.add_column("")
+    t.add_column("", justify="right")
+    for k in ("images", "converted", "skipped", "failures"):
+        t.add_row(k, str(getattr(report, k)))
+    for k, v in report.splits.items():
+        t.add_row(f"split {k}", str(v))
+    out.print(t)
+    if report.failures:
+        err.print(f"[yellow]{report.failures} file(s) could not be read: see "
+                  f"{out_dir / 'failures.csv'}[/]")
+
+
+def main() -> None:  # pragma: no cover
+    app()
