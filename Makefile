@@ -5,7 +5,7 @@ FASTCXR := $(VENV)/bin/fastcxr
 RUNS ?= runs
 DEMO_RUN ?= demo-compare
 
-.PHONY: install demo ablation test lint figures clean
+.PHONY: install demo ablation figures test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 ## Experiment I (progressive unfreezing) on the built-in synthetic dataset.
 ablation: install
 	$(FASTCXR) unfreeze-ablation --name demo-ablation --runs $(RUNS)
+
+## Report figures + results.md from the demo comparison (runs it first if absent).
+figures: install
+	test -f $(RUNS)/$(DEMO_RUN)/compare.json || $(FASTCXR) compare --name $(DEMO_RUN) --runs $(RUNS)
+	$(FASTCXR) report $(RUNS)/$(DEMO_RUN) --out reports/build
 
 test: install
 	$(PY) -m pytest -q -m "not gpu or gpu" tests

@@ -16,44 +16,81 @@ from rich.table import Table
 
 from fastcxr import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train chest-radiograph classifiers fast and honestly, on fastai.")
-prepare_app = typer.Typer(no_args_is_help=True,
-                          help="Build a manifest and an 8-bit image cache from a dataset.")
+# fastai's import uses the deprecated torch.jit.script; not the user's concern.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train chest-radiograph classifiers fast and honestly, on fastai.",
+)
+prepare_app = typer.Typer(
+    no_args_is_help=True, help="Build a manifest and an 8-bit image cache from a dataset."
+)
 app.add_typer(prepare_app, name="prepare")
 
 out = Console()
 err = Console(stderr=True)
 
 # -- shared options -------------------------------------------------------------------------
-Data = Annotated[Path | None, typer.Option(
-    "--data", help="Manifest CSV (or its folder). Default: the built-in synthetic dataset.")]
-Preset = Annotated[str, typer.Option(help="Settings preset: demo (CPU-sized) or paper (the "
-                                          "study: ResNet152, 512x512, its schedule).")]
-Arch = Annotated[str | None, typer.Option(help="Architecture (resnet10/18/34/50/101/152, "
-                                               "densenet121/161/169/201).")]
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", help="Manifest CSV (or its folder). Default: the built-in synthetic dataset."
+    ),
+]
+Preset = Annotated[
+    str,
+    typer.Option(
+        help="Settings preset: demo (CPU-sized) or paper (the "
+        "study: ResNet152, 512x512, its schedule)."
+    ),
+]
+Arch = Annotated[
+    str | None,
+    typer.Option(help="Architecture (resnet10/18/34/50/101/152, densenet121/161/169/201)."),
+]
 Size = Annotated[int | None, typer.Option(help="Image size (square).")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Batch size.")]
 Epochs = Annotated[int | None, typer.Option("--epochs", help="Max epochs per stage.")]
 Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate of the head.")]
-Stages = Annotated[str | None, typer.Option(
-    "--stages", help="Comma-separated stages, each what it unfreezes: head, conv5_block-1, "
-                     "conv5, conv4_block-3, all (optionally NAME=SPEC).")]
-Weights = Annotated[Path | None, typer.Option(
-    "--weights", help="Local torchvision state dict to start from (offline machines).")]
-NoPretrained = Annotated[bool, typer.Option(
-    "--no-pretrained", help="Random initialisation instead of ImageNet weights.")]
-FreezeStyle = Annotated[str | None, typer.Option(
-    "--freeze-style", help="keras: frozen blocks fully frozen, BatchNorm in eval (the study); "
-                           "fastai: BatchNorm stays trainable (train_bn=True).")]
-Findings = Annotated[str | None, typer.Option(
-    help="Comma-separated findings (default: Edema,Pleural Effusion).")]
+Stages = Annotated[
+    str | None,
+    typer.Option(
+        "--stages",
+        help="Comma-separated stages, each what it unfreezes: head, conv5_block-1, "
+        "conv5, conv4_block-3, all (optionally NAME=SPEC).",
+    ),
+]
+Weights = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights", help="Local torchvision state dict to start from (offline machines)."
+    ),
+]
+NoPretrained = Annotated[
+    bool, typer.Option("--no-pretrained", help="Random initialisation instead of ImageNet weights.")
+]
+FreezeStyle = Annotated[
+    str | None,
+    typer.Option(
+        "--freeze-style",
+        help="keras: frozen blocks fully frozen, BatchNorm in eval (the study); "
+        "fastai: BatchNorm stays trainable (train_bn=True).",
+    ),
+]
+Findings = Annotated[
+    str | None, typer.Option(help="Comma-separated findings (default: Edema,Pleural Effusion).")
+]
 Uncertain = Annotated[str | None, typer.Option(help="Uncertain (-1) labels: drop|zeros|ones.")]
 Blank = Annotated[str | None, typer.Option(help="Blank labels: drop|zeros.")]
 Seed = Annotated[int | None, typer.Option(help="Random seed.")]
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
-Name = Annotated[str | None, typer.Option(help="Run name (default: command-preset-time). "
-                                               "An existing compare run resumes.")]
+Name = Annotated[
+    str | None,
+    typer.Option(help="Run name (default: command-preset-time). An existing compare run resumes."),
+]
 Runs = Annotated[Path, typer.Option(help="Folder that holds run records.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -79,14 +116,18 @@ def _config(preset: str, **overrides):
         overrides["findings"] = canonical_findings(findings.split(","))
     cfg = cfg.replace(**overrides)
     if stages:
-        cfg = cfg.replace(stages=parse_stages(stages, epochs, lr),
-                          ablation_stages=parse_stages(stages, epochs, lr))
+        cfg = cfg.replace(
+            stages=parse_stages(stages, epochs, lr),
+            ablation_stages=parse_stages(stages, epochs, lr),
+        )
     elif epochs is not None or lr is not None:
         from dataclasses import replace
 
         upd = {k: v for k, v in (("max_epochs", epochs), ("lr", lr)) if v is not None}
-        cfg = cfg.replace(stages=tuple(replace(s, **upd) for s in cfg.stages),
-                          ablation_stages=tuple(replace(s, **upd) for s in cfg.ablation_stages))
+        cfg = cfg.replace(
+            stages=tuple(replace(s, **upd) for s in cfg.stages),
+            ablation_stages=tuple(replace(s, **upd) for s in cfg.ablation_stages),
+        )
     if cfg.freeze_style not in ("keras", "fastai"):
         raise ValueError(f"--freeze-style must be keras or fastai, not {cfg.freeze_style!r}")
     return cfg
@@ -103,8 +144,10 @@ def _dataset(data: Path | None, cfg, log):
 def _logger(quiet: bool):
     def log(ev: dict) -> None:
         if "epoch" in ev:
-            err.print(f"  [dim]{ev['stage']:>14} epoch {ev['epoch']:>2}[/]  train {ev['train_loss']:.4f}"
-                      f"  valid {ev['valid_loss']:.4f}  {ev['seconds']:.1f}s")
+            err.print(
+                f"  [dim]{ev['stage']:>14} epoch {ev['epoch']:>2}[/]  train {ev['train_loss']:.4f}"
+                f"  valid {ev['valid_loss']:.4f}  {ev['seconds']:.1f}s"
+            )
         elif ev.get("event") == "network":
             err.print(f"[bold]{ev['formulation']}[/]: training network {ev['network']}")
         elif ev.get("event") == "skip":
@@ -127,8 +170,15 @@ def _library_errors():
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
-    except (DataError, DicomError, ManifestError, RunError, ValueError, KeyError,
-            FileNotFoundError) as e:
+    except (
+        DataError,
+        DicomError,
+        ManifestError,
+        RunError,
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+    ) as e:
         _fail(str(e).strip("'\""))
 
 
@@ -142,8 +192,10 @@ def _fmt(v, digits=3) -> str:
 
 def _synthetic_note(result: dict) -> None:
     if result.get("synthetic"):
-        err.print("[yellow]Data: the built-in SYNTHETIC dataset (not patient data); "
-                  "numbers show the pipeline works, not clinical performance.[/]")
+        err.print(
+            "[yellow]Data: the built-in SYNTHETIC dataset (not patient data); "
+            "numbers show the pipeline works, not clinical performance.[/]"
+        )
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -155,23 +207,50 @@ def version() -> None:
 
 @app.command("compare")
 def compare_cmd(
-    data: Data = None, preset: Preset = "demo", arch: Arch = None, size: Size = None,
-    batch_size: BatchSize = None, epochs: Epochs = None, lr: Lr = None, stages: Stages = None,
-    weights: Weights = None, no_pretrained: NoPretrained = False,
-    freeze_style: FreezeStyle = None, findings: Findings = None, uncertain: Uncertain = None,
-    blank: Blank = None, seed: Seed = None, workers: Workers = None,
-    formulations: Annotated[str, typer.Option(help="Comma-separated formulations.")] =
-    "single,multilabel,multiclass",
-    name: Name = None, runs: Runs = Path("runs"), json_out: Json = False,
+    data: Data = None,
+    preset: Preset = "demo",
+    arch: Arch = None,
+    size: Size = None,
+    batch_size: BatchSize = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    stages: Stages = None,
+    weights: Weights = None,
+    no_pretrained: NoPretrained = False,
+    freeze_style: FreezeStyle = None,
+    findings: Findings = None,
+    uncertain: Uncertain = None,
+    blank: Blank = None,
+    seed: Seed = None,
+    workers: Workers = None,
+    formulations: Annotated[
+        str, typer.Option(help="Comma-separated formulations.")
+    ] = "single,multilabel,multiclass",
+    name: Name = None,
+    runs: Runs = Path("runs"),
+    json_out: Json = False,
 ) -> None:
     """Experiment II: train single / multilabel / multiclass on the same data and compare."""
     from fastcxr.study import compare
 
     with _library_errors():
-        cfg = _config(preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs, lr=lr,
-                      stages=stages, weights=weights, no_pretrained=no_pretrained,
-                      freeze_style=freeze_style, findings=findings, uncertain=uncertain,
-                      blank=blank, seed=seed, workers=workers)
+        cfg = _config(
+            preset,
+            arch=arch,
+            size=size,
+            batch_size=batch_size,
+            epochs=epochs,
+            lr=lr,
+            stages=stages,
+            weights=weights,
+            no_pretrained=no_pretrained,
+            freeze_style=freeze_style,
+            findings=findings,
+            uncertain=uncertain,
+            blank=blank,
+            seed=seed,
+            workers=workers,
+        )
         forms = tuple(f.strip() for f in formulations.split(",") if f.strip())
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
@@ -190,32 +269,78 @@ def compare_cmd(
     for fname, r in result["formulations"].items():
         cells = [fname + (f" ({len(r['networks'])} nets)" if len(r["networks"]) > 1 else "")]
         for f in cfg.findings:
-            cells += [_fmt(r["findings"][f]["accuracy"]), _fmt(r["findings"][f]["auc"])]
+            m = r["findings"][f]
+            ci = m.get("auc_ci")
+            auc = _fmt(m["auc"]) + (f"\n({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+            cells += [_fmt(m["accuracy"]), auc]
         cells += [str(r["epochs"]), f"{r['seconds_per_epoch']:.1f}", f"{r['train_seconds']:.0f}"]
         t.add_row(*cells)
     out.print(t)
+    out.print(f"AUC 95% CI: {result.get('auc_ci_method', '')}")
+    if result.get("pairs"):
+        pt = Table(title="Paired comparison of AUCs (DeLong's test on the same test images)")
+        for c in ("finding", "a − b", "AUC diff", "95% CI", "p", "p (Holm)"):
+            pt.add_column(c, justify="left" if c in ("finding", "a − b") else "right")
+        for p in result["pairs"]:
+            ci = p["diff_ci"]
+            pt.add_row(
+                p["finding"],
+                f"{p['a']} − {p['b']}",
+                _fmt(p["auc_diff"], 4),
+                f"{ci[0]:+.4f} … {ci[1]:+.4f}" if ci else "undefined",
+                _fmt(p["p_value"], 4),
+                _fmt(p.get("p_holm"), 4),
+            )
+        out.print(pt)
     out.print(f"run record: {result['run_dir']}")
 
 
 @app.command("train")
 def train_cmd(
-    formulation: Annotated[str, typer.Option(help="single | multilabel | multiclass")] =
-    "multilabel",
-    data: Data = None, preset: Preset = "demo", arch: Arch = None, size: Size = None,
-    batch_size: BatchSize = None, epochs: Epochs = None, lr: Lr = None, stages: Stages = None,
-    weights: Weights = None, no_pretrained: NoPretrained = False,
-    freeze_style: FreezeStyle = None, findings: Findings = None, uncertain: Uncertain = None,
-    blank: Blank = None, seed: Seed = None, workers: Workers = None, name: Name = None,
-    runs: Runs = Path("runs"), json_out: Json = False,
+    formulation: Annotated[
+        str, typer.Option(help="single | multilabel | multiclass")
+    ] = "multilabel",
+    data: Data = None,
+    preset: Preset = "demo",
+    arch: Arch = None,
+    size: Size = None,
+    batch_size: BatchSize = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    stages: Stages = None,
+    weights: Weights = None,
+    no_pretrained: NoPretrained = False,
+    freeze_style: FreezeStyle = None,
+    findings: Findings = None,
+    uncertain: Uncertain = None,
+    blank: Blank = None,
+    seed: Seed = None,
+    workers: Workers = None,
+    name: Name = None,
+    runs: Runs = Path("runs"),
+    json_out: Json = False,
 ) -> None:
     """Train one formulation through the schedule and write its run record."""
     from fastcxr.study import train_formulation
 
     with _library_errors():
-        cfg = _config(preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs, lr=lr,
-                      stages=stages, weights=weights, no_pretrained=no_pretrained,
-                      freeze_style=freeze_style, findings=findings, uncertain=uncertain,
-                      blank=blank, seed=seed, workers=workers)
+        cfg = _config(
+            preset,
+            arch=arch,
+            size=size,
+            batch_size=batch_size,
+            epochs=epochs,
+            lr=lr,
+            stages=stages,
+            weights=weights,
+            no_pretrained=no_pretrained,
+            freeze_style=freeze_style,
+            findings=findings,
+            uncertain=uncertain,
+            blank=blank,
+            seed=seed,
+            workers=workers,
+        )
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
         run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
@@ -231,43 +356,78 @@ def train_cmd(
     for f, m in result["findings"].items():
         t.add_row(f, _fmt(m["accuracy"]), _fmt(m["auc"]))
     out.print(t)
-    out.print(f"{result['epochs']} epochs, {result['seconds_per_epoch']:.1f} s/epoch, "
-              f"{result['train_seconds']:.0f} s — run record: {run_dir}")
+    out.print(
+        f"{result['epochs']} epochs, {result['seconds_per_epoch']:.1f} s/epoch, "
+        f"{result['train_seconds']:.0f} s — run record: {run_dir}"
+    )
 
 
 @app.command("unfreeze-ablation")
 def ablation_cmd(
-    data: Data = None, preset: Preset = "demo", arch: Arch = None, size: Size = None,
-    batch_size: BatchSize = None, epochs: Epochs = None, lr: Lr = None, stages: Stages = None,
-    weights: Weights = None, no_pretrained: NoPretrained = False,
-    freeze_style: FreezeStyle = None, findings: Findings = None, uncertain: Uncertain = None,
-    blank: Blank = None, seed: Seed = None, workers: Workers = None,
+    data: Data = None,
+    preset: Preset = "demo",
+    arch: Arch = None,
+    size: Size = None,
+    batch_size: BatchSize = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    stages: Stages = None,
+    weights: Weights = None,
+    no_pretrained: NoPretrained = False,
+    freeze_style: FreezeStyle = None,
+    findings: Findings = None,
+    uncertain: Uncertain = None,
+    blank: Blank = None,
+    seed: Seed = None,
+    workers: Workers = None,
     formulation: Annotated[str, typer.Option(help="Formulation to train.")] = "multilabel",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (stages and "
-                                                             "trainable parameters); no training.")] = False,
-    name: Name = None, runs: Runs = Path("runs"), json_out: Json = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan (stages and trainable parameters); no training."
+        ),
+    ] = False,
+    name: Name = None,
+    runs: Runs = Path("runs"),
+    json_out: Json = False,
 ) -> None:
     """Experiment I: progressive block unfreezing, test metrics after each stage."""
     from fastcxr.study import ablation_plan, unfreeze_ablation
 
     with _library_errors():
-        cfg = _config(preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs, lr=lr,
-                      stages=stages, weights=weights, no_pretrained=no_pretrained,
-                      freeze_style=freeze_style, findings=findings, uncertain=uncertain,
-                      blank=blank, seed=seed, workers=workers)
+        cfg = _config(
+            preset,
+            arch=arch,
+            size=size,
+            batch_size=batch_size,
+            epochs=epochs,
+            lr=lr,
+            stages=stages,
+            weights=weights,
+            no_pretrained=no_pretrained,
+            freeze_style=freeze_style,
+            findings=findings,
+            uncertain=uncertain,
+            blank=blank,
+            seed=seed,
+            workers=workers,
+        )
         if dry_run:
             result = ablation_plan(cfg, formulation)
         else:
             log = _logger(json_out)
             ds = _dataset(data, cfg, log)
-            result = unfreeze_ablation(ds, cfg, runs / _run_name(name, "ablation", cfg.preset),
-                                       formulation, log)
+            result = unfreeze_ablation(
+                ds, cfg, runs / _run_name(name, "ablation", cfg.preset), formulation, log
+            )
     if json_out:
         print(json.dumps(result, indent=2))
         return
     if dry_run:
-        t = Table(title=f"Experiment I plan — {cfg.arch}, {formulation}, "
-                        f"{cfg.freeze_style}-style freezing")
+        t = Table(
+            title=f"Experiment I plan — {cfg.arch}, {formulation}, "
+            f"{cfg.freeze_style}-style freezing"
+        )
         for c in ("stage", "adds", "trainable params", "Δ params", "epochs≤", "lr"):
             t.add_column(c, justify="left" if c in ("stage", "adds") else "right")
         prev, seen = 0, set()
@@ -275,8 +435,14 @@ def ablation_cmd(
             new = [g for g in s["unfrozen"] if g not in seen]
             seen.update(new)
             shown = ", ".join(new[:3]) + (f" … ({len(new)} groups)" if len(new) > 3 else "")
-            t.add_row(s["name"], shown, f"{s['trainable_params']:,}",
-                      f"{s['trainable_params'] - prev:+,}", str(s["max_epochs"]), f"{s['lr']:g}")
+            t.add_row(
+                s["name"],
+                shown,
+                f"{s['trainable_params']:,}",
+                f"{s['trainable_params'] - prev:+,}",
+                str(s["max_epochs"]),
+                f"{s['lr']:g}",
+            )
             prev = s["trainable_params"]
         out.print(t)
         out.print(f"total parameters: {result['total_params']:,}")
@@ -292,14 +458,49 @@ def ablation_cmd(
         best = s["name"] == result["best_stage"]
         unfrozen = [g for g in s["unfrozen"] if g != "head"]
         shown = "head" + (f" + {len(unfrozen)} blocks ({unfrozen[0]}…)" if unfrozen else "")
-        cells = [s["name"] + (" ★" if best else ""), shown, f"{s['trainable_params']:,}",
-                 str(s["epochs"]), f"{s['valid_loss']:.4f}"]
+        cells = [
+            s["name"] + (" ★" if best else ""),
+            shown,
+            f"{s['trainable_params']:,}",
+            str(s["epochs"]),
+            f"{s['valid_loss']:.4f}",
+        ]
         for f in cfg.findings:
             cells += [_fmt(s["findings"][f]["accuracy"]), _fmt(s["findings"][f]["auc"])]
         t.add_row(*cells, style="bold" if best else None)
     out.print(t)
-    out.print(f"★ best stage by validation loss: {result['best_stage']} — "
-              f"run record: {result['run_dir']}")
+    out.print(
+        f"★ best stage by validation loss: {result['best_stage']} — run record: {result['run_dir']}"
+    )
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="compare, ablation or run folders.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the figures and results.md.")
+    ] = Path("reports/build"),
+    ci: Annotated[
+        str, typer.Option(help="AUC CI: bootstrap (patients resampled) or delong.")
+    ] = "bootstrap",
+    threshold: Annotated[
+        str,
+        typer.Option(help="Threshold chosen on validation: youden, sensitivity or specificity."),
+    ] = "youden",
+    target: Annotated[
+        float | None, typer.Option(help="Target for sensitivity/specificity.")
+    ] = None,
+) -> None:
+    """Figures and results.md from run records (no retraining)."""
+    from fastcxr.evaluation import EvalConfig
+    from fastcxr.figures import build_report
+
+    with _library_errors():
+        files = build_report(
+            run_dirs, out_dir, EvalConfig(ci=ci, threshold=threshold, target=target)
+        )
+    for f in files:
+        out.print(f"wrote {f}")
 
 
 @prepare_app.command("synthetic")
@@ -315,8 +516,11 @@ def prepare_synthetic(
     from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic
 
     with _library_errors():
-        write_synthetic_mimic(out_dir, SyntheticSpec(patients=patients, seed=seed, rows=rows,
-                                                     cols=cols), workers=workers)
+        write_synthetic_mimic(
+            out_dir,
+            SyntheticSpec(patients=patients, seed=seed, rows=rows, cols=cols),
+            workers=workers,
+        )
     n = sum(1 for _ in out_dir.glob("files/p*/p*/s*/*.dcm"))
     out.print(f"wrote {n} DICOMs and the three label files under {out_dir} (synthetic)")
 
@@ -327,10 +531,16 @@ def prepare_mimic_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder (manifest + cache).")],
     size: Annotated[int, typer.Option(help="Cache image size.")] = 512,
     workers: Workers = None,
-    views: Annotated[str, typer.Option(help="ViewPosition values to keep (comma-separated; "
-                                            "'all' for every view).")] = "PA,AP",
-    intensity: Annotated[str, typer.Option(help="voi (DICOM window/VOI LUT) or mimic-jpg "
-                                                "(min-max + histogram equalisation).")] = "voi",
+    views: Annotated[
+        str,
+        typer.Option(help="ViewPosition values to keep (comma-separated; 'all' for every view)."),
+    ] = "PA,AP",
+    intensity: Annotated[
+        str,
+        typer.Option(
+            help="voi (DICOM window/VOI LUT) or mimic-jpg (min-max + histogram equalisation)."
+        ),
+    ] = "voi",
     json_out: Json = False,
 ) -> None:
     """Join MIMIC-CXR's label files to its images; write manifest.csv and an 8-bit cache."""
@@ -341,12 +551,26 @@ def prepare_mimic_cmd(
     from fastcxr.prepare.mimic import prepare_mimic
 
     keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(","))
-    with _library_errors(), Progress(*Progress.get_default_columns()[:-1], BarColumn(),
-                                     TimeRemainingColumn(), console=err, transient=True) as bar:
+    with (
+        _library_errors(),
+        Progress(
+            *Progress.get_default_columns()[:-1],
+            BarColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as bar,
+    ):
         task = bar.add_task("converting", total=None)
-        report = prepare_mimic(root, out_dir, size=size, workers=workers, views=keep,
-                               intensity=intensity,
-                               progress=lambda i, n: bar.update(task, completed=i, total=n))
+        report = prepare_mimic(
+            root,
+            out_dir,
+            size=size,
+            workers=workers,
+            views=keep,
+            intensity=intensity,
+            progress=lambda i, n: bar.update(task, completed=i, total=n),
+        )
     if json_out:
         print(json.dumps(asdict(report), indent=2))
         return
@@ -359,8 +583,10 @@ def prepare_mimic_cmd(
         t.add_row(f"split {k}", str(v))
     out.print(t)
     if report.failures:
-        err.print(f"[yellow]{report.failures} file(s) could not be read: see "
-                  f"{out_dir / 'failures.csv'}[/]")
+        err.print(
+            f"[yellow]{report.failures} file(s) could not be read: see "
+            f"{out_dir / 'failures.csv'}[/]"
+        )
 
 
 def main() -> None:  # pragma: no cover

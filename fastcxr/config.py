@@ -65,11 +65,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-# The CPU demo: a one-block-per-stage ResNet from scratch on 64x64 images. With random
+# The CPU demo: a one-block-per-stage ResNet from scratch on 48x48 images. With random
 # weights a frozen backbone is meaningless, so compare/train unfreeze everything at once;
 # the ablation keeps the study's stage list (its numbers then show what random features buy).
 DEMO = TrainConfig(
-    arch="resnet10", size=64, batch_size=64, pretrained=False,
+    arch="resnet10", size=48, batch_size=64, pretrained=False,
     stages=(Stage("all", "all", max_epochs=5, lr=2e-3),),
     ablation_stages=tuple(replace(s, max_epochs=2, lr=2e-3) for s in PAPER_STAGES),
     patience=2, augment=False, preset="demo",
@@ -85,19 +85,31 @@ def get_preset(name: str) -> TrainConfig:
         raise ValueError(f"unknown preset {name!r}; choose from {list(PRESETS)}") from None
 
 
-def parse_stages(text: str, max_epochs: int | None = None, lr: float | None = None
-                 ) -> tuple[Stage, ...]:
+def parse_stages(
+    text: str, max_epochs: int | None = None, lr: float | None = None
+) -> tuple[Stage, ...]:
     """`head,conv5_block-1,conv5` → stages named after what they unfreeze."""
     out = []
     for spec in (s.strip() for s in text.split(",") if s.strip()):
         name, _, unfreeze = spec.partition("=")
         st = Stage(name, unfreeze or name)
-        out.append(replace(st, **{k: v for k, v in (("max_epochs", max_epochs), ("lr", lr))
-                                  if v is not None}))
+        out.append(
+            replace(
+                st, **{k: v for k, v in (("max_epochs", max_epochs), ("lr", lr)) if v is not None}
+            )
+        )
     if not out:
         raise ValueError("empty stage list")
     return tuple(out)
 
 
-__all__ = ["DEMO", "PAPER", "PAPER_STAGES", "PRESETS", "Stage", "TrainConfig",
-           "get_preset", "parse_stages"]
+__all__ = [
+    "DEMO",
+    "PAPER",
+    "PAPER_STAGES",
+    "PRESETS",
+    "Stage",
+    "TrainConfig",
+    "get_preset",
+    "parse_stages",
+]

@@ -56,14 +56,18 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
     df = LabelPolicy(cfg.uncertain, cfg.blank).apply(manifest, findings)
     for split in ("train", "valid", "test"):
         if not (df["split"] == split).any():
-            raise DataError(f"the {split!r} split is empty under the label policy "
-                            f"(uncertain={cfg.uncertain}, blank={cfg.blank})")
+            raise DataError(
+                f"the {split!r} split is empty under the label policy "
+                f"(uncertain={cfg.uncertain}, blank={cfg.blank})"
+            )
     train = df[df["split"] == "train"]
     for f in findings:
         classes = np.unique(train[f])
         if len(classes) < 2:
-            raise DataError(f"finding {f!r} has only class {classes.tolist()} in the training "
-                            "split: nothing to learn")
+            raise DataError(
+                f"finding {f!r} has only class {classes.tolist()} in the training "
+                "split: nothing to learn"
+            )
     return df
 
 
@@ -71,8 +75,14 @@ def default_workers() -> int:
     return min(8, max((os.cpu_count() or 1) - 1, 0))
 
 
-def network_data(df: pd.DataFrame, root: str | Path, form: Formulation, net: Network,
-                 cfg: TrainConfig, device=None) -> NetworkData:
+def network_data(
+    df: pd.DataFrame,
+    root: str | Path,
+    form: Formulation,
+    net: Network,
+    cfg: TrainConfig,
+    device=None,
+) -> NetworkData:
     """DataLoaders (train/valid) and a labelled test DataLoader for `net`."""
     df = df.copy()
     y = df[list(net.findings)].to_numpy(np.int64)
@@ -87,8 +97,14 @@ def network_data(df: pd.DataFrame, root: str | Path, form: Formulation, net: Net
         item_tfms = [Resize(cfg.size, method="squish")]
     batch_tfms = []
     if cfg.augment:  # no flips: the heart's side is anatomy, not noise
-        batch_tfms += aug_transforms(do_flip=False, max_rotate=5.0, max_zoom=1.1,
-                                     max_lighting=0.2, max_warp=0.0, size=cfg.size)
+        batch_tfms += aug_transforms(
+            do_flip=False,
+            max_rotate=5.0,
+            max_zoom=1.1,
+            max_lighting=0.2,
+            max_warp=0.0,
+            size=cfg.size,
+        )
     batch_tfms.append(Normalize.from_stats([GRAY_MEAN], [GRAY_STD]))
     block = DataBlock(
         blocks=(ImageBlock(cls=CXRImage), form.block(net)),
@@ -99,8 +115,15 @@ def network_data(df: pd.DataFrame, root: str | Path, form: Formulation, net: Net
         batch_tfms=batch_tfms,
     )
     workers = cfg.workers if cfg.workers is not None else default_workers()
-    dls = block.dataloaders(tv, bs=cfg.batch_size, num_workers=workers, device=device,
-                            persistent_workers=workers > 0)
+    dls = block.dataloaders(
+        tv, bs=cfg.batch_size, num_workers=workers, device=device, persistent_workers=workers > 0
+    )
     test_dl = dls.test_dl(test, with_labels=True)
-    return NetworkData(dls, test_dl, tv[~tv["_is_valid"]], tv[tv["_is_valid"]], test,
-                       y[df["split"].to_numpy() == "train"])
+    return NetworkData(
+        dls,
+        test_dl,
+        tv[~tv["_is_valid"]],
+        tv[tv["_is_valid"]],
+        test,
+        y[df["split"].to_numpy() == "train"],
+    )

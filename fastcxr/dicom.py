@@ -137,8 +137,11 @@ def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
     if "WindowCenter" in ds and "WindowWidth" in ds:
         # pydicom's apply_windowing rescales onto the stored range, passed through the rescale.
         bits = int(ds.get("BitsStored", 16))
-        lo, hi = (0, 2**bits - 1) if int(ds.get("PixelRepresentation", 0)) == 0 else (
-            -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        lo, hi = (
+            (0, 2**bits - 1)
+            if int(ds.get("PixelRepresentation", 0)) == 0
+            else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        )
         slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
         if slope is not None and icpt is not None:
             lo, hi = lo * float(slope) + float(icpt), hi * float(slope) + float(icpt)

@@ -87,8 +87,10 @@ class LabelPolicy:
             raw = pd.to_numeric(df[f], errors="coerce").to_numpy(float)
             bad = ~np.isnan(raw) & ~np.isin(raw, (1.0, 0.0, -1.0))
             if bad.any():
-                raise ValueError(f"column {f!r} holds values other than 1/0/-1/blank: "
-                                 f"{sorted(set(raw[bad].tolist()))[:5]}")
+                raise ValueError(
+                    f"column {f!r} holds values other than 1/0/-1/blank: "
+                    f"{sorted(set(raw[bad].tolist()))[:5]}"
+                )
             uncertain, blank = self.for_finding(f)
             y = raw.copy()
             if uncertain == "drop":

@@ -47,7 +47,9 @@ def inverse_frequency_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
         warnings.warn(
             f"label-powerset classes with no training images: "
             f"{np.flatnonzero(~present).tolist()} (class counts {counts.tolist()}); they get "
-            "weight 0 and the network will not learn to predict them", stacklevel=2)
+            "weight 0 and the network will not learn to predict them",
+            stacklevel=2,
+        )
     w = np.zeros(n_classes)
     w[present] = counts.sum() / (present.sum() * counts[present])
     return w
@@ -131,4 +133,6 @@ def get_formulation(name: str) -> Formulation:
     try:
         return FORMULATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown formulation {name!r}; choose from {list(FORMULATIONS)}") from None
+        raise ValueError(
+            f"unknown formulation {name!r}; choose from {list(FORMULATIONS)}"
+        ) from None

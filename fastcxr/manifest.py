@@ -44,12 +44,15 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
         shown = ", ".join(leaks[:10]) + (" …" if len(leaks) > 10 else "")
         raise ManifestError(
             f"{source}: {len(leaks)} patient(s) appear in more than one split "
-            f"(data leakage): {shown}")
+            f"(data leakage): {shown}"
+        )
     for i, p in enumerate(df["image"].astype(str)):
         q = Path(p)
         if q.is_absolute() or ".." in q.parts:
-            raise ManifestError(f"{source}: row {i + 2}, column 'image': path {p!r} leaves the "
-                                "dataset folder (absolute or '..')")
+            raise ManifestError(
+                f"{source}: row {i + 2}, column 'image': path {p!r} leaves the "
+                "dataset folder (absolute or '..')"
+            )
 
 
 def patients_in_several_splits(df: pd.DataFrame) -> list[str]:

@@ -74,8 +74,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ValueError(f"{path}: not a plain state dict loadable with weights_only=True "
-                         f"({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{path}: not a plain state dict loadable with weights_only=True "
+            f"({type(e).__name__}: {e})"
+        ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -83,12 +85,14 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def build_model(arch: str, n_out: int, pretrained: bool = False,
-                weights_file: str | Path | None = None) -> nn.Module:
+def build_model(
+    arch: str, n_out: int, pretrained: bool = False, weights_file: str | Path | None = None
+) -> nn.Module:
     """fastai's body (1 input channel) + head, as `vision_learner` would build it."""
     a = TorchvisionArch(arch, weights_file)
-    return create_vision_model(a, n_out, pretrained=pretrained or weights_file is not None,
-                               cut=a.cut, n_in=1)
+    return create_vision_model(
+        a, n_out, pretrained=pretrained or weights_file is not None, cut=a.cut, n_in=1
+    )
 
 
 # -- block-level groups ---------------------------------------------------------------------
@@ -141,8 +145,9 @@ def resolve_unfreeze(spec: str, names: list[str]) -> int:
     stage, _, block = spec.partition("_block")
     members = [i for i, n in enumerate(names) if n.startswith(stage + "_block")]
     if not members:
-        raise ValueError(f"unfreeze spec {spec!r} matches no group; groups: {names[0]} … "
-                         f"{names[-1]}")
+        raise ValueError(
+            f"unfreeze spec {spec!r} matches no group; groups: {names[0]} … {names[-1]}"
+        )
     if not block:
         first = members[0]
     else:
@@ -155,5 +160,14 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ARCHS", "TorchvisionArch", "block_groups", "block_splitter", "build_model",
-           "count_params", "group_names", "load_state_dict", "resolve_unfreeze"]
+__all__ = [
+    "ARCHS",
+    "TorchvisionArch",
+    "block_groups",
+    "block_splitter",
+    "build_model",
+    "count_params",
+    "group_names",
+    "load_state_dict",
+    "resolve_unfreeze",
+]

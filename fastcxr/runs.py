@@ -1,13 +1,13 @@
 """Run records: everything a table or figure needs, so nothing is retrained to report.
 
-    runs/NAME/                 one trained formulation (or one ablation)
-      config.json              resolved TrainConfig + data, seed, versions, git rev, manifest hash
-      history.csv              per epoch: network, stage, epoch, losses, seconds
-      predictions.csv          per test image: image, patient_id, y_<finding>, p_<finding>
-      metrics.json             per-finding metrics and timing
-      model-<network>.pth      state dict (torch.load(weights_only=True)) …
-      model-<network>.json     … and its sidecar: arch, formulation, findings, preprocessing
-      record.json              written last: {"complete": true, …}
+runs/NAME/                 one trained formulation (or one ablation)
+  config.json              resolved TrainConfig + data, seed, versions, git rev, manifest hash
+  history.csv              per epoch: network, stage, epoch, losses, seconds
+  predictions.csv          per test image: image, patient_id, y_<finding>, p_<finding>
+  metrics.json             per-finding metrics and timing
+  model-<network>.pth      state dict (torch.load(weights_only=True)) …
+  model-<network>.json     … and its sidecar: arch, formulation, findings, preprocessing
+  record.json              written last: {"complete": true, …}
 """
 
 from __future__ import annotations
@@ -73,8 +73,16 @@ def environment() -> dict:
     import torchvision
 
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         rev = None
     return {

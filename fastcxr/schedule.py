@@ -54,8 +54,9 @@ class RestoreBest(TrackerCallback):
         super().after_epoch()
         if self.new_best:
             self.best_epoch = self.epoch
-            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
-                                             self.learn.model.state_dict().items()})
+            self.best_state = copy.deepcopy(
+                {k: v.detach().cpu() for k, v in self.learn.model.state_dict().items()}
+            )
 
     def after_fit(self):
         if self.best_state is not None:
@@ -81,9 +82,14 @@ class History(Callback):
 
     def after_epoch(self):
         vals = self.learn.recorder.values[-1] if self.learn.recorder.values else [np.nan] * 2
-        row = {"stage": self.stage, "epoch": self.epoch + 1, "train_loss": float(vals[0]),
-               "valid_loss": float(vals[1]), "train_seconds": self.train_seconds,
-               "seconds": time.perf_counter() - self.t0}
+        row = {
+            "stage": self.stage,
+            "epoch": self.epoch + 1,
+            "train_loss": float(vals[0]),
+            "valid_loss": float(vals[1]),
+            "train_seconds": self.train_seconds,
+            "seconds": time.perf_counter() - self.t0,
+        }
         self.rows.append(row)
         if self.log:
             self.log(row)
@@ -119,13 +125,20 @@ def stage_lrs(learn: Learner, n_unfrozen: int, lr: float, ratio: float) -> list[
     return [float(live[0])] * (n_groups - n_unfrozen) + live.tolist()
 
 
-def run_stage(learn: Learner, stage: Stage, cfg: TrainConfig, history: list[dict],
-              log: Callable[[dict], None] | None = None) -> StageResult:
+def run_stage(
+    learn: Learner,
+    stage: Stage,
+    cfg: TrainConfig,
+    history: list[dict],
+    log: Callable[[dict], None] | None = None,
+) -> StageResult:
     unfrozen = apply_stage(learn, stage)
     trainable = count_params(learn.model)
-    cbs = [RestoreBest(monitor="valid_loss"),
-           EarlyStoppingCallback(monitor="valid_loss", patience=cfg.patience),
-           History(stage.name, history, log)]
+    cbs = [
+        RestoreBest(monitor="valid_loss"),
+        EarlyStoppingCallback(monitor="valid_loss", patience=cfg.patience),
+        History(stage.name, history, log),
+    ]
     if cfg.freeze_style == "keras":
         cbs.append(FrozenBNEval())
     start = len(history)
@@ -134,7 +147,10 @@ def run_stage(learn: Learner, stage: Stage, cfg: TrainConfig, history: list[dict
     rows = history[start:]
     best = cbs[0]
     return StageResult(
-        stage=stage, unfrozen=unfrozen, trainable_params=trainable, epochs=len(rows),
+        stage=stage,
+        unfrozen=unfrozen,
+        trainable_params=trainable,
+        epochs=len(rows),
         best_epoch=None if best.best_epoch is None else best.best_epoch + 1,
         valid_loss=float(best.best) if best.best_epoch is not None else float("nan"),
         train_seconds=sum(r["train_seconds"] for r in rows),
@@ -147,7 +163,14 @@ def plan(learn: Learner, stages: tuple[Stage, ...]) -> list[dict]:
     out = []
     for st in stages:
         unfrozen = apply_stage(learn, st)
-        out.append({"name": st.name, "unfreeze": st.unfreeze, "unfrozen": unfrozen,
-                    "trainable_params": count_params(learn.model),
-                    "max_epochs": st.max_epochs, "lr": st.lr})
+        out.append(
+            {
+                "name": st.name,
+                "unfreeze": st.unfreeze,
+                "unfrozen": unfrozen,
+                "trainable_params": count_params(learn.model),
+                "max_epochs": st.max_epochs,
+                "lr": st.lr,
+            }
+        )
     return out

@@ -23,12 +23,20 @@ from fastai.vision.learner import vision_learner
 
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.data import NetworkData, apply_policy, network_data
+from fastcxr.evaluation import EvalConfig, evaluate, holm, pairwise
 from fastcxr.formulations import FORMULATIONS, Formulation, Network, get_formulation
 from fastcxr.manifest import file_sha256, read_manifest
 from fastcxr.metrics import all_metrics
 from fastcxr.models import TorchvisionArch, block_splitter, build_model
-from fastcxr.runs import (environment, is_complete, load_run, mark_complete, save_weights,
-                          write_csv, write_json)
+from fastcxr.runs import (
+    environment,
+    is_complete,
+    load_run,
+    mark_complete,
+    save_weights,
+    write_csv,
+    write_json,
+)
 from fastcxr.schedule import StageResult, plan, run_stage
 
 Log = Callable[[dict], None]
@@ -53,8 +61,12 @@ class Dataset:
         return cls(p.resolve(), read_manifest(p), synthetic)
 
     def describe(self) -> dict:
-        return {"manifest": str(self.manifest), "sha256": file_sha256(self.manifest),
-                "synthetic": self.synthetic, "images": len(self.df)}
+        return {
+            "manifest": str(self.manifest),
+            "sha256": file_sha256(self.manifest),
+            "synthetic": self.synthetic,
+            "images": len(self.df),
+        }
 
 
 def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainConfig) -> Learner:
@@ -77,27 +89,52 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def _stage_dict(r: StageResult) -> dict:
-    return {"name": r.stage.name, "unfreeze": r.stage.unfreeze, "unfrozen": r.unfrozen,
-            "trainable_params": r.trainable_params, "epochs": r.epochs,
-            "best_epoch": r.best_epoch, "valid_loss": r.valid_loss,
-            "train_seconds": r.seconds, "lr": r.stage.lr}
+    return {
+        "name": r.stage.name,
+        "unfreeze": r.stage.unfreeze,
+        "unfrozen": r.unfrozen,
+        "trainable_params": r.trainable_params,
+        "epochs": r.epochs,
+        "best_epoch": r.best_epoch,
+        "valid_loss": r.valid_loss,
+        "train_seconds": r.seconds,
+        "lr": r.stage.lr,
+    }
 
 
 def _sidecar(cfg: TrainConfig, form: Formulation, net: Network, nd: NetworkData) -> dict:
-    return {"format": "fastcxr-weights-1", "arch": cfg.arch, "formulation": form.name,
-            "findings": list(net.findings), "n_out": form.n_out(net), "n_in": 1,
-            "head": "fastai vision_learner head (concat pool, BN, dropout, 2 linear)",
-            "preprocessing": {"size": cfg.size, "resize": "squish", "mean": 0.449,
-                              "std": 0.226, "intensity": "voi"},
-            "thresholds": dict.fromkeys(net.findings, 0.5), "train_images": len(nd.train)}
+    return {
+        "format": "fastcxr-weights-1",
+        "arch": cfg.arch,
+        "formulation": form.name,
+        "findings": list(net.findings),
+        "n_out": form.n_out(net),
+        "n_in": 1,
+        "head": "fastai vision_learner head (concat pool, BN, dropout, 2 linear)",
+        "preprocessing": {
+            "size": cfg.size,
+            "resize": "squish",
+            "mean": 0.449,
+            "std": 0.226,
+            "intensity": "voi",
+        },
+        "thresholds": dict.fromkeys(net.findings, 0.5),
+        "train_images": len(nd.train),
+    }
 
 
 def _columns(findings: tuple[str, ...], net: Network) -> list[int]:
     return [findings.index(f) for f in net.findings]
 
 
-def train_formulation(data: Dataset, formulation: str, cfg: TrainConfig, run_dir: str | Path,
-                      log: Log | None = None, stages: tuple[Stage, ...] | None = None) -> dict:
+def train_formulation(
+    data: Dataset,
+    formulation: str,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    log: Log | None = None,
+    stages: tuple[Stage, ...] | None = None,
+) -> dict:
     """Train `formulation` through the schedule; write its run record; return its summary.
 
     With several networks (the `single` formulation), each is trained in turn and epochs and
@@ -109,7 +146,9 @@ def train_formulation(data: Dataset, formulation: str, cfg: TrainConfig, run_dir
     stages = stages or cfg.stages
     df = apply_policy(data.df, cfg, findings)
     test = df[df["split"] == "test"].reset_index(drop=True)
+    valid = df[df["split"] == "valid"].reset_index(drop=True)
     y_test = test[list(findings)].to_numpy(int)
+    valid_probs = np.full((len(valid), len(findings)), np.nan)
     stage_probs: dict[str, np.ndarray] = {s.name: np.full(y_test.shape, np.nan) for s in stages}
     history, networks = [], []
     t_start = time.perf_counter()
@@ -126,12 +165,19 @@ def train_formulation(data: Dataset, formulation: str, cfg: TrainConfig, run_dir
             results.append(r)
             preds, _ = learn.get_preds(dl=nd.test_dl)
             stage_probs[st.name][:, cols] = form.probabilities(net, preds)
+        preds, _ = learn.get_preds(dl=nd.dls.valid)  # for thresholds chosen on validation
+        valid_probs[:, cols] = form.probabilities(net, preds)
         history += [{"network": net.name, **row} for row in net_hist]
         save_weights(run_dir / f"model-{net.name}.pth", learn.model, _sidecar(cfg, form, net, nd))
-        networks.append({"network": net.name, "findings": list(net.findings),
-                         "stages": [_stage_dict(r) for r in results],
-                         "epochs": sum(r.epochs for r in results),
-                         "train_seconds": sum(r.seconds for r in results)})
+        networks.append(
+            {
+                "network": net.name,
+                "findings": list(net.findings),
+                "stages": [_stage_dict(r) for r in results],
+                "epochs": sum(r.epochs for r in results),
+                "train_seconds": sum(r.seconds for r in results),
+            }
+        )
     probs = stage_probs[stages[-1].name]
     epochs = sum(n["epochs"] for n in networks)
     train_seconds = sum(n["train_seconds"] for n in networks)
@@ -145,26 +191,59 @@ def train_formulation(data: Dataset, formulation: str, cfg: TrainConfig, run_dir
         "wall_seconds": time.perf_counter() - t_start,
     }  # fmt: skip
     per_stage = {s.name: all_metrics(y_test, stage_probs[s.name], findings) for s in stages}
-    pred_df = test[["image", "patient_id"]].copy()
-    for i, f in enumerate(findings):
-        pred_df[f"y_{f}"] = y_test[:, i]
-        pred_df[f"p_{f}"] = probs[:, i]
-    write_json(run_dir / "config.json", {"train": cfg.to_dict(), "formulation": form.name,
-                                         "stages": [s.__dict__ for s in stages],
-                                         "data": data.describe(), "environment": environment()})
+    pred_df = pd.concat(
+        [
+            _predictions(test, probs, findings, "test"),
+            _predictions(valid, valid_probs, findings, "valid"),
+        ],
+        ignore_index=True,
+    )
+    write_json(
+        run_dir / "config.json",
+        {
+            "train": cfg.to_dict(),
+            "formulation": form.name,
+            "stages": [s.__dict__ for s in stages],
+            "data": data.describe(),
+            "environment": environment(),
+        },
+    )
     write_csv(run_dir / "history.csv", pd.DataFrame(history))
     write_csv(run_dir / "predictions.csv", pred_df)
-    write_json(run_dir / "metrics.json", {"findings": metrics, "per_stage": per_stage,
-                                          **{k: v for k, v in summary.items() if k != "findings"}})
+    write_json(
+        run_dir / "metrics.json",
+        {
+            "findings": metrics,
+            "per_stage": per_stage,
+            **{k: v for k, v in summary.items() if k != "findings"},
+        },
+    )
     mark_complete(run_dir, summary)
     return summary
 
 
-def compare(data: Dataset, cfg: TrainConfig, run_dir: str | Path,
-            formulations: tuple[str, ...] = tuple(FORMULATIONS), log: Log | None = None) -> dict:
+def _predictions(rows: pd.DataFrame, probs: np.ndarray, findings, split: str) -> pd.DataFrame:
+    out = rows[["image", "patient_id"]].copy()
+    out.insert(0, "split", split)
+    for i, f in enumerate(findings):
+        out[f"y_{f}"] = rows[f].to_numpy(int)
+        out[f"p_{f}"] = probs[:, i]
+    return out
+
+
+def compare(
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    formulations: tuple[str, ...] = tuple(FORMULATIONS),
+    log: Log | None = None,
+    eval_cfg: EvalConfig = EvalConfig(),
+) -> dict:
     """Experiment II: every formulation with the same data, split, seed and schedule.
 
-    Formulations whose run record is already complete are read back, not retrained.
+    Formulations whose run record is already complete are read back, not retrained. The
+    result carries AUC CIs per finding and DeLong's test for every pair of formulations
+    (p-values also Holm-adjusted over all pairs and findings).
     """
     run_dir = Path(run_dir)
     out = {}
@@ -177,15 +256,37 @@ def compare(data: Dataset, cfg: TrainConfig, run_dir: str | Path,
                 log({"event": "skip", "formulation": name, "reason": "complete run found"})
             continue
         out[name] = train_formulation(data, name, cfg, sub, log)
-    result = {"formulations": out, "findings": list(cfg.findings), "run_dir": str(run_dir),
-              "synthetic": data.synthetic, "preset": cfg.preset, "arch": cfg.arch,
-              "size": cfg.size}
+    preds = {name: load_run(run_dir / name)["predictions"] for name in formulations}
+    evals = {name: evaluate(p, cfg.findings, eval_cfg) for name, p in preds.items()}
+    for name, by_f in evals.items():
+        for f, e in by_f.items():
+            out[name]["findings"][f].update(auc_ci=e["auc_ci"], pr_auc=e["pr_auc"])
+    pairs = pairwise(preds, cfg.findings)
+    for pr, adj in zip(pairs, holm([p["p_value"] for p in pairs])):
+        pr["p_holm"] = adj
+    result = {
+        "formulations": out,
+        "pairs": pairs,
+        "findings": list(cfg.findings),
+        "auc_ci_method": next(iter(next(iter(evals.values())).values()))["auc_ci_method"],
+        "run_dir": str(run_dir),
+        "synthetic": data.synthetic,
+        "preset": cfg.preset,
+        "arch": cfg.arch,
+        "size": cfg.size,
+    }
+    write_json(run_dir / "evaluation.json", evals)
     write_json(run_dir / "compare.json", result)
     return result
 
 
-def unfreeze_ablation(data: Dataset, cfg: TrainConfig, run_dir: str | Path,
-                      formulation: str = "multilabel", log: Log | None = None) -> dict:
+def unfreeze_ablation(
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    formulation: str = "multilabel",
+    log: Log | None = None,
+) -> dict:
     """Experiment I: the ablation stages in sequence, test metrics after each stage.
 
     The best stage is the one with the lowest validation loss (chosen without the test set).
@@ -206,9 +307,16 @@ def unfreeze_ablation(data: Dataset, cfg: TrainConfig, run_dir: str | Path,
                          for f, m in metrics[st.name].items()},
         })  # fmt: skip
     best = min(stages, key=lambda s: s["valid_loss"])["name"]
-    result = {"stages": stages, "best_stage": best, "formulation": formulation,
-              "run_dir": str(run_dir), "synthetic": data.synthetic, "preset": cfg.preset,
-              "arch": cfg.arch, "freeze_style": cfg.freeze_style}
+    result = {
+        "stages": stages,
+        "best_stage": best,
+        "formulation": formulation,
+        "run_dir": str(run_dir),
+        "synthetic": data.synthetic,
+        "preset": cfg.preset,
+        "arch": cfg.arch,
+        "freeze_style": cfg.freeze_style,
+    }
     write_json(Path(run_dir) / "ablation.json", result)
     return result
 
@@ -218,12 +326,22 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
     form = get_formulation(formulation)
     net = form.networks(cfg.findings)[0]
     model = build_model(cfg.arch, form.n_out(net), pretrained=False)
-    learn = Learner(DataLoaders(), model, loss_func=form.loss(net, _dummy_y(net)),
-                    splitter=block_splitter, train_bn=cfg.freeze_style == "fastai")
+    learn = Learner(
+        DataLoaders(),
+        model,
+        loss_func=form.loss(net, _dummy_y(net)),
+        splitter=block_splitter,
+        train_bn=cfg.freeze_style == "fastai",
+    )
     stages = plan(learn, cfg.ablation_stages)
-    return {"stages": stages, "arch": cfg.arch, "formulation": formulation,
-            "freeze_style": cfg.freeze_style, "networks": len(form.networks(cfg.findings)),
-            "total_params": sum(p.numel() for p in model.parameters())}
+    return {
+        "stages": stages,
+        "arch": cfg.arch,
+        "formulation": formulation,
+        "freeze_style": cfg.freeze_style,
+        "networks": len(form.networks(cfg.findings)),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _dummy_y(net: Network) -> np.ndarray:
@@ -232,8 +350,9 @@ def _dummy_y(net: Network) -> np.ndarray:
     return (np.arange(2**k)[:, None] >> np.arange(k - 1, -1, -1)[None, :]) & 1
 
 
-def builtin_dataset(size: int, home: str | Path | None = None, log: Log | None = None,
-                    workers: int | None = None) -> Dataset:
+def builtin_dataset(
+    size: int, home: str | Path | None = None, log: Log | None = None, workers: int | None = None
+) -> Dataset:
     """The built-in synthetic MIMIC-CXR, generated once and prepared once per image size."""
     from fastcxr.prepare.mimic import prepare_mimic
     from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic

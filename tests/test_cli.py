@@ -12,8 +12,19 @@ from typer.testing import CliRunner
 from fastcxr.cli import app
 
 runner = CliRunner()
-TINY = ["--arch", "resnet10", "--size", "32", "--batch-size", "16", "--epochs", "1",
-        "--no-pretrained", "--workers", "0"]
+TINY = [
+    "--arch",
+    "resnet10",
+    "--size",
+    "32",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "1",
+    "--no-pretrained",
+    "--workers",
+    "0",
+]
 
 
 def run(*args):
@@ -22,8 +33,19 @@ def run(*args):
 
 
 def test_compare_json_shape(prepared, tmp_path):
-    res = run("compare", "--data", prepared / "manifest.csv", *TINY, "--stages", "all",
-              "--runs", tmp_path, "--name", "c", "--json")
+    res = run(
+        "compare",
+        "--data",
+        prepared / "manifest.csv",
+        *TINY,
+        "--stages",
+        "all",
+        "--runs",
+        tmp_path,
+        "--name",
+        "c",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert set(out["formulations"]) == {"single", "multilabel", "multiclass"}
@@ -43,10 +65,23 @@ def test_compare_json_shape(prepared, tmp_path):
         assert len(cfg["data"]["sha256"]) == 64 and cfg["environment"]["torch"]
     assert (run_dir / "single" / "model-edema.pth").exists()
     # a second call resumes: every formulation is complete, nothing is retrained
-    again = run("compare", "--data", prepared, *TINY, "--stages", "all", "--runs", tmp_path,
-                "--name", "c", "--json")
-    assert json.loads(again.stdout)["formulations"]["multiclass"]["train_seconds"] == \
-        out["formulations"]["multiclass"]["train_seconds"]
+    again = run(
+        "compare",
+        "--data",
+        prepared,
+        *TINY,
+        "--stages",
+        "all",
+        "--runs",
+        tmp_path,
+        "--name",
+        "c",
+        "--json",
+    )
+    assert (
+        json.loads(again.stdout)["formulations"]["multiclass"]["train_seconds"]
+        == out["formulations"]["multiclass"]["train_seconds"]
+    )
     assert "skipped" in again.stderr
 
 
@@ -55,8 +90,21 @@ def test_saved_weights_load_safely(prepared, tmp_path):
 
     from fastcxr.models import build_model
 
-    res = run("train", "--formulation", "multiclass", "--data", prepared, *TINY, "--stages",
-              "all", "--runs", tmp_path, "--name", "t", "--json")
+    res = run(
+        "train",
+        "--formulation",
+        "multiclass",
+        "--data",
+        prepared,
+        *TINY,
+        "--stages",
+        "all",
+        "--runs",
+        tmp_path,
+        "--name",
+        "t",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     p = tmp_path / "t" / "model-edema+pleural_effusion.pth"
     side = json.loads(p.with_suffix(".json").read_text())
@@ -66,8 +114,9 @@ def test_saved_weights_load_safely(prepared, tmp_path):
 
 
 def test_ablation_table_and_json(prepared, tmp_path):
-    res = run("unfreeze-ablation", "--data", prepared, *TINY, "--runs", tmp_path, "--name", "a",
-              "--json")
+    res = run(
+        "unfreeze-ablation", "--data", prepared, *TINY, "--runs", tmp_path, "--name", "a", "--json"
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     names = [s["name"] for s in out["stages"]]
@@ -76,8 +125,7 @@ def test_ablation_table_and_json(prepared, tmp_path):
     params = [s["trainable_params"] for s in out["stages"]]
     assert params[0] < params[1] <= params[2] < params[3]  # resnet10: conv5 has one block
     assert out["stages"][0]["unfrozen"] == ["head"]
-    table = run("unfreeze-ablation", "--data", prepared, *TINY, "--runs", tmp_path, "--name",
-                "a2")
+    table = run("unfreeze-ablation", "--data", prepared, *TINY, "--runs", tmp_path, "--name", "a2")
     assert table.exit_code == 0 and "★" in table.stdout and "SYNTHETIC" not in table.stdout
 
 
@@ -91,16 +139,17 @@ def test_paper_dry_run_parameter_differences_are_block_sizes():
         return sum(p.numel() for p in m.parameters())
 
     diffs = [b["trainable_params"] - a["trainable_params"] for a, b in zip(st, st[1:])]
-    assert diffs == [n(tv.layer4[2]), n(tv.layer4[0]) + n(tv.layer4[1]),
-                     sum(n(b) for b in tv.layer3[-3:])]
+    assert diffs == [
+        n(tv.layer4[2]),
+        n(tv.layer4[0]) + n(tv.layer4[1]),
+        sum(n(b) for b in tv.layer3[-3:]),
+    ]
     assert st[1]["unfrozen"] == ["conv5_block3", "head"]
 
 
 def test_clear_errors(prepared, tmp_path):
     df = pd.read_csv(prepared / "manifest.csv")
     df.drop(columns="Edema").to_csv(tmp_path / "m.csv", index=False)
-    for img in df["image"]:  # same folder layout, so only the missing column is wrong
-        pass
     res = run("train", "--data", tmp_path / "m.csv", *TINY, "--runs", tmp_path)
     assert res.exit_code == 2 and "Edema" in res.stderr
     df.assign(split="train").to_csv(tmp_path / "m2.csv", index=False)
@@ -121,11 +170,32 @@ def test_one_class_label_is_refused(prepared, tmp_path):
 
 
 def test_prepare_commands(tmp_path):
-    res = run("prepare", "synthetic", tmp_path / "raw", "--patients", "6", "--rows", "48",
-              "--cols", "40", "--workers", "1")
+    res = run(
+        "prepare",
+        "synthetic",
+        tmp_path / "raw",
+        "--patients",
+        "6",
+        "--rows",
+        "48",
+        "--cols",
+        "40",
+        "--workers",
+        "1",
+    )
     assert res.exit_code == 0, res.output
-    res = run("prepare", "mimic", tmp_path / "raw", "--out", tmp_path / "prep", "--size", "16",
-              "--workers", "1", "--json")
+    res = run(
+        "prepare",
+        "mimic",
+        tmp_path / "raw",
+        "--out",
+        tmp_path / "prep",
+        "--size",
+        "16",
+        "--workers",
+        "1",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["images"] == len(pd.read_csv(tmp_path / "prep" / "manifest.csv")) > 0

@@ -56,8 +56,14 @@ def test_window_matches_standard_formula(tmp_path, ramp):
 
 
 def test_rescale_then_window(tmp_path, ramp):
-    p = make_dicom(tmp_path / "a.dcm", ramp, RescaleSlope=2, RescaleIntercept=-1000,
-                   WindowCenter=1500, WindowWidth=3000)
+    p = make_dicom(
+        tmp_path / "a.dcm",
+        ramp,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=1500,
+        WindowWidth=3000,
+    )
     hu = ramp * 2.0 - 1000
     y = linear_window(hu, 1500, 3000, -1000, 4095 * 2 - 1000)
     expect = np.rint((y + 1000) / (4095 * 2) * 255)
@@ -66,8 +72,9 @@ def test_rescale_then_window(tmp_path, ramp):
 
 def test_monochrome1_is_inverted(tmp_path, ramp):
     m2 = read_dicom(make_dicom(tmp_path / "2.dcm", ramp, WindowCenter=2048, WindowWidth=4096))
-    m1 = read_dicom(make_dicom(tmp_path / "1.dcm", ramp, "MONOCHROME1", WindowCenter=2048,
-                               WindowWidth=4096))
+    m1 = read_dicom(
+        make_dicom(tmp_path / "1.dcm", ramp, "MONOCHROME1", WindowCenter=2048, WindowWidth=4096)
+    )
     assert np.abs(m1.astype(int) - (255 - m2.astype(int))).max() <= 1
     assert m2[0, 0] < m2[-1, -1] and m1[0, 0] > m1[-1, -1]
 

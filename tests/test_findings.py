@@ -9,8 +9,13 @@ from fastcxr.findings import LabelPolicy, canonical_finding, canonical_findings
 def raw():
     rng = np.random.default_rng(0)
     vals = rng.choice([1.0, 0.0, -1.0, np.nan], size=(200, 2), p=[0.4, 0.3, 0.15, 0.15])
-    return pd.DataFrame({"image": [f"i{i}.png" for i in range(200)],
-                         "Edema": vals[:, 0], "Pleural Effusion": vals[:, 1]})
+    return pd.DataFrame(
+        {
+            "image": [f"i{i}.png" for i in range(200)],
+            "Edema": vals[:, 0],
+            "Pleural Effusion": vals[:, 1],
+        }
+    )
 
 
 def expected(raw, unc, blank):
@@ -36,8 +41,9 @@ def expected(raw, unc, blank):
 @pytest.mark.parametrize("blank", ["drop", "zeros"])
 def test_policies_match_row_by_row(raw, unc, blank):
     got = LabelPolicy(unc, blank).apply(raw, ["Edema", "Pleural Effusion"])
-    assert list(got[["image", "Edema", "Pleural Effusion"]].itertuples(index=False, name=None)) \
-        == expected(raw, unc, blank)
+    assert list(
+        got[["image", "Edema", "Pleural Effusion"]].itertuples(index=False, name=None)
+    ) == expected(raw, unc, blank)
 
 
 def test_per_finding_policy(raw):

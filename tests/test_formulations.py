@@ -5,8 +5,13 @@ import pytest
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from fastcxr.formulations import (FORMULATIONS, encode_powerset, get_formulation,
-                                  inverse_frequency_weights, powerset_marginals)
+from fastcxr.formulations import (
+    FORMULATIONS,
+    encode_powerset,
+    get_formulation,
+    inverse_frequency_weights,
+    powerset_marginals,
+)
 
 
 def test_study_encoding():
@@ -61,8 +66,10 @@ def test_multiclass_probabilities_and_weighted_loss():
     y = np.array([[0, 0]] * 6 + [[0, 1]] * 3 + [[1, 0]] + [[1, 1]] * 2)
     loss = mc.loss(net, y)
     logits, target = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 2])
-    w = torch.tensor(compute_class_weight("balanced", classes=np.arange(4),
-                                          y=encode_powerset(y)), dtype=torch.float32)
+    w = torch.tensor(
+        compute_class_weight("balanced", classes=np.arange(4), y=encode_powerset(y)),
+        dtype=torch.float32,
+    )
     expect = torch.nn.functional.cross_entropy(logits, target, weight=w)
     torch.testing.assert_close(loss(logits, target), expect)
     probs = mc.probabilities(net, torch.softmax(logits, 1))

@@ -7,8 +7,15 @@ from fastai.learner import Learner
 from torch import nn
 
 from fastcxr.config import PAPER_STAGES, Stage
-from fastcxr.models import (TorchvisionArch, block_groups, block_splitter, build_model,
-                            count_params, group_names, load_state_dict, resolve_unfreeze)
+from fastcxr.models import (
+    TorchvisionArch,
+    block_splitter,
+    build_model,
+    count_params,
+    group_names,
+    load_state_dict,
+    resolve_unfreeze,
+)
 from fastcxr.schedule import FrozenBNEval, apply_stage, stage_lrs
 
 
@@ -17,8 +24,13 @@ def nparams(m):
 
 
 def learner(model, train_bn):
-    return Learner(DataLoaders(), model, loss_func=nn.BCEWithLogitsLoss(),
-                   splitter=block_splitter, train_bn=train_bn)
+    return Learner(
+        DataLoaders(),
+        model,
+        loss_func=nn.BCEWithLogitsLoss(),
+        splitter=block_splitter,
+        train_bn=train_bn,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +40,9 @@ def r152():
 
 def test_resnet152_block_groups(r152):
     names = group_names(r152)
-    counts = {s: sum(n.startswith(s + "_") for n in names) for s in ("conv2", "conv3", "conv4",
-                                                                     "conv5")}
+    counts = {
+        s: sum(n.startswith(s + "_") for n in names) for s in ("conv2", "conv3", "conv4", "conv5")
+    }
     assert counts == {"conv2": 3, "conv3": 8, "conv4": 36, "conv5": 3}
     assert names[0] == "stem" and names[-1] == "head" and len(names) == 52
     # every parameter in exactly one group
@@ -40,8 +53,12 @@ def test_resnet152_block_groups(r152):
 def test_stages_train_exactly_the_blocks_they_add(r152):
     tv = torchvision.models.resnet152()  # independent reference for block sizes
     head = nparams(r152[1])
-    expect = [head, head + nparams(tv.layer4[2]), head + nparams(tv.layer4),
-              head + nparams(tv.layer4) + sum(nparams(b) for b in tv.layer3[-3:])]
+    expect = [
+        head,
+        head + nparams(tv.layer4[2]),
+        head + nparams(tv.layer4),
+        head + nparams(tv.layer4) + sum(nparams(b) for b in tv.layer3[-3:]),
+    ]
     learn = learner(r152, train_bn=False)
     for st, n in zip(PAPER_STAGES, expect):
         apply_stage(learn, st)
@@ -52,8 +69,12 @@ def test_fastai_style_keeps_batchnorm_trainable():
     m = build_model("resnet18", 2)
     learn = learner(m, train_bn=True)
     apply_stage(learn, Stage("head", "head"))
-    bn = sum(p.numel() for mod in m[0].modules() if isinstance(mod, nn.BatchNorm2d)
-             for p in mod.parameters())
+    bn = sum(
+        p.numel()
+        for mod in m[0].modules()
+        if isinstance(mod, nn.BatchNorm2d)
+        for p in mod.parameters()
+    )
     assert count_params(m) == nparams(m[1]) + bn
 
 
@@ -70,8 +91,16 @@ def test_keras_style_puts_frozen_batchnorm_in_eval():
 
 
 def test_resolve_unfreeze_specs():
-    names = ["stem", "conv2_block1", "conv3_block1", "conv4_block1", "conv4_block2",
-             "conv5_block1", "conv5_block2", "head"]
+    names = [
+        "stem",
+        "conv2_block1",
+        "conv3_block1",
+        "conv4_block1",
+        "conv4_block2",
+        "conv5_block1",
+        "conv5_block2",
+        "head",
+    ]
     assert resolve_unfreeze("head", names) == 1
     assert resolve_unfreeze("conv5_block-1", names) == 2
     assert resolve_unfreeze("conv5", names) == 3

@@ -19,16 +19,22 @@ def test_synthetic_tree_has_mimic_layout_and_columns(synthetic_tree):
     meta = read_gz(synthetic_tree / "mimic-cxr-2.0.0-metadata.csv.gz")
     labels = read_gz(synthetic_tree / "mimic-cxr-2.0.0-chexpert.csv.gz")
     split = read_gz(synthetic_tree / "mimic-cxr-2.0.0-split.csv.gz")
-    assert list(meta.columns[:5]) == ["dicom_id", "subject_id", "study_id",
-                                      "PerformedProcedureStepDescription", "ViewPosition"]
+    assert list(meta.columns[:5]) == [
+        "dicom_id",
+        "subject_id",
+        "study_id",
+        "PerformedProcedureStepDescription",
+        "ViewPosition",
+    ]
     assert list(labels.columns[:4]) == ["subject_id", "study_id", "Atelectasis", "Cardiomegaly"]
     assert len(labels.columns) == 16
     assert list(split.columns) == ["dicom_id", "study_id", "subject_id", "split"]
     assert set(split["split"]) <= {"train", "validate", "test"}
     r = meta.iloc[0]
     s = str(r.subject_id)
-    assert (synthetic_tree / "files" / f"p{s[:2]}" / f"p{s}" / f"s{r.study_id}"
-            / f"{r.dicom_id}.dcm").exists()
+    assert (
+        synthetic_tree / "files" / f"p{s[:2]}" / f"p{s}" / f"s{r.study_id}" / f"{r.dicom_id}.dcm"
+    ).exists()
     assert labels.groupby("subject_id").size().max() > 1  # several studies per patient
     assert set(meta["ViewPosition"]) == {"PA", "AP", "LATERAL"}
     assert (labels["Edema"] == -1).any() and labels["Edema"].isna().any()
@@ -39,13 +45,17 @@ def test_synthetic_is_deterministic(tmp_path):
     a = write_synthetic_mimic(tmp_path / "a", spec, workers=1)
     b = write_synthetic_mimic(tmp_path / "b", spec, workers=1)
     for name in ("metadata", "chexpert", "split"):
-        pd.testing.assert_frame_equal(read_gz(a / f"mimic-cxr-2.0.0-{name}.csv.gz"),
-                                      read_gz(b / f"mimic-cxr-2.0.0-{name}.csv.gz"))
+        pd.testing.assert_frame_equal(
+            read_gz(a / f"mimic-cxr-2.0.0-{name}.csv.gz"),
+            read_gz(b / f"mimic-cxr-2.0.0-{name}.csv.gz"),
+        )
     fa = sorted(p.relative_to(a) for p in a.rglob("*.dcm"))
     assert fa == sorted(p.relative_to(b) for p in b.rglob("*.dcm"))
     import pydicom
-    np.testing.assert_array_equal(pydicom.dcmread(a / fa[0]).pixel_array,
-                                  pydicom.dcmread(b / fa[0]).pixel_array)
+
+    np.testing.assert_array_equal(
+        pydicom.dcmread(a / fa[0]).pixel_array, pydicom.dcmread(b / fa[0]).pixel_array
+    )
 
 
 def test_join_counts_match_an_independent_join(synthetic_tree):
@@ -69,8 +79,9 @@ def test_join_counts_match_an_independent_join(synthetic_tree):
 def test_prepare_writes_cache_and_resumes(prepared, synthetic_tree):
     df = read_manifest(prepared)
     assert len(df) > 50
-    assert {"image", "patient_id", "study_id", "view", "split", "Edema",
-            "Pleural Effusion"} <= set(df.columns)
+    assert {"image", "patient_id", "study_id", "view", "split", "Edema", "Pleural Effusion"} <= set(
+        df.columns
+    )
     with Image.open(prepared / df["image"].iloc[0]) as im:
         assert im.size == (32, 32) and im.mode == "L"
     again = prepare_mimic(synthetic_tree, prepared, size=32, workers=2)
@@ -93,8 +104,9 @@ def test_broken_dicom_is_reported_not_fatal(synthetic_tree, tmp_path):
 
 
 def test_leakage_and_bad_paths_are_refused():
-    df = pd.DataFrame({"image": ["a.png", "b.png"], "patient_id": ["1", "1"],
-                       "split": ["train", "test"]})
+    df = pd.DataFrame(
+        {"image": ["a.png", "b.png"], "patient_id": ["1", "1"], "split": ["train", "test"]}
+    )
     with pytest.raises(ManifestError, match="more than one split.*1"):
         validate_manifest(df)
     with pytest.raises(ManifestError, match="missing column"):

@@ -61,8 +61,12 @@ def _convert_one(args: tuple[str, str, int, str]) -> tuple[str, str | None, bool
 
 
 def build_cache(
-    sources: Sequence[Path], targets: Sequence[Path], size: int, mode: str = "voi",
-    workers: int | None = None, progress: Callable[[int, int], None] | None = None,
+    sources: Sequence[Path],
+    targets: Sequence[Path],
+    size: int,
+    mode: str = "voi",
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CacheResult:
     """Convert `sources[i]` → `targets[i]` in parallel; returns counts and failures."""
     jobs = [(str(s), str(t), size, mode) for s, t in zip(sources, targets)]

@@ -51,8 +51,9 @@ def _read_label_csv(root: Path, stem: str, needed: Sequence[str]) -> pd.DataFram
 def mimic_table(root: str | Path, views: Sequence[str] | None = FRONTAL_VIEWS) -> pd.DataFrame:
     """One row per image: the join of metadata, split and per-study labels (no images read)."""
     root = Path(root)
-    meta = _read_label_csv(root, "mimic-cxr-2.0.0-metadata",
-                           ["dicom_id", "subject_id", "study_id", "ViewPosition"])
+    meta = _read_label_csv(
+        root, "mimic-cxr-2.0.0-metadata", ["dicom_id", "subject_id", "study_id", "ViewPosition"]
+    )
     split = _read_label_csv(root, "mimic-cxr-2.0.0-split", ["dicom_id", "split"])
     labels = _read_label_csv(root, "mimic-cxr-2.0.0-chexpert", ["subject_id", "study_id"])
     df = meta.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner", validate="1:1")
@@ -60,8 +61,17 @@ def mimic_table(root: str | Path, views: Sequence[str] | None = FRONTAL_VIEWS) -
         df = df[df["ViewPosition"].astype(str).isin(views)]
     df = df.merge(labels, on=["subject_id", "study_id"], how="left", validate="m:1")
     sub = df["subject_id"].astype(str)
-    df["source"] = ("files/p" + sub.str[:2] + "/p" + sub + "/s" + df["study_id"].astype(str)
-                    + "/" + df["dicom_id"] + ".dcm")
+    df["source"] = (
+        "files/p"
+        + sub.str[:2]
+        + "/p"
+        + sub
+        + "/s"
+        + df["study_id"].astype(str)
+        + "/"
+        + df["dicom_id"]
+        + ".dcm"
+    )
     df["split"] = df["split"].map(_SPLIT_NAMES)
     findings = [f for f in CHEXPERT_FINDINGS if f in df.columns]
     out = pd.DataFrame({
@@ -77,8 +87,12 @@ def mimic_table(root: str | Path, views: Sequence[str] | None = FRONTAL_VIEWS) -
 
 
 def prepare_mimic(
-    root: str | Path, out: str | Path, size: int = 512, workers: int | None = None,
-    views: Sequence[str] | None = FRONTAL_VIEWS, intensity: str = "voi",
+    root: str | Path,
+    out: str | Path,
+    size: int = 512,
+    workers: int | None = None,
+    views: Sequence[str] | None = FRONTAL_VIEWS,
+    intensity: str = "voi",
     progress: Callable[[int, int], None] | None = None,
 ) -> PrepareReport:
     """Write `out/manifest.csv`, `out/images/*.png` and `out/failures.csv` from a download."""
@@ -95,9 +109,15 @@ def prepare_mimic(
     write_csv_atomic(res.failures, out / "failures.csv")
     write_csv_atomic(manifest, out / "manifest.csv")
     report = PrepareReport(
-        manifest=str(out / "manifest.csv"), images=len(manifest), converted=res.converted,
-        skipped=res.skipped, failures=len(res.failures), size=size, intensity=intensity,
-        views=tuple(views or ()), splits=manifest["split"].value_counts().to_dict(),
+        manifest=str(out / "manifest.csv"),
+        images=len(manifest),
+        converted=res.converted,
+        skipped=res.skipped,
+        failures=len(res.failures),
+        size=size,
+        intensity=intensity,
+        views=tuple(views or ()),
+        splits=manifest["split"].value_counts().to_dict(),
     )
     (out / "prepare.json").write_text(json.dumps({**asdict(report), "root": str(root)}, indent=2))
     return report

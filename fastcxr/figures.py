@@ -1,0 +1,361 @@
+"""The study's figures, from run records only. Each function returns a matplotlib Figure;
+`build_report` saves them and writes results.md. Nothing here calls plt.show().
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from fastcxr.evaluation import EvalConfig, evaluate, pairwise, table  # noqa: E402
+from fastcxr.runs import RunError, is_complete, load_run  # noqa: E402
+
+COLORS = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c"]
+
+
+def _test(pred: pd.DataFrame) -> pd.DataFrame:
+    return pred[pred["split"] == "test"] if "split" in pred.columns else pred
+
+
+def confusion_figure(preds: Mapping[str, pd.DataFrame], findings) -> Figure:
+    """Confusion matrices at threshold 0.5, one per formulation (rows) and finding (columns)."""
+    fig, axes = plt.subplots(
+        len(preds), len(findings), squeeze=False, figsize=(3.3 * len(findings), 3.0 * len(preds))
+    )
+    for r, (name, pred) in enumerate(preds.items()):
+        t = _test(pred)
+        for c, f in enumerate(findings):
+            y, p = t[f"y_{f}"].to_numpy(int), (t[f"p_{f}"].to_numpy() >= 0.5).astype(int)
+            cm = np.array([[((y == a) & (p == b)).sum() for b in (0, 1)] for a in (0, 1)])
+            ax = axes[r, c]
+            ax.imshow(cm, cmap="Blues", vmin=0)
+            for (i, j), v in np.ndenumerate(cm):
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=11,
+                    color="white" if v > cm.max() / 2 else "black",
+                )
+            ax.set_xticks([0, 1], ["pred 0", "pred 1"])
+            ax.set_yticks([0, 1], ["true 0", "true 1"])
+            ax.set_title(f"{name} — {f}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_figure(evals: Mapping[str, Mapping[str, dict]], findings) -> Figure:
+    """Accuracy at 0.5 per finding, one bar per formulation."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(findings), 3.6))
+    width = 0.8 / len(evals)
+    for i, (name, by_f) in enumerate(evals.items()):
+        vals = [by_f[f]["at_0.5"]["accuracy"] or 0 for f in findings]
+        xs = np.arange(len(findings)) + (i - (len(evals) - 1) / 2) * width
+        bars = ax.bar(xs, vals, width, label=name, color=COLORS[i % len(COLORS)])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_xticks(np.arange(len(findings)), findings)
+    ax.set_ylabel("accuracy (threshold 0.5)")
+    ax.set_ylim(0, 1.1)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(preds: Mapping[str, pd.DataFrame], evals, finding: str) -> Figure:
+    """ROC curves for one finding, one per formulation; AUC and its CI in the legend."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for i, (name, pred) in enumerate(preds.items()):
+        t = _test(pred)
+        e = evals[name][finding]
+        if e["auc"] is None:
+            continue
+        fpr, tpr, _ = roc_curve(t[f"y_{finding}"], t[f"p_{finding}"])
+        ci = e["auc_ci"]
+        label = f"{name}: AUC {e['auc']:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+        ax.plot(fpr, tpr, color=COLORS[i % len(COLORS)], lw=1.8, label=label)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set_xlabel("1 − specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"ROC — {finding}")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
+def epochs_time_figure(summaries: Mapping[str, dict]) -> Figure:
+    """Epochs trained against seconds per epoch, one point per formulation."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for i, (name, s) in enumerate(summaries.items()):
+        ax.scatter(
+            s["epochs"],
+            s["seconds_per_epoch"],
+            s=60,
+            color=COLORS[i % len(COLORS)],
+            label=f"{name}: {s['train_seconds']:.0f} s total",
+        )
+    ax.set_xlabel("epochs trained (networks added up)")
+    ax.set_ylabel("seconds per epoch")
+    ax.margins(0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_figure(evals, finding: str) -> Figure:
+    """Reliability diagram for one finding: observed rate against mean prediction per bin."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for i, (name, by_f) in enumerate(evals.items()):
+        e = by_f[finding]
+        bins = [b for b in e["calibration"] if b["n"]]
+        ax.plot(
+            [b["mean_pred"] for b in bins],
+            [b["observed"] for b in bins],
+            "o-",
+            color=COLORS[i % len(COLORS)],
+            ms=4,
+            label=f"{name}: ECE {e['ece']:.3f}, Brier {e['brier']:.3f}",
+        )
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"Calibration — {finding}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
+def ablation_figure(ablation: dict) -> Figure:
+    """Experiment I: validation loss and per-finding test AUC per unfreezing stage."""
+    st = ablation["stages"]
+    names = [s["name"] for s in st]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a1.plot(names, [s["valid_loss"] for s in st], "o-", color=COLORS[0])
+    a1.set_ylabel("best validation loss")
+    a1.set_title("validation loss per stage")
+    for i, f in enumerate(st[0]["findings"]):
+        a2.plot(
+            names,
+            [s["findings"][f]["auc"] or np.nan for s in st],
+            "o-",
+            color=COLORS[(i + 1) % len(COLORS)],
+            label=f,
+        )
+    a2.set_ylabel("test ROC AUC")
+    a2.set_title("test AUC per stage")
+    a2.legend(fontsize=8)
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: pd.DataFrame, title: str) -> Figure:
+    """Training curves: train and validation loss per epoch, stages shaded, per network."""
+    nets = list(history["network"].unique()) if "network" in history else [None]
+    fig, axes = plt.subplots(1, len(nets), squeeze=False, figsize=(4.8 * len(nets), 3.6))
+    for ax, net in zip(axes[0], nets):
+        h = history[history["network"] == net] if net is not None else history
+        x = np.arange(1, len(h) + 1)
+        ax.plot(x, h["train_loss"], "o-", ms=3, color=COLORS[0], label="train loss")
+        ax.plot(x, h["valid_loss"], "o-", ms=3, color=COLORS[1], label="valid loss")
+        for k, stage in enumerate(h["stage"].unique()):
+            lo = x[h["stage"].to_numpy() == stage].min() - 0.5
+            hi = x[h["stage"].to_numpy() == stage].max() + 0.5
+            ax.axvspan(lo, hi, color="grey", alpha=0.08 if k % 2 else 0.0)
+            ax.text(
+                (lo + hi) / 2,
+                1.0,
+                stage,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{title} {net or ''}".strip(), fontsize=10, pad=14)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# -- the report -----------------------------------------------------------------------------
+def _runs_of(path: Path) -> tuple[dict[str, Path], dict | None]:
+    """Formulation runs under `path` (a compare folder, or one run) and an ablation, if any."""
+    if (path / "compare.json").exists():
+        names = json.loads((path / "compare.json").read_text())["formulations"]
+        return {n: path / n for n in names}, None
+    if (path / "ablation.json").exists():
+        return {}, json.loads((path / "ablation.json").read_text())
+    if is_complete(path):
+        return {path.name: path}, None
+    raise RunError(f"{path}: not a complete run, compare or ablation folder")
+
+
+def build_report(run_dirs, out: str | Path, eval_cfg: EvalConfig = EvalConfig()) -> list[Path]:
+    """Save every figure the runs support into `out`, plus results.md; returns the files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, ablations = {}, []
+    for d in map(Path, run_dirs):
+        found, abl = _runs_of(d)
+        runs.update(found)
+        if abl:
+            ablations.append((d, abl))
+    written: list[Path] = []
+
+    def save(fig: Figure, name: str) -> None:
+        p = out / name
+        fig.savefig(p, dpi=130)
+        plt.close(fig)
+        written.append(p)
+
+    recs = {n: load_run(p) for n, p in runs.items()}
+    findings = next(iter(recs.values()))["config"]["train"]["findings"] if recs else []
+    evals = {n: evaluate(r["predictions"], findings, eval_cfg) for n, r in recs.items()}
+    if recs:
+        preds = {n: r["predictions"] for n, r in recs.items()}
+        summaries = {n: r["record"] for n, r in recs.items()}
+        save(confusion_figure(preds, findings), "confusion.png")
+        save(accuracy_figure(evals, findings), "accuracy.png")
+        for f in findings:
+            slug = f.lower().replace(" ", "_")
+            save(roc_figure(preds, evals, f), f"roc_{slug}.png")
+            save(calibration_figure(evals, f), f"calibration_{slug}.png")
+        save(epochs_time_figure(summaries), "epochs_vs_seconds.png")
+        for n, r in recs.items():
+            save(curves_figure(r["history"], n), f"curves_{n}.png")
+    for d, abl in ablations:
+        save(ablation_figure(abl), f"ablation_{d.name}.png")
+        save(curves_figure(load_run(d)["history"], "Experiment I"), f"curves_ablation_{d.name}.png")
+    md = results_markdown(
+        recs,
+        evals,
+        findings,
+        ablations,
+        pairwise({n: r["predictions"] for n, r in recs.items()}, findings) if len(recs) > 1 else [],
+        [p.name for p in written],
+    )
+    (out / "results.md").write_text(md)
+    written.append(out / "results.md")
+    return written
+
+
+def _f(v, d=3) -> str:
+    return "undefined" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"
+
+
+def results_markdown(recs, evals, findings, ablations, pairs, figures) -> str:
+    """results.md: the tables behind the figures, the policy, split sizes and the config."""
+    lines = ["# Results", ""]
+    template = Path(__file__).parent / "report_template.md"
+    if recs:
+        first = next(iter(recs.values()))
+        cfg = first["config"]
+        tc = cfg["train"]
+        data = cfg["data"]
+        lines += [template.read_text().strip(), "",
+                  "## Data and configuration", "",
+                  f"- manifest: `{data['manifest']}` (sha256 `{data['sha256'][:12]}…`)"
+                  + (" — **synthetic data**" if data.get("synthetic") else ""),
+                  f"- label policy: uncertain={tc['uncertain']}, blank={tc['blank']}",
+                  f"- split sizes (images after policy): {first['record'].get('split_sizes')}",
+                  f"- arch {tc['arch']}, {tc['size']}x{tc['size']}, batch {tc['batch_size']}, "
+                  f"pretrained={tc['pretrained']}, freeze style {tc['freeze_style']}, "
+                  f"seed {tc['seed']}",
+                  "- stages: " + ", ".join(f"{s['name']} ({s['unfreeze']})" for s in cfg["stages"]),
+                  "- software: " + ", ".join(f"{k} {v}" for k, v in cfg["environment"].items()
+                                             if v),
+                  "", "## Per finding (test set)", "",
+                  "AUC CI: " + next(iter(next(iter(evals.values())).values()))["auc_ci_method"]
+                  + "; threshold t chosen on the validation split and applied to test.",
+                  ""]  # fmt: skip
+        t = table(evals)
+        cols = [
+            "run",
+            "finding",
+            "n",
+            "auc",
+            "auc_lo",
+            "auc_hi",
+            "pr_auc",
+            "acc@0.5",
+            "threshold",
+            "acc@t",
+            "sens@t",
+            "spec@t",
+            "ppv@t",
+            "npv@t",
+            "f1@t",
+            "brier",
+            "ece",
+        ]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for _, r in t.iterrows():
+            lines.append(
+                "| "
+                + " | ".join(str(r[c]) if c in ("run", "finding", "n") else _f(r[c]) for c in cols)
+                + " |"
+            )
+        lines += [
+            "",
+            "## Training cost",
+            "",
+            "| run | epochs | s/epoch | train time (s) |",
+            "|---|---|---|---|",
+        ]
+        for n, r in recs.items():
+            s = r["record"]
+            lines.append(
+                f"| {n} | {s['epochs']} | {s['seconds_per_epoch']:.1f} | {s['train_seconds']:.0f} |"
+            )
+    if pairs:
+        lines += [
+            "",
+            "## Paired comparisons (DeLong's test, same test images)",
+            "",
+            "| a | b | finding | AUC a | AUC b | diff | 95% CI | p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for p in pairs:
+            ci = p["diff_ci"]
+            lines.append(
+                f"| {p['a']} | {p['b']} | {p['finding']} | {_f(p['auc_a'])} | "
+                f"{_f(p['auc_b'])} | {_f(p['auc_diff'])} | "
+                f"{_f(ci[0]) if ci else '–'} to {_f(ci[1]) if ci else '–'} | "
+                f"{_f(p['p_value'], 4)} |"
+            )
+    for d, abl in ablations:
+        lines += [
+            "",
+            f"## Experiment I — progressive unfreezing ({d.name})",
+            "",
+            "| stage | unfrozen groups | trainable params | epochs | valid loss | "
+            + " | ".join(f"{f} AUC" for f in abl["stages"][0]["findings"])
+            + " |",
+            "|---|---|---|---|---|" + "---|" * len(abl["stages"][0]["findings"]),
+        ]
+        for s in abl["stages"]:
+            star = " ★" if s["name"] == abl["best_stage"] else ""
+            lines.append(
+                f"| {s['name']}{star} | {len(s['unfrozen'])} | {s['trainable_params']:,} "
+                f"| {s['epochs']} | {s['valid_loss']:.4f} | "
+                + " | ".join(_f(m["auc"]) for m in s["findings"].values())
+                + " |"
+            )
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
