@@ -42,11 +42,11 @@ def finding_report(pred: pd.DataFrame, finding: str, cfg: EvalConfig = EvalConfi
         auc_ci = stats.delong_ci(y, s, cfg.level)
         method = "DeLong variance (images independent)"
     else:
-        auc_ci = stats.patient_bootstrap(
-            y, s, groups, stats.auc_rank, cfg.n_boot, cfg.seed, cfg.level
-        )
+        auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level)
         method = f"percentile bootstrap over patients ({cfg.n_boot} resamples)"
-    pr_ci = stats.patient_bootstrap(y, s, groups, stats.pr_auc, cfg.n_boot, cfg.seed, cfg.level)
+    pr_ci = stats.patient_bootstrap(
+        y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level
+    )
     if len(valid):
         t = stats.choose_threshold(
             valid[f"y_{finding}"], valid[f"p_{finding}"], cfg.threshold, cfg.target

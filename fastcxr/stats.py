@@ -92,27 +92,56 @@ def delong_test(y: np.ndarray, s1: np.ndarray, s2: np.ndarray, level: float = 0.
     }
 
 
+def bootstrap_weights(groups: Sequence, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) image multiplicities from resampling patients (clusters) with replacement."""
+    _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_pat = int(inverse.max()) + 1
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=n_boot)
+    return counts[:, inverse]
+
+
+def weighted_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC for each row of weights `w` (B, n); NaN where a class is absent."""
+    y = np.asarray(y).astype(bool)
+    levels, lvl = np.unique(np.asarray(s, float), return_inverse=True)
+    onehot = np.zeros((len(y), len(levels)))
+    onehot[np.arange(len(y)), lvl] = 1.0
+    wpos, wneg = (w * y) @ onehot, (w * ~y) @ onehot  # (B, L) weight per score level
+    below = np.cumsum(wneg, axis=1) - wneg  # negatives strictly below each level
+    num = (wpos * (below + 0.5 * wneg)).sum(1)
+    den = wpos.sum(1) * wneg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
 def patient_bootstrap(
     y: np.ndarray,
     s: np.ndarray,
     groups: Sequence,
-    stat,
+    stat: str = "auc",
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float] | None:
-    """Percentile CI of `stat(y, s)` resampling patients (clusters) with replacement."""
-    y, s = np.asarray(y), np.asarray(s, float)
-    codes, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(codes))]
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(codes), len(codes))])
-        if _two_classes(y[idx]):
-            v = stat(y[idx], s[idx])
-            if v is not None:
-                vals.append(v)
+    """Percentile CI of the ROC AUC (`stat="auc"`) or PR AUC (`"pr_auc"`), resampling
+    patients with replacement; resamples with one class are skipped."""
+    y, s = np.asarray(y).astype(int), np.asarray(s, float)
+    if not _two_classes(y):
+        return None
+    w = bootstrap_weights(groups, n_boot, seed)
+    if stat == "auc":
+        vals = weighted_auc(y, s, w)
+    elif stat == "pr_auc":
+        vals = np.array(
+            [
+                average_precision_score(y, s, sample_weight=wi) if (wi * y).sum() > 0 else np.nan
+                for wi in w
+            ]
+        )
+    else:
+        raise ValueError(f"unknown bootstrap statistic {stat!r}: auc or pr_auc")
+    vals = vals[~np.isnan(vals)]
     if len(vals) < n_boot / 2:
         return None
     a = (1 - level) / 2

@@ -83,6 +83,26 @@ def test_compare_json_shape(prepared, tmp_path):
         == out["formulations"]["multiclass"]["train_seconds"]
     )
     assert "skipped" in again.stderr
+    # statistics: CIs per finding and DeLong's test for each pair of formulations, per finding
+    assert len(out["pairs"]) == 3 * 2
+    for p in out["pairs"]:
+        assert {"a", "b", "finding", "auc_diff", "p_value"} <= set(p)
+    for f in out["formulations"]["multilabel"]["findings"].values():
+        assert f["auc"] is None or f["auc_ci"][0] <= f["auc"] <= f["auc_ci"][1]
+    # the report, from the records only
+    rep = run("report", run_dir, "--out", tmp_path / "fig")
+    assert rep.exit_code == 0, rep.output
+    pngs = {p.name for p in (tmp_path / "fig").glob("*.png")}
+    assert {
+        "confusion.png",
+        "accuracy.png",
+        "roc_edema.png",
+        "calibration_pleural_effusion.png",
+        "epochs_vs_seconds.png",
+        "curves_single.png",
+    } <= pngs
+    md = (tmp_path / "fig" / "results.md").read_text()
+    assert "Paired comparisons" in md and "uncertain=drop" in md
 
 
 def test_saved_weights_load_safely(prepared, tmp_path):
@@ -125,6 +145,8 @@ def test_ablation_table_and_json(prepared, tmp_path):
     params = [s["trainable_params"] for s in out["stages"]]
     assert params[0] < params[1] <= params[2] < params[3]  # resnet10: conv5 has one block
     assert out["stages"][0]["unfrozen"] == ["head"]
+    rep = run("report", tmp_path / "a", "--out", tmp_path / "fig")
+    assert rep.exit_code == 0 and (tmp_path / "fig" / "ablation_a.png").exists(), rep.output
     table = run("unfreeze-ablation", "--data", prepared, *TINY, "--runs", tmp_path, "--name", "a2")
     assert table.exit_code == 0 and "★" in table.stdout and "SYNTHETIC" not in table.stdout
 

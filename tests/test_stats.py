@@ -57,7 +57,7 @@ def test_delong_se_agrees_with_a_paired_bootstrap():
     y, a, b = data(n=400, seed=3)
     rng = np.random.default_rng(1)
     diffs = []
-    for _ in range(2000):
+    for _ in range(1000):
         i = rng.integers(0, len(y), len(y))
         if 0 < y[i].sum() < len(i):
             diffs.append(roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]))
@@ -68,15 +68,22 @@ def test_delong_se_agrees_with_a_paired_bootstrap():
 
 def test_patient_bootstrap_ci_covers_and_is_wider_with_clusters():
     y, a, _ = data(n=200, seed=5)
-    per_image = stats.patient_bootstrap(y, a, np.arange(200), stats.auc_rank, n_boot=500)
+    per_image = stats.patient_bootstrap(y, a, np.arange(200), "auc", n_boot=500)
     assert per_image[0] < roc_auc_score(y, a) < per_image[1]
     # duplicate every image for its patient: the same information, twice the images
     y2, a2 = np.repeat(y, 2), np.repeat(a, 2)
-    clustered = stats.patient_bootstrap(
-        y2, a2, np.repeat(np.arange(200), 2), stats.auc_rank, n_boot=500
-    )
-    naive = stats.patient_bootstrap(y2, a2, np.arange(400), stats.auc_rank, n_boot=500)
+    clustered = stats.patient_bootstrap(y2, a2, np.repeat(np.arange(200), 2), "auc", n_boot=500)
+    naive = stats.patient_bootstrap(y2, a2, np.arange(400), "auc", n_boot=500)
     assert clustered[1] - clustered[0] > 1.25 * (naive[1] - naive[0])
+
+
+def test_weighted_auc_equals_auc_of_the_repeated_sample():
+    y, a, _ = data(n=120, seed=9, ties=True)
+    w = stats.bootstrap_weights(np.arange(120) // 3, 20, seed=2)  # 3 images per patient
+    got = stats.weighted_auc(y, a, w)
+    for wi, g in zip(w, got):
+        idx = np.repeat(np.arange(120), wi)
+        assert g == pytest.approx(roc_auc_score(y[idx], a[idx]))
 
 
 def test_threshold_metrics_match_sklearn():
