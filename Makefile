@@ -26,7 +26,7 @@ ablation: install
 ## Report figures + results.md from the demo comparison (runs it first if absent).
 figures: install
 	test -f $(RUNS)/$(DEMO_RUN)/compare.json || $(FASTCXR) compare --name $(DEMO_RUN) --runs $(RUNS)
-	$(FASTCXR) report $(RUNS)/$(DEMO_RUN) --out reports/build
+	$(FASTCXR) report $(RUNS)/$(DEMO_RUN) --out reports/build --template reports/template.md
 
 test: install
 	$(PY) -m pytest -q -m "not gpu or gpu" tests

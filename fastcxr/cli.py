@@ -16,9 +16,6 @@ from rich.table import Table
 
 from fastcxr import __version__
 
-# fastai's import uses the deprecated torch.jit.script; not the user's concern.
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -30,8 +27,9 @@ prepare_app = typer.Typer(
 )
 app.add_typer(prepare_app, name="prepare")
 
-out = Console()
-err = Console(stderr=True)
+# Tables stay readable when piped or logged (rich would otherwise fall back to 80 columns).
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 # -- shared options -------------------------------------------------------------------------
 Data = Annotated[
@@ -83,8 +81,16 @@ FreezeStyle = Annotated[
 Findings = Annotated[
     str | None, typer.Option(help="Comma-separated findings (default: Edema,Pleural Effusion).")
 ]
-Uncertain = Annotated[str | None, typer.Option(help="Uncertain (-1) labels: drop|zeros|ones.")]
-Blank = Annotated[str | None, typer.Option(help="Blank labels: drop|zeros.")]
+Uncertain = Annotated[
+    str | None,
+    typer.Option(
+        help="Uncertain (-1) labels: drop|zeros|ones, then FINDING=CHOICE overrides, e.g. "
+        "'zeros,Edema=ones'."
+    ),
+]
+Blank = Annotated[
+    str | None, typer.Option(help="Blank labels: drop|zeros, with FINDING=CHOICE overrides.")
+]
 Seed = Annotated[int | None, typer.Option(help="Random seed.")]
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
 Name = Annotated[
@@ -474,6 +480,79 @@ def ablation_cmd(
     )
 
 
+@app.command("labels")
+def labels_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (or its folder).")],
+    findings: Findings = None,
+    uncertain: Uncertain = "drop",
+    blank: Blank = "drop",
+    json_out: Json = False,
+) -> None:
+    """Label composition under a policy: combinations per split (the study's Table 2) and
+    each finding's raw 1/0/-1/blank counts."""
+    from fastcxr.findings import STUDY_FINDINGS, LabelPolicy, canonical_findings, composition
+    from fastcxr.manifest import read_manifest
+
+    with _library_errors():
+        fs = canonical_findings(findings.split(",")) if findings else STUDY_FINDINGS
+        policy = LabelPolicy.parse(uncertain or "drop", blank or "drop")
+        result = composition(read_manifest(manifest), fs, policy)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    t = Table(title=f"Label combinations ({', '.join(fs)}) under {policy.describe()}")
+    t.add_column("split")
+    combos = list(next(iter(result["splits"].values()))["combinations"])
+    for c in combos:
+        t.add_column(f"({c})", justify="right")
+    t.add_column("kept / images", justify="right")
+    for split, r in result["splits"].items():
+        t.add_row(
+            split, *[str(r["combinations"][c]) for c in combos], f"{r['kept']} / {r['images']}"
+        )
+    out.print(t)
+    ft = Table(title="Raw labels per finding")
+    for c in ("split", "finding", "1", "0", "-1", "blank"):
+        ft.add_column(c, justify="left" if c in ("split", "finding") else "right")
+    for split, r in result["splits"].items():
+        for f, counts in r["findings"].items():
+            ft.add_row(split, f, *[str(counts[k]) for k in ("1", "0", "-1", "blank")])
+    out.print(ft)
+
+
+@app.command("bench-prepare")
+def bench_prepare_cmd(
+    n: Annotated[int, typer.Option("--n", help="MIMIC-sized DICOMs to convert.")] = 8,
+    size: Annotated[int, typer.Option(help="Cache image size.")] = 512,
+    json_out: Json = False,
+) -> None:
+    """DICOM → cache conversion speed per core, against a plain pydicom + PIL baseline
+    measured in the same run, and the projected time for all of MIMIC-CXR."""
+    from fastcxr.bench import bench_prepare
+
+    with _library_errors():
+        r = bench_prepare(n, size)
+    if json_out:
+        print(json.dumps(r, indent=2))
+        return
+    t = Table(
+        title=f"Conversion of {r['rows']}x{r['cols']} {r['bits_stored']}-bit DICOMs to "
+        f"{size}x{size} PNG (one process)"
+    )
+    t.add_column("")
+    t.add_column("images/s per core", justify="right")
+    t.add_row(
+        "baseline: pydicom + LUTs + float rescale + PIL resize + PNG",
+        f"{r['baseline_images_per_s_per_core']:.2f}",
+    )
+    t.add_row("fastcxr", f"{r['fastcxr_images_per_s_per_core']:.2f}")
+    out.print(t)
+    out.print(
+        f"fastcxr / baseline = {r['ratio']:.2f}x; all of MIMIC-CXR (377,110 images) on 16 "
+        f"cores ≈ {r['mimic_minutes_on_16_cores']:.0f} min at this rate"
+    )
+
+
 @app.command("report")
 def report_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="compare, ablation or run folders.")],
@@ -487,6 +566,9 @@ def report_cmd(
         str,
         typer.Option(help="Threshold chosen on validation: youden, sensitivity or specificity."),
     ] = "youden",
+    template: Annotated[
+        Path | None, typer.Option(help="Write-up template (Markdown) that opens results.md.")
+    ] = None,
     target: Annotated[
         float | None, typer.Option(help="Target for sensitivity/specificity.")
     ] = None,
@@ -497,10 +579,79 @@ def report_cmd(
 
     with _library_errors():
         files = build_report(
-            run_dirs, out_dir, EvalConfig(ci=ci, threshold=threshold, target=target)
+            run_dirs, out_dir, EvalConfig(ci=ci, threshold=threshold, target=target), template
         )
     for f in files:
         out.print(f"wrote {f}")
+
+
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run (train, or compare/NAME).")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="DICOM/PNG/JPG files, folders (recursive) or a manifest CSV."),
+    ],
+    out_csv: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path(
+        "predictions.csv"
+    ),
+    cam: Annotated[
+        Path | None,
+        typer.Option("--cam", help="Folder for Grad-CAM overlays (one PNG per image and finding)."),
+    ] = None,
+    export_dir: Annotated[
+        Path | None,
+        typer.Option("--export", help="Also export the model (torch.export .pt2 + export.json)."),
+    ] = None,
+    batch_size: BatchSize = 64,
+    json_out: Json = False,
+) -> None:
+    """Predict findings for new radiographs with a trained run; unreadable files are listed."""
+    from rich.progress import BarColumn, Progress, TimeRemainingColumn
+
+    from fastcxr.predict import Predictor, collect_inputs, export, predict, write_cams
+    from fastcxr.runs import write_csv
+
+    with (
+        _library_errors(),
+        Progress(
+            *Progress.get_default_columns()[:-1],
+            BarColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as bar,
+    ):
+        pred = Predictor.load(run_dir)
+        files = collect_inputs(paths)
+        task = bar.add_task("predicting", total=len(files))
+        df, fails = predict(
+            pred, files, batch_size or 64, progress=lambda i, n: bar.update(task, completed=i)
+        )
+        write_csv(out_csv, df)
+        if len(fails):
+            write_csv(out_csv.with_name(out_csv.stem + "_failures.csv"), fails)
+        cams = write_cams(pred, [Path(f) for f in df["file"]], cam) if cam else []
+        exported = export(pred, export_dir) if export_dir else []
+    summary = {
+        "predicted": len(df),
+        "failed": len(fails),
+        "csv": str(out_csv),
+        "failures": fails.to_dict("records"),
+        "cams": len(cams),
+        "exported": [str(p) for p in exported],
+        "device": str(pred.device),
+    }
+    if json_out:
+        print(json.dumps(summary, indent=2))
+        return
+    out.print(f"predicted {len(df)} image(s) on {pred.device} → {out_csv}")
+    for r in summary["failures"]:
+        err.print(f"[yellow]could not read[/] {r['file']}: {r['reason']}")
+    if cams:
+        out.print(f"wrote {len(cams)} Grad-CAM overlays to {cam}")
+    if exported:
+        out.print(f"exported to {export_dir}")
 
 
 @prepare_app.command("synthetic")
@@ -525,32 +676,35 @@ def prepare_synthetic(
     out.print(f"wrote {n} DICOMs and the three label files under {out_dir} (synthetic)")
 
 
-@prepare_app.command("mimic")
-def prepare_mimic_cmd(
-    root: Annotated[Path, typer.Argument(help="MIMIC-CXR root (files/ + the label CSVs).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder (manifest + cache).")],
-    size: Annotated[int, typer.Option(help="Cache image size.")] = 512,
-    workers: Workers = None,
-    views: Annotated[
-        str,
-        typer.Option(help="ViewPosition values to keep (comma-separated; 'all' for every view)."),
-    ] = "PA,AP",
-    intensity: Annotated[
-        str,
-        typer.Option(
-            help="voi (DICOM window/VOI LUT) or mimic-jpg (min-max + histogram equalisation)."
-        ),
-    ] = "voi",
-    json_out: Json = False,
-) -> None:
-    """Join MIMIC-CXR's label files to its images; write manifest.csv and an 8-bit cache."""
+PrepViews = Annotated[
+    str, typer.Option(help="Views to keep (comma-separated; 'all' for every view).")
+]
+PrepSize = Annotated[int, typer.Option(help="Cache image size.")]
+PrepOut = Annotated[Path, typer.Option("--out", help="Output folder (manifest + cache).")]
+Shard = Annotated[
+    str | None,
+    typer.Option(
+        help="I/N: convert only shard I of N (cluster array jobs); run once more without it to "
+        "verify and write the manifest."
+    ),
+]
+ManifestOnly = Annotated[
+    bool,
+    typer.Option(
+        "--manifest-only", help="Write the manifest from the label files alone; convert nothing."
+    ),
+]
+
+
+def _views(views: str) -> tuple[str, ...] | None:
+    return None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(","))
+
+
+def _run_prepare(fn, json_out: bool, out_dir: Path, **kwargs) -> None:
     from dataclasses import asdict
 
     from rich.progress import BarColumn, Progress, TimeRemainingColumn
 
-    from fastcxr.prepare.mimic import prepare_mimic
-
-    keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(","))
     with (
         _library_errors(),
         Progress(
@@ -562,19 +716,13 @@ def prepare_mimic_cmd(
         ) as bar,
     ):
         task = bar.add_task("converting", total=None)
-        report = prepare_mimic(
-            root,
-            out_dir,
-            size=size,
-            workers=workers,
-            views=keep,
-            intensity=intensity,
-            progress=lambda i, n: bar.update(task, completed=i, total=n),
+        report = fn(
+            out=out_dir, progress=lambda i, n: bar.update(task, completed=i, total=n), **kwargs
         )
     if json_out:
         print(json.dumps(asdict(report), indent=2))
         return
-    t = Table(title=f"prepared {root} → {out_dir}")
+    t = Table(title=f"prepared {kwargs['root']} → {out_dir}")
     t.add_column("")
     t.add_column("", justify="right")
     for k in ("images", "converted", "skipped", "failures"):
@@ -584,9 +732,123 @@ def prepare_mimic_cmd(
     out.print(t)
     if report.failures:
         err.print(
-            f"[yellow]{report.failures} file(s) could not be read: see "
-            f"{out_dir / 'failures.csv'}[/]"
+            f"[yellow]{report.failures} file(s) could not be read: see {out_dir}/failures*.csv[/]"
         )
+    if report.manifest is None:
+        err.print("shard done; run again without --shard to write the manifest")
+
+
+@prepare_app.command("mimic")
+def prepare_mimic_cmd(
+    root: Annotated[Path, typer.Argument(help="MIMIC-CXR root (files/ + the label CSVs).")],
+    out_dir: PrepOut,
+    size: PrepSize = 512,
+    workers: Workers = None,
+    views: PrepViews = "PA,AP",
+    intensity: Annotated[
+        str,
+        typer.Option(
+            help="voi (DICOM window/VOI LUT) or mimic-jpg (min-max + histogram equalisation)."
+        ),
+    ] = "voi",
+    labels: Annotated[str, typer.Option(help="Labeller: chexpert or negbio.")] = "chexpert",
+    list_files: Annotated[
+        Path | None,
+        typer.Option(
+            "--list-files", help="Write the image files this subset needs (to download only those)."
+        ),
+    ] = None,
+    shard: Shard = None,
+    manifest_only: ManifestOnly = False,
+    json_out: Json = False,
+) -> None:
+    """MIMIC-CXR (DICOM or JPG release): join the label files to the images; write
+    manifest.csv, an 8-bit cache and failures.csv."""
+    from fastcxr.prepare.mimic import prepare_mimic
+
+    _run_prepare(
+        prepare_mimic,
+        json_out,
+        out_dir,
+        root=root,
+        size=size,
+        workers=workers,
+        views=_views(views),
+        intensity=intensity,
+        labels=labels,
+        shard=shard,
+        manifest_only=manifest_only,
+        list_files=list_files,
+    )
+
+
+@prepare_app.command("chexpert")
+def prepare_chexpert_cmd(
+    root: Annotated[Path, typer.Argument(help="CheXpert folder (train.csv, valid.csv, train/).")],
+    out_dir: PrepOut,
+    size: PrepSize = 512,
+    workers: Workers = None,
+    views: PrepViews = "PA,AP",
+    test_fraction: Annotated[
+        float, typer.Option(help="Share of training patients held out as the test split.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the patient-grouped test split.")] = 0,
+    shard: Shard = None,
+    manifest_only: ManifestOnly = False,
+    json_out: Json = False,
+) -> None:
+    """CheXpert: official valid stays valid; test carved from train by patient."""
+    from fastcxr.prepare.chexpert import prepare_chexpert
+
+    _run_prepare(
+        prepare_chexpert,
+        json_out,
+        out_dir,
+        root=root,
+        size=size,
+        workers=workers,
+        views=_views(views),
+        test_fraction=test_fraction,
+        seed=seed,
+        shard=shard,
+        manifest_only=manifest_only,
+    )
+
+
+@prepare_app.command("nih")
+def prepare_nih_cmd(
+    root: Annotated[
+        Path,
+        typer.Argument(help="ChestX-ray14 folder (Data_Entry_2017*.csv, test_list.txt, images*/)."),
+    ],
+    out_dir: PrepOut,
+    size: PrepSize = 512,
+    workers: Workers = None,
+    views: PrepViews = "PA,AP",
+    valid_fraction: Annotated[
+        float, typer.Option(help="Share of train_val patients held out for validation.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the patient-grouped validation split.")] = 0,
+    shard: Shard = None,
+    manifest_only: ManifestOnly = False,
+    json_out: Json = False,
+) -> None:
+    """NIH ChestX-ray14: official test list; validation carved from train_val by patient."""
+    from fastcxr.prepare.nih import prepare_nih
+
+    _run_prepare(
+        prepare_nih,
+        json_out,
+        out_dir,
+        root=root,
+        size=size,
+        workers=workers,
+        views=_views(views),
+        valid_fraction=valid_fraction,
+        seed=seed,
+        shard=shard,
+        manifest_only=manifest_only,
+    )
 
 
 def main() -> None:  # pragma: no cover

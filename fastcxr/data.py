@@ -53,7 +53,7 @@ class NetworkData:
 
 def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataFrame:
     """Rows usable under the run's label policy, findings as 0/1, split sizes checked."""
-    df = LabelPolicy(cfg.uncertain, cfg.blank).apply(manifest, findings)
+    df = LabelPolicy.parse(cfg.uncertain, cfg.blank).apply(manifest, findings)
     for split in ("train", "valid", "test"):
         if not (df["split"] == split).any():
             raise DataError(

@@ -51,7 +51,7 @@ def read_dicom(path: str | Path, *, mode: str = "voi", size: int | None = None) 
     if mode not in INTENSITY_MODES:
         raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
     try:
-        img = display_voi(arr, ds) if mode == "voi" else display_mimic_jpg(arr, ds)
+        img = to_display(arr, ds, mode)
     except Exception as e:  # e.g. a VOI LUT or window tag that cannot be applied
         raise DicomError(f"{path}: cannot apply display tags ({type(e).__name__}: {e})") from e
     return resize_u8(img, size) if size else img
@@ -149,6 +149,29 @@ def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return None
 
 
+def to_display(arr: np.ndarray, ds: pydicom.Dataset, mode: str = "voi") -> np.ndarray:
+    """`display_voi` / `display_mimic_jpg`, computed once per stored value as a lookup table.
+
+    Every step before equalisation maps one stored value to one display value, so the table
+    (at most 2^16 entries for 12–16-bit data) gives the very same pixels as the per-pixel
+    float pipeline at a fraction of the cost on a 3000x2500 radiograph.
+    """
+    fn = display_voi if mode == "voi" else _mimic_scale
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if arr.dtype.kind in "iu" and hi - lo <= 1 << 16 and "ModalityLUTSequence" not in ds:
+        img = fn(np.arange(lo, hi + 1, dtype=np.int64), ds)[arr.astype(np.int64) - lo]
+    else:
+        img = fn(arr, ds)
+    return equalize_hist(img) if mode == "mimic-jpg" else img
+
+
+def _mimic_scale(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    img = np.rint(_scale01(arr, float(arr.min()), float(arr.max())) * 255).astype(np.uint8)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        img = 255 - img
+    return img
+
+
 def display_voi(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Stored values → uint8 via Modality LUT, VOI LUT/window and MONOCHROME1 inversion."""
     values = apply_modality_lut(arr, ds)
@@ -166,10 +189,7 @@ def display_voi(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 
 def display_mimic_jpg(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """The MIMIC-CXR-JPG conversion: min-max → 0..255, MONOCHROME1 inverted, equalised."""
-    img = np.rint(_scale01(arr, float(arr.min()), float(arr.max())) * 255).astype(np.uint8)
-    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
-        img = 255 - img
-    return equalize_hist(img)
+    return equalize_hist(_mimic_scale(arr, ds))
 
 
 def _scale01(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -206,8 +206,16 @@ def _runs_of(path: Path) -> tuple[dict[str, Path], dict | None]:
     raise RunError(f"{path}: not a complete run, compare or ablation folder")
 
 
-def build_report(run_dirs, out: str | Path, eval_cfg: EvalConfig = EvalConfig()) -> list[Path]:
-    """Save every figure the runs support into `out`, plus results.md; returns the files."""
+def build_report(
+    run_dirs,
+    out: str | Path,
+    eval_cfg: EvalConfig = EvalConfig(),
+    template: str | Path | None = None,
+) -> list[Path]:
+    """Save every figure the runs support into `out`, plus results.md; returns the files.
+
+    `template` is a Markdown write-up whose text opens results.md (e.g. reports/template.md).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs, ablations = {}, []
@@ -242,7 +250,9 @@ def build_report(run_dirs, out: str | Path, eval_cfg: EvalConfig = EvalConfig())
     for d, abl in ablations:
         save(ablation_figure(abl), f"ablation_{d.name}.png")
         save(curves_figure(load_run(d)["history"], "Experiment I"), f"curves_ablation_{d.name}.png")
+    intro = Path(template).read_text().strip() if template else ""
     md = results_markdown(
+        intro,
         recs,
         evals,
         findings,
@@ -259,16 +269,15 @@ def _f(v, d=3) -> str:
     return "undefined" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"
 
 
-def results_markdown(recs, evals, findings, ablations, pairs, figures) -> str:
+def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) -> str:
     """results.md: the tables behind the figures, the policy, split sizes and the config."""
     lines = ["# Results", ""]
-    template = Path(__file__).parent / "report_template.md"
     if recs:
         first = next(iter(recs.values()))
         cfg = first["config"]
         tc = cfg["train"]
         data = cfg["data"]
-        lines += [template.read_text().strip(), "",
+        lines += [intro, "",
                   "## Data and configuration", "",
                   f"- manifest: `{data['manifest']}` (sha256 `{data['sha256'][:12]}…`)"
                   + (" — **synthetic data**" if data.get("synthetic") else ""),

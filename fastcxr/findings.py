@@ -18,6 +18,10 @@ CHEXPERT_FINDINGS = (
     "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
     "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
 )  # fmt: skip
+# Findings NIH ChestX-ray14 labels that the CheXpert labeller does not.
+NIH_ONLY_FINDINGS = ("Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis",
+                     "Pleural Thickening", "Hernia")  # fmt: skip
+ALL_FINDINGS = CHEXPERT_FINDINGS + NIH_ONLY_FINDINGS
 STUDY_FINDINGS = ("Edema", "Pleural Effusion")  # the study's two findings, in its order
 
 # Other spellings users and datasets use (lower-case) → the canonical name.
@@ -27,6 +31,7 @@ _ALIASES = {
     "pulmonary oedema": "Edema",
     "effusion": "Pleural Effusion",  # NIH ChestX-ray14's name
     "pleural effusion": "Pleural Effusion",
+    "pleural_thickening": "Pleural Thickening",
 }
 
 UNCERTAIN_CHOICES = ("drop", "zeros", "ones")
@@ -36,12 +41,12 @@ BLANK_CHOICES = ("drop", "zeros")
 def canonical_finding(name: str) -> str:
     """Map a finding name or alias onto the shared vocabulary; unknown names raise."""
     key = name.strip().lower()
-    for f in CHEXPERT_FINDINGS:
+    for f in ALL_FINDINGS:
         if f.lower() == key:
             return f
     if key in _ALIASES:
         return _ALIASES[key]
-    raise ValueError(f"unknown finding {name!r}; known: {', '.join(CHEXPERT_FINDINGS)}")
+    raise ValueError(f"unknown finding {name!r}; known: {', '.join(ALL_FINDINGS)}")
 
 
 def canonical_findings(names: Sequence[str]) -> tuple[str, ...]:
@@ -72,6 +77,26 @@ class LabelPolicy:
                 raise ValueError(f"uncertain policy for {f} must be one of {UNCERTAIN_CHOICES}")
             if b not in BLANK_CHOICES:
                 raise ValueError(f"blank policy for {f} must be one of {BLANK_CHOICES}")
+
+    @classmethod
+    def parse(cls, uncertain: str = "drop", blank: str = "drop") -> LabelPolicy:
+        """From option strings: a default, then FINDING=CHOICE overrides, comma-separated,
+        e.g. ``--uncertain "zeros,Edema=ones"`` (U-Zeros, but U-Ones for Edema)."""
+
+        def split(text: str, what: str) -> tuple[str, dict[str, str]]:
+            default, per = "drop", {}
+            for tok in (t.strip() for t in text.split(",") if t.strip()):
+                if "=" in tok:
+                    f, _, v = tok.partition("=")
+                    per[canonical_finding(f)] = v.strip()
+                else:
+                    default = tok
+            return default, per
+
+        u, per_u = split(uncertain, "uncertain")
+        b, per_b = split(blank, "blank")
+        per = {f: (per_u.get(f, u), per_b.get(f, b)) for f in {*per_u, *per_b}}
+        return cls(u, b, per)
 
     def for_finding(self, finding: str) -> tuple[str, str]:
         return self.per_finding.get(finding, (self.uncertain, self.blank))
@@ -111,3 +136,42 @@ class LabelPolicy:
         s = f"uncertain={self.uncertain}, blank={self.blank}"
         extra = ", ".join(f"{f}: uncertain={u} blank={b}" for f, (u, b) in self.per_finding.items())
         return f"{s}; {extra}" if extra else s
+
+
+def composition(df: pd.DataFrame, findings: Sequence[str], policy: LabelPolicy) -> dict:
+    """Per split: how many images hold each label combination under `policy` (the study's
+    Table 2; keys like "0,1" in the order of `findings`), and each finding's raw counts."""
+    kept = policy.apply(df, findings)
+    out: dict = {"splits": {}}
+    splits = [s for s in ("train", "valid", "test") if s in set(df["split"])]
+    splits += sorted(set(df["split"]) - set(splits))
+    for split in splits:
+        raw = df[df["split"] == split]
+        k = kept[kept["split"] == split]
+        combos = k.groupby(list(findings)).size() if len(k) else pd.Series(dtype=int)
+        out["splits"][split] = {
+            "images": int(len(raw)),
+            "kept": int(len(k)),
+            "combinations": {
+                ",".join(str(b) for b in bits): int(
+                    combos.get(bits if len(bits) > 1 else bits[0], 0)
+                )
+                for bits in _all_bits(len(findings))
+            },
+            "findings": {f: _raw_counts(raw[f]) for f in findings},
+        }
+    return out
+
+
+def _all_bits(k: int) -> list[tuple[int, ...]]:
+    return [tuple((c >> (k - 1 - i)) & 1 for i in range(k)) for c in range(2**k)]
+
+
+def _raw_counts(col: pd.Series) -> dict[str, int]:
+    v = pd.to_numeric(col, errors="coerce")
+    return {
+        "1": int((v == 1).sum()),
+        "0": int((v == 0).sum()),
+        "-1": int((v == -1).sum()),
+        "blank": int(v.isna().sum()),
+    }

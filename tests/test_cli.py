@@ -227,7 +227,7 @@ def test_every_command_has_help_and_is_in_the_readme():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     commands = [c.name or c.callback.__name__ for c in app.registered_commands]
     assert {"compare", "train", "unfreeze-ablation"} <= set(commands)
-    for c in commands + ["prepare synthetic", "prepare mimic"]:
+    for c in commands + [f"prepare {d}" for d in ("synthetic", "mimic", "chexpert", "nih")]:
         res = runner.invoke(app, [*c.split(), "--help"])
         assert res.exit_code == 0 and len(res.stdout) > 100, c
         assert re.search(rf"fastcxr {c}\b", readme), f"README does not show `fastcxr {c}`"

@@ -168,3 +168,24 @@ def test_pydicom_bundled_files_read_or_fail_cleanly():
     assert ct.shape == (128, 128) and ct.std() > 10
     with pytest.raises(DicomError, match="colour"):
         read_dicom(BUNDLED / "SC_rgb_jpeg.dcm")
+
+
+@pytest.mark.parametrize("mode", ["voi", "mimic-jpg"])
+def test_lookup_table_path_equals_the_per_pixel_pipeline(tmp_path, mode):
+    from fastcxr.dicom import display_mimic_jpg, display_voi, stored_values, to_display
+
+    rng = np.random.default_rng(0)
+    px = rng.integers(100, 3900, (40, 30)).astype(np.uint16)
+    cases = [
+        dict(WindowCenter=2000, WindowWidth=1500),
+        dict(RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=1500, WindowWidth=3000),
+        dict(),
+    ]
+    for i, tags in enumerate(cases):
+        for photometric in ("MONOCHROME1", "MONOCHROME2"):
+            ds = pydicom.dcmread(
+                make_dicom(tmp_path / f"{i}{photometric}.dcm", px, photometric, **tags)
+            )
+            arr = stored_values(ds.pixel_array, ds)
+            ref = display_voi(arr, ds) if mode == "voi" else display_mimic_jpg(arr, ds)
+            np.testing.assert_array_equal(to_display(arr, ds, mode), ref)

@@ -70,3 +70,11 @@ def test_aliases():
     assert canonical_findings(["edema", "Pleural Effusion"]) == ("Edema", "Pleural Effusion")
     with pytest.raises(ValueError, match="unknown finding"):
         canonical_finding("Dragon")
+
+
+def test_policy_option_strings():
+    pol = LabelPolicy.parse("zeros,Pulmonary Edema=ones", "drop")
+    assert pol.uncertain == "zeros" and pol.for_finding("Edema") == ("ones", "drop")
+    assert pol.for_finding("Pleural Effusion") == ("zeros", "drop")
+    with pytest.raises(ValueError, match="uncertain policy"):
+        LabelPolicy.parse("Edema=maybe")

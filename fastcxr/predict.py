@@ -1,0 +1,282 @@
+"""Apply a trained run to new radiographs, explain with Grad-CAM, export without fastai.
+
+Preprocessing is exactly what the run recorded (its weights' sidecar): DICOM display pipeline
+and intensity mode, squash to size x size (the cache's resize), 1 channel, normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+from fastcxr.dicom import DicomError, read_dicom, resize_u8
+from fastcxr.formulations import powerset_bits
+from fastcxr.models import build_model, load_state_dict
+from fastcxr.runs import RunError, is_complete
+
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+
+
+class ProbabilityModel(nn.Module):
+    """Network + normalisation + activation: uint8-range (B, 1, H, W) → (B, k) probabilities.
+
+    For the label-powerset formulation the outputs are the per-finding marginals.
+    """
+
+    def __init__(self, net: nn.Module, formulation: str, k: int, mean: float, std: float):
+        super().__init__()
+        self.net, self.formulation = net, formulation
+        self.register_buffer("mean", torch.tensor(mean * 255.0))
+        self.register_buffer("std", torch.tensor(std * 255.0))
+        bits = torch.tensor(powerset_bits(k), dtype=torch.float32)
+        self.register_buffer("bits", bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net((x - self.mean) / self.std)
+        if self.formulation == "multiclass":
+            return torch.softmax(logits.float(), dim=1) @ self.bits
+        return torch.sigmoid(logits.float())
+
+
+@dataclass
+class LoadedNetwork:
+    findings: tuple[str, ...]
+    model: ProbabilityModel
+    sidecar: dict
+
+
+@dataclass
+class Predictor:
+    """All networks of a run; together they give one probability per finding."""
+
+    run_dir: Path
+    findings: tuple[str, ...]
+    networks: list[LoadedNetwork]
+    size: int
+    intensity: str
+    thresholds: dict[str, float]
+    device: torch.device
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
+        run_dir = Path(run_dir)
+        if not is_complete(run_dir):
+            raise RunError(f"{run_dir}: not a complete run (no complete record.json)")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cfg = json.loads((run_dir / "config.json").read_text())
+        findings = tuple(cfg["train"]["findings"])
+        nets = []
+        for p in sorted(run_dir.glob("model-*.pth")):
+            side = json.loads(p.with_suffix(".json").read_text())
+            net = build_model(side["arch"], side["n_out"])
+            net.load_state_dict(load_state_dict(p))
+            pre = side["preprocessing"]
+            pm = ProbabilityModel(
+                net, side["formulation"], len(side["findings"]), pre["mean"], pre["std"]
+            )
+            nets.append(LoadedNetwork(tuple(side["findings"]), pm.to(device).eval(), side))
+        if not nets:
+            raise RunError(f"{run_dir}: no model-*.pth weights")
+        pre = nets[0].sidecar["preprocessing"]
+        thresholds = {f: 0.5 for f in findings}
+        for n in nets:
+            thresholds.update(n.sidecar.get("thresholds", {}))
+        return cls(
+            run_dir, findings, nets, pre["size"], pre.get("intensity", "voi"), thresholds, device
+        )
+
+    def load_image(self, path: Path) -> np.ndarray:
+        """A file as the uint8 size x size array the network was trained on."""
+        if path.suffix.lower() in (".dcm", ".dicom"):
+            return read_dicom(path, mode=self.intensity, size=self.size)
+        try:
+            with Image.open(path) as im:
+                return resize_u8(np.asarray(im.convert("L")), self.size)
+        except (OSError, ValueError) as e:
+            raise DicomError(f"{path}: cannot read image ({e})") from e
+
+    @torch.no_grad()
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(B, H, W) uint8 → (B, k) per-finding probabilities."""
+        x = torch.from_numpy(batch).float().unsqueeze(1).to(self.device)
+        out = np.zeros((len(batch), len(self.findings)))
+        for n in self.networks:
+            cols = [self.findings.index(f) for f in n.findings]
+            out[:, cols] = n.model(x).cpu().numpy()
+        return out
+
+
+def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files, folders (recursive) and manifests → image paths, in a stable order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.suffix.lower() == ".csv":
+            df = pd.read_csv(p, dtype={"image": str})
+            if "image" not in df.columns:
+                raise ValueError(f"{p}: a manifest needs an 'image' column")
+            out += [p.parent / i for i in df["image"]]
+        else:
+            out.append(p)
+    return out
+
+
+def predict(
+    pred: Predictor,
+    files: Iterable[Path],
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predictions (file, p_<finding>, pred_<finding>) and failures (file, reason)."""
+    files = list(files)
+    rows, fails, batch, names = [], [], [], []
+
+    def flush():
+        if batch:
+            probs = pred.probabilities(np.stack(batch))
+            for name, p in zip(names, probs):
+                row = {"file": str(name)}
+                for f, v in zip(pred.findings, p):
+                    row[f"p_{f}"] = float(v)
+                    row[f"pred_{f}"] = int(v >= pred.thresholds[f])
+                rows.append(row)
+            batch.clear()
+            names.clear()
+
+    for i, f in enumerate(files, 1):
+        try:
+            batch.append(pred.load_image(f))
+            names.append(f)
+        except (DicomError, FileNotFoundError, ValueError) as e:
+            fails.append({"file": str(f), "reason": str(e)})
+        if len(batch) >= batch_size:
+            flush()
+        if progress:
+            progress(i, len(files))
+    flush()
+    cols = ["file"] + [c for f in pred.findings for c in (f"p_{f}", f"pred_{f}")]
+    return pd.DataFrame(rows, columns=cols), pd.DataFrame(fails, columns=["file", "reason"])
+
+
+# -- Grad-CAM -------------------------------------------------------------------------------
+def grad_cam(pm: ProbabilityModel, image: np.ndarray, index: int, device=None) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017) of output `index` (a finding's probability; for the
+    powerset, its marginal) at the backbone's last block; (H, W) in 0..1."""
+    device = device or next(pm.parameters()).device
+    feats = {}
+    target = pm.net[0][-1]  # last block of the body
+    h1 = target.register_forward_hook(lambda m, i, o: feats.__setitem__("a", o))
+    try:
+        x = torch.from_numpy(image).float()[None, None].to(device)
+        with torch.enable_grad():
+            x.requires_grad_(False)
+            prob = pm(x)[0, index]
+            a = feats["a"]
+            (grad,) = torch.autograd.grad(prob, a)
+    finally:
+        h1.remove()
+    w = grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((w * a).sum(1, keepdim=True))
+    cam = nn.functional.interpolate(cam, size=image.shape, mode="bilinear", align_corners=False)
+    cam = cam[0, 0].detach().cpu().numpy()
+    return cam / cam.max() if cam.max() > 0 else cam
+
+
+def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path, title: str) -> None:
+    """The radiograph in gray with the heatmap over it (jet, 40%), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4.3))
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_cams(pred: Predictor, files: Iterable[Path], out: Path) -> list[Path]:
+    """One overlay PNG per readable image and finding: OUT/<stem>__<finding>.png."""
+    written = []
+    for f in files:
+        try:
+            img = pred.load_image(Path(f))
+        except (DicomError, FileNotFoundError, ValueError):
+            continue
+        probs = pred.probabilities(img[None])[0]
+        for n in pred.networks:
+            for j, finding in enumerate(n.findings):
+                cam = grad_cam(n.model, img, j)
+                p = out / f"{Path(f).stem}__{finding.lower().replace(' ', '_')}.png"
+                k = pred.findings.index(finding)
+                save_overlay(img, cam, p, f"{Path(f).name}\n{finding}: p = {probs[k]:.3f}")
+                written.append(p)
+    return written
+
+
+# -- export ---------------------------------------------------------------------------------
+def export(pred: Predictor, out: Path) -> list[Path]:
+    """Each network as a `torch.export` program (.pt2: uint8-range input → probabilities)
+    plus `export.json` with the findings, preprocessing and thresholds; no fastai needed."""
+    out.mkdir(parents=True, exist_ok=True)
+    written, nets = [], []
+    example = torch.zeros(2, 1, pred.size, pred.size, device=pred.device)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    for n in pred.networks:
+        name = "+".join(f.lower().replace(" ", "_") for f in n.findings)
+        ep = torch.export.export(n.model, (example,), dynamic_shapes=({0: batch},))
+        p = out / f"{name}.pt2"
+        torch.export.save(ep, p)
+        written.append(p)
+        nets.append(
+            {"file": p.name, "findings": list(n.findings), "formulation": n.sidecar["formulation"]}
+        )
+    meta = {"format": "fastcxr-export-1", "findings": list(pred.findings), "networks": nets,
+            "input": "float tensor (B, 1, size, size) of 8-bit display values 0..255",
+            "preprocessing": {"size": pred.size, "intensity": pred.intensity,
+                              "resize": "squish, Lanczos", "dicom": "fastcxr.dicom.read_dicom"},
+            "thresholds": pred.thresholds}  # fmt: skip
+    (out / "export.json").write_text(json.dumps(meta, indent=2))
+    return [*written, out / "export.json"]
+
+
+def load_exported(folder: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function (B, 1, H, W) 0..255 → (B, k) probabilities from an `export` folder."""
+    meta = json.loads((folder / "export.json").read_text())
+    progs = [
+        (torch.export.load(folder / n["file"]).module(), n["findings"]) for n in meta["networks"]
+    ]
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        out = np.zeros((len(x), len(meta["findings"])))
+        for prog, fs in progs:
+            cols = [meta["findings"].index(f) for f in fs]
+            out[:, cols] = prog(x).detach().cpu().numpy()
+        return out
+
+    return run
+
+
+__all__ = [
+    "Predictor",
+    "collect_inputs",
+    "export",
+    "grad_cam",
+    "load_exported",
+    "predict",
+    "write_cams",
+]

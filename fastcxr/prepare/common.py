@@ -1,0 +1,116 @@
+"""What every dataset's preparation shares: patient-grouped splits, sharding, and turning an
+image table into manifest.csv + cache + failures.csv."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fastcxr.manifest import validate_manifest
+from fastcxr.prepare.cache import build_cache, write_csv_atomic
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    manifest: str | None
+    images: int
+    converted: int
+    skipped: int
+    failures: int
+    size: int
+    intensity: str
+    views: tuple[str, ...]
+    splits: dict[str, int]
+    shard: str | None = None
+    manifest_only: bool = False
+
+
+def patient_fraction(patient: str, seed: int) -> float:
+    """A patient's fixed position in [0, 1): adding patients never moves the others."""
+    h = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def carve_split(
+    patients: pd.Series, fractions: Mapping[str, float], rest: str, seed: int
+) -> pd.Series:
+    """Assign whole patients to splits: `fractions` of patients to each named split, the rest
+    to `rest`. Deterministic for a seed; grouped, so no patient spans two splits."""
+    u = patients.astype(str).map(lambda p: patient_fraction(p, seed))
+    out = pd.Series(rest, index=patients.index, dtype=object)
+    lo = 0.0
+    for split, frac in fractions.items():
+        out[(u >= lo) & (u < lo + frac)] = split
+        lo += frac
+    return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`I/N` (0 ≤ I < N) → (I, N)."""
+    if not text:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/8), not {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def finish(
+    table: pd.DataFrame,
+    root: Path,
+    out: Path,
+    size: int,
+    intensity: str,
+    views: Sequence[str] | None,
+    workers: int | None = None,
+    shard: str | None = None,
+    manifest_only: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    extra: Mapping | None = None,
+) -> PrepareReport:
+    """Convert `table.source` (relative to `root`) into `out/<table.image>`; write the manifest.
+
+    With `shard` only every N-th image (offset I) is converted and no manifest is written: run
+    once more without it to verify the shards' work and write the manifest. With
+    `manifest_only` nothing is converted.
+    """
+    if table.empty:
+        raise ValueError(f"{root}: no images left after reading the label files (views={views})")
+    validate_manifest(table, out / "manifest.csv")
+    sh = parse_shard(shard)
+    failures = pd.DataFrame(columns=["file", "reason"])
+    converted = skipped = 0
+    if not manifest_only:
+        todo = table if sh is None else table.iloc[sh[0] :: sh[1]]
+        sources = [root / s for s in todo["source"]]
+        res = build_cache(
+            sources, [out / p for p in todo["image"]], size, intensity, workers, progress
+        )
+        converted, skipped, failures = res.converted, res.skipped, res.failures
+    suffix = "" if sh is None else f".shard-{sh[0]}-of-{sh[1]}"
+    write_csv_atomic(failures, out / f"failures{suffix}.csv")
+    failed = set(failures["file"])
+    manifest = table[[str(root / s) not in failed for s in table["source"]]]
+    manifest = manifest.reset_index(drop=True)
+    path = None
+    if sh is None:
+        path = out / "manifest.csv"
+        write_csv_atomic(manifest, path)
+    report = PrepareReport(
+        manifest=str(path) if path else None, images=len(manifest), converted=converted,
+        skipped=skipped, failures=len(failures), size=size, intensity=intensity,
+        views=tuple(views or ()), splits=manifest["split"].value_counts().to_dict(),
+        shard=shard, manifest_only=manifest_only,
+    )  # fmt: skip
+    if sh is None:
+        info = {**asdict(report), "root": str(root), **(extra or {})}
+        (out / "prepare.json").write_text(json.dumps(info, indent=2))
+    return report

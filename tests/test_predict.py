@@ -1,0 +1,107 @@
+"""`fastcxr predict`: same numbers as the run record, broken files reported, CAMs, export."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastcxr.cli import app
+from fastcxr.predict import Predictor, grad_cam, load_exported
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--formulation",
+            "multiclass",
+            "--data",
+            str(prepared),
+            "--arch",
+            "resnet10",
+            "--size",
+            "32",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "1",
+            "--stages",
+            "all",
+            "--workers",
+            "0",
+            "--runs",
+            str(runs),
+            "--name",
+            "mc",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    return runs / "mc"
+
+
+def test_predict_on_dicoms_matches_the_run_record(trained, prepared, synthetic_tree, tmp_path):
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    rec = pd.read_csv(trained / "predictions.csv")
+    test = rec[rec["split"] == "test"].merge(manifest[["image", "source"]], on="image")
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    for src in test["source"]:
+        shutil.copy(synthetic_tree / src, folder)
+    shutil.copy(synthetic_tree / test["source"].iloc[0], folder / "broken.dcm")
+    (folder / "broken.dcm").write_bytes((folder / "broken.dcm").read_bytes()[:300])
+    out = tmp_path / "p.csv"
+    res = runner.invoke(app, ["predict", str(trained), str(folder), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["predicted"] == len(test) and summary["failed"] == 1
+    assert summary["failures"][0]["file"].endswith("broken.dcm")
+    got = pd.read_csv(out)
+    got["dicom"] = got["file"].str.rsplit("/", n=1).str[-1]
+    test["dicom"] = test["source"].str.rsplit("/", n=1).str[-1]
+    m = test.merge(got, on="dicom", suffixes=("_rec", ""))
+    assert len(m) == len(test)
+    for f in ("Edema", "Pleural Effusion"):
+        np.testing.assert_allclose(m[f"p_{f}"], m[f"p_{f}_rec"], atol=1e-4)
+        assert (m[f"pred_{f}"] == (m[f"p_{f}"] >= 0.5)).all()
+
+
+def test_cam_and_export(trained, prepared, tmp_path):
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    one = prepared / manifest["image"].iloc[0]
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            str(trained),
+            str(one),
+            "--out",
+            str(tmp_path / "o.csv"),
+            "--cam",
+            str(tmp_path / "cam"),
+            "--export",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "cam").glob("*.png"))) == 2  # one per finding
+    pred = Predictor.load(trained, device="cpu")
+    img = pred.load_image(one)
+    cam = grad_cam(pred.networks[0].model, img, 0)
+    assert cam.shape == img.shape and 0 <= cam.min() and cam.max() <= 1
+    run = load_exported(tmp_path / "x")
+    x = torch.from_numpy(np.stack([img, img[::-1].copy()])).float()[:, None]
+    np.testing.assert_allclose(run(x), pred.probabilities(np.stack([img, img[::-1]])), atol=1e-5)
+
+
+def test_incomplete_run_is_refused(tmp_path):
+    res = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path)])
+    assert res.exit_code == 2 and "not a complete run" in res.stderr
