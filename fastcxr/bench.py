@@ -53,11 +53,13 @@ def baseline_convert(src: Path, dst: Path, size: int) -> None:
     Image.fromarray((v * 255).astype(np.uint8)).resize((size, size)).save(dst)
 
 
-def bench_prepare(n: int = 8, size: int = 512, repeats: int = 2) -> dict:
+def bench_prepare(
+    n: int = 8, size: int = 512, repeats: int = 2, rows: int = 3050, cols: int = 2539
+) -> dict:
     """Images per second per core: baseline vs fastcxr's converter, one process each."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        srcs = write_mimic_sized(tmp, n)
+        srcs = write_mimic_sized(tmp, n, rows, cols)
         shape = pydicom.dcmread(srcs[0], stop_before_pixels=True)
 
         def timed(fn) -> float:
