@@ -67,8 +67,8 @@ def accuracy_figure(evals: Mapping[str, Mapping[str, dict]], findings) -> Figure
         ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
     ax.set_xticks(np.arange(len(findings)), findings)
     ax.set_ylabel("accuracy (threshold 0.5)")
-    ax.set_ylim(0, 1.1)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, 1.22)
+    ax.legend(loc="upper center", ncol=len(evals), fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -109,6 +109,8 @@ def epochs_time_figure(summaries: Mapping[str, dict]) -> Figure:
     ax.set_xlabel("epochs trained (networks added up)")
     ax.set_ylabel("seconds per epoch")
     ax.margins(0.25)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -116,7 +118,7 @@ def epochs_time_figure(summaries: Mapping[str, dict]) -> Figure:
 
 def calibration_figure(evals, finding: str) -> Figure:
     """Reliability diagram for one finding: observed rate against mean prediction per bin."""
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    fig, ax = plt.subplots(figsize=(4.6, 5.4))
     for i, (name, by_f) in enumerate(evals.items()):
         e = by_f[finding]
         bins = [b for b in e["calibration"] if b["n"]]
@@ -131,8 +133,8 @@ def calibration_figure(evals, finding: str) -> Figure:
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed frequency")
-    ax.set_title(f"Calibration — {finding}")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Calibration — {finding} (marker area ∝ images)", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     ax.set_aspect("equal")
     fig.tight_layout()
     return fig

@@ -168,22 +168,31 @@ def predict(
 
 
 # -- Grad-CAM -------------------------------------------------------------------------------
-def grad_cam(pm: ProbabilityModel, image: np.ndarray, index: int, device=None) -> np.ndarray:
+def grad_cam(
+    pm: ProbabilityModel, image: np.ndarray, index: int, device=None, min_side: int = 7
+) -> np.ndarray:
     """Grad-CAM (Selvaraju et al. 2017) of output `index` (a finding's probability; for the
-    powerset, its marginal) at the backbone's last block; (H, W) in 0..1."""
+    powerset, its marginal); (H, W) in 0..1.
+
+    The map comes from the backbone's last stage (1/32 of the image: 16x16 at 512 px), or
+    from the stage before it when the last one is smaller than `min_side` (small images).
+    """
     device = device or next(pm.parameters()).device
-    feats = {}
-    target = pm.net[0][-1]  # last block of the body
-    h1 = target.register_forward_hook(lambda m, i, o: feats.__setitem__("a", o))
+    body = pm.net[0]
+    stages = [body[-1], body[-2]] if len(body) == 8 else [body[-1]]  # ResNet: layer4, layer3
+    feats: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: feats.append(o)) for m in stages]
     try:
-        x = torch.from_numpy(image).float()[None, None].to(device)
+        x = torch.from_numpy(np.ascontiguousarray(image)).float()[None, None].to(device)
         with torch.enable_grad():
-            x.requires_grad_(False)
             prob = pm(x)[0, index]
-            a = feats["a"]
+            # hooks fire in forward order: feats = [layer3, layer4] for a ResNet
+            acts = feats[::-1]
+            a = next((t for t in acts if min(t.shape[-2:]) >= min_side), acts[-1])
             (grad,) = torch.autograd.grad(prob, a)
     finally:
-        h1.remove()
+        for h in hooks:
+            h.remove()
     w = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((w * a).sum(1, keepdim=True))
     cam = nn.functional.interpolate(cam, size=image.shape, mode="bilinear", align_corners=False)

@@ -114,3 +114,26 @@ def test_leakage_and_bad_paths_are_refused():
     df2 = df.assign(patient_id=["1", "2"], image=["a.png", "../../etc/passwd"])
     with pytest.raises(ManifestError, match="row 3"):
         validate_manifest(df2)
+
+
+def test_jpg_release_is_detected(synthetic_tree, tmp_path):
+    """MIMIC-CXR-JPG: same CSVs, files/…/*.jpg instead of .dcm."""
+    import shutil
+
+    from fastcxr.dicom import read_dicom
+
+    root = tmp_path / "jpg"
+    root.mkdir()
+    for name in ("metadata", "chexpert", "split"):
+        shutil.copy(synthetic_tree / f"mimic-cxr-2.0.0-{name}.csv.gz", root)
+    for dcm in synthetic_tree.glob("files/**/*.dcm"):
+        dst = root / dcm.relative_to(synthetic_tree).with_suffix(".jpg")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(read_dicom(dcm, mode="mimic-jpg")).save(dst, quality=95)
+    t = mimic_table(root)
+    assert t["source"].str.endswith(".jpg").all()
+    rep = prepare_mimic(root, tmp_path / "out", size=16, workers=1)
+    assert rep.failures == 0 and rep.images == len(t)
+    lst = tmp_path / "needed.txt"
+    prepare_mimic(root, tmp_path / "out2", size=16, manifest_only=True, list_files=lst)
+    assert lst.read_text().split() == t["source"].tolist()
