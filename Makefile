@@ -29,7 +29,7 @@ figures: install
 	$(FASTCXR) report $(RUNS)/$(DEMO_RUN) --out reports/build --template reports/template.md
 
 test: install
-	$(PY) -m pytest -q -m "not gpu or gpu" tests
+	$(PY) -m pytest -q tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
