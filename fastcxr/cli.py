@@ -52,6 +52,9 @@ Arch = Annotated[
 Size = Annotated[int | None, typer.Option(help="Image size (square).")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Batch size.")]
 Epochs = Annotated[int | None, typer.Option("--epochs", help="Max epochs per stage.")]
+Patience = Annotated[
+    int | None, typer.Option(help="Epochs without a better validation loss before a stage stops.")
+]
 Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate of the head.")]
 Stages = Annotated[
     str | None,
@@ -99,6 +102,14 @@ Name = Annotated[
 ]
 Runs = Annotated[Path, typer.Option(help="Folder that holds run records.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run --name from its last checkpoint (after a crash, a "
+        "kill or SIGTERM); finished networks, stages and epochs are not repeated.",
+    ),
+]
 
 
 def _fail(msg: str) -> None:
@@ -156,6 +167,11 @@ def _logger(quiet: bool):
             )
         elif ev.get("event") == "network":
             err.print(f"[bold]{ev['formulation']}[/]: training network {ev['network']}")
+        elif ev.get("event") == "resume":
+            err.print(
+                f"[bold]{ev['formulation']}[/]: resuming network {ev['network']} at stage "
+                f"{ev['stage']} ({ev['epochs_done']} epochs already done)"
+            )
         elif ev.get("event") == "skip":
             err.print(f"[bold]{ev['formulation']}[/]: skipped ({ev['reason']})")
         elif ev.get("event") == "data":
@@ -167,15 +183,27 @@ def _logger(quiet: bool):
 @contextlib.contextmanager
 def _library_errors():
     """Turn the library's errors into a clean exit; keep stdout for the result only."""
+    import signal
+
     from fastcxr.data import DataError
     from fastcxr.dicom import DicomError
     from fastcxr.manifest import ManifestError
     from fastcxr.runs import RunError
+    from fastcxr.schedule import Interrupted
+    from fastcxr.study import STOP
 
+    def on_sigterm(signum, frame):  # clusters send SIGTERM before they kill a job
+        err.print("[yellow]SIGTERM: stopping after the next checkpoint…[/]")
+        STOP.set()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
+    except Interrupted as e:
+        err.print(f"[yellow]{e}; continue with the same --name and --resume[/]")
+        raise typer.Exit(143) from None
     except (
         DataError,
         DicomError,
@@ -186,6 +214,14 @@ def _library_errors():
         FileNotFoundError,
     ) as e:
         _fail(str(e).strip("'\""))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_resume(resume: bool, name: str | None) -> bool:
+    if resume and not name:
+        raise ValueError("--resume needs the --name of the run to continue")
+    return resume
 
 
 def _run_name(name: str | None, command: str, preset: str) -> str:
@@ -219,6 +255,7 @@ def compare_cmd(
     size: Size = None,
     batch_size: BatchSize = None,
     epochs: Epochs = None,
+    patience: Patience = None,
     lr: Lr = None,
     stages: Stages = None,
     weights: Weights = None,
@@ -233,6 +270,7 @@ def compare_cmd(
         str, typer.Option(help="Comma-separated formulations.")
     ] = "single,multilabel,multiclass",
     name: Name = None,
+    resume: Resume = False,
     runs: Runs = Path("runs"),
     json_out: Json = False,
 ) -> None:
@@ -246,6 +284,7 @@ def compare_cmd(
             size=size,
             batch_size=batch_size,
             epochs=epochs,
+            patience=patience,
             lr=lr,
             stages=stages,
             weights=weights,
@@ -260,7 +299,10 @@ def compare_cmd(
         forms = tuple(f.strip() for f in formulations.split(",") if f.strip())
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
-        result = compare(ds, cfg, runs / _run_name(name, "compare", cfg.preset), forms, log)
+        _check_resume(resume, name)
+        result = compare(
+            ds, cfg, runs / _run_name(name, "compare", cfg.preset), forms, log, resume=resume
+        )
     if json_out:
         print(json.dumps(result, indent=2))
         return
@@ -312,6 +354,7 @@ def train_cmd(
     size: Size = None,
     batch_size: BatchSize = None,
     epochs: Epochs = None,
+    patience: Patience = None,
     lr: Lr = None,
     stages: Stages = None,
     weights: Weights = None,
@@ -323,6 +366,7 @@ def train_cmd(
     seed: Seed = None,
     workers: Workers = None,
     name: Name = None,
+    resume: Resume = False,
     runs: Runs = Path("runs"),
     json_out: Json = False,
 ) -> None:
@@ -336,6 +380,7 @@ def train_cmd(
             size=size,
             batch_size=batch_size,
             epochs=epochs,
+            patience=patience,
             lr=lr,
             stages=stages,
             weights=weights,
@@ -350,7 +395,8 @@ def train_cmd(
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
         run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
-        result = train_formulation(ds, formulation, cfg, run_dir, log)
+        _check_resume(resume, name)
+        result = train_formulation(ds, formulation, cfg, run_dir, log, resume=resume)
         result["run_dir"], result["synthetic"] = str(run_dir), ds.synthetic
     if json_out:
         print(json.dumps(result, indent=2))
@@ -376,6 +422,7 @@ def ablation_cmd(
     size: Size = None,
     batch_size: BatchSize = None,
     epochs: Epochs = None,
+    patience: Patience = None,
     lr: Lr = None,
     stages: Stages = None,
     weights: Weights = None,
@@ -394,6 +441,7 @@ def ablation_cmd(
         ),
     ] = False,
     name: Name = None,
+    resume: Resume = False,
     runs: Runs = Path("runs"),
     json_out: Json = False,
 ) -> None:
@@ -407,6 +455,7 @@ def ablation_cmd(
             size=size,
             batch_size=batch_size,
             epochs=epochs,
+            patience=patience,
             lr=lr,
             stages=stages,
             weights=weights,
@@ -424,7 +473,12 @@ def ablation_cmd(
             log = _logger(json_out)
             ds = _dataset(data, cfg, log)
             result = unfreeze_ablation(
-                ds, cfg, runs / _run_name(name, "ablation", cfg.preset), formulation, log
+                ds,
+                cfg,
+                runs / _run_name(name, "ablation", cfg.preset),
+                formulation,
+                log,
+                resume=_check_resume(resume, name),
             )
     if json_out:
         print(json.dumps(result, indent=2))

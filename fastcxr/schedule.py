@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
 from fastai.learner import Learner, Recorder
+from fastcore.foundation import L
 from torch import nn
 
 from fastcxr.config import Stage, TrainConfig
@@ -44,16 +45,26 @@ class FrozenBNEval(Callback):
 
 
 class RestoreBest(TrackerCallback):
-    """Keep the best epoch's weights in memory; load them when the stage ends."""
+    """Keep the best epoch's weights in memory; load them when the stage ends.
+
+    `offset` and `initial` (best, best_epoch, best_state) continue a resumed stage.
+    """
+
+    def __init__(self, monitor="valid_loss", offset: int = 0, initial: tuple | None = None):
+        super().__init__(monitor=monitor)
+        self.offset, self.initial = offset, initial
+        self.best, self.best_epoch, self.best_state = initial or (float("inf"), None, None)
 
     def before_fit(self):
         super().before_fit()
         self.best_state, self.best_epoch = None, None
+        if self.initial is not None:
+            self.best, self.best_epoch, self.best_state = self.initial
 
     def after_epoch(self):
         super().after_epoch()
         if self.new_best:
-            self.best_epoch = self.epoch
+            self.best_epoch = self.offset + self.epoch
             self.best_state = copy.deepcopy(
                 {k: v.detach().cpu() for k, v in self.learn.model.state_dict().items()}
             )
@@ -63,13 +74,49 @@ class RestoreBest(TrackerCallback):
             self.learn.model.load_state_dict(self.best_state)
 
 
+class Interrupted(Exception):
+    """Training stopped on request (SIGTERM) after writing a checkpoint."""
+
+
+class ResumableEarlyStopping(EarlyStoppingCallback):
+    """fastai's early stopping that can start from a saved (best, wait) and calls
+    `on_epoch_end` after each epoch's decision (to write a checkpoint) before stopping."""
+
+    def __init__(
+        self,
+        patience: int,
+        initial: tuple | None = None,
+        on_epoch_end: Callable[[bool], None] | None = None,
+    ):
+        super().__init__(monitor="valid_loss", patience=patience)
+        self.initial, self.on_epoch_end = initial, on_epoch_end
+
+    def before_fit(self):
+        super().before_fit()
+        if self.initial is not None:
+            self.best, self.wait = self.initial
+
+    def after_epoch(self):
+        stop = False
+        try:
+            super().after_epoch()
+        except CancelFitException:
+            stop = True
+        if self.on_epoch_end:
+            self.on_epoch_end(stop)
+        if stop:
+            raise CancelFitException
+
+
 class History(Callback):
     """Per-epoch record: stage, losses and seconds (train and whole epoch)."""
 
     order = Recorder.order + 1
 
-    def __init__(self, stage: str, rows: list[dict], log: Callable[[dict], None] | None):
-        self.stage, self.rows, self.log = stage, rows, log
+    def __init__(
+        self, stage: str, rows: list[dict], log: Callable[[dict], None] | None, offset: int = 0
+    ):
+        self.stage, self.rows, self.log, self.offset = stage, rows, log, offset
 
     def before_epoch(self):
         self.t0 = time.perf_counter()
@@ -84,7 +131,7 @@ class History(Callback):
         vals = self.learn.recorder.values[-1] if self.learn.recorder.values else [np.nan] * 2
         row = {
             "stage": self.stage,
-            "epoch": self.epoch + 1,
+            "epoch": self.offset + self.epoch + 1,
             "train_loss": float(vals[0]),
             "valid_loss": float(vals[1]),
             "train_seconds": self.train_seconds,
@@ -131,28 +178,54 @@ def run_stage(
     cfg: TrainConfig,
     history: list[dict],
     log: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> StageResult:
+    """Fit one stage. `resume` (from a checkpoint) continues it after its last finished epoch;
+    `checkpoint` receives the stage's state after every epoch."""
     unfrozen = apply_stage(learn, stage)
     trainable = count_params(learn.model)
-    cbs = [
-        RestoreBest(monitor="valid_loss"),
-        EarlyStoppingCallback(monitor="valid_loss", patience=cfg.patience),
-        History(stage.name, history, log),
-    ]
+    done = resume["epochs_done"] if resume else 0
+    restore = RestoreBest(offset=done, initial=resume["restore"] if resume else None)
+    hist = History(stage.name, history, log, offset=done)
+    start = len(history) - done
+
+    def on_epoch_end(stopping: bool) -> None:
+        if checkpoint:
+            checkpoint(
+                {
+                    "epochs_done": done + hist.epoch + 1,
+                    "stopping": stopping,
+                    "restore": (restore.best, restore.best_epoch, restore.best_state),
+                    "early_stop": (early.best, early.wait),
+                }
+            )
+
+    early = ResumableEarlyStopping(
+        cfg.patience, resume["early_stop"] if resume else None, on_epoch_end
+    )
+    cbs = [restore, early, hist]
     if cfg.freeze_style == "keras":
         cbs.append(FrozenBNEval())
-    start = len(history)
     lrs = stage_lrs(learn, len(unfrozen), stage.lr, cfg.lr_ratio)
-    learn.fit(stage.max_epochs, lr=lrs, wd=cfg.weight_decay, cbs=cbs)
+    remaining = 0 if resume and resume.get("stopping") else stage.max_epochs - done
+    if resume and resume.get("opt"):
+        learn.opt.set_hypers(lr=lrs)
+        learn.opt.load_state_dict(
+            {"state": resume["opt"]["state"], "hypers": L(resume["opt"]["hypers"])}
+        )
+    if remaining > 0:
+        learn.fit(remaining, lr=lrs, wd=cfg.weight_decay, cbs=cbs)
+    elif restore.initial and restore.initial[2] is not None:
+        learn.model.load_state_dict(restore.initial[2])
     rows = history[start:]
-    best = cbs[0]
     return StageResult(
         stage=stage,
         unfrozen=unfrozen,
         trainable_params=trainable,
         epochs=len(rows),
-        best_epoch=None if best.best_epoch is None else best.best_epoch + 1,
-        valid_loss=float(best.best) if best.best_epoch is not None else float("nan"),
+        best_epoch=None if restore.best_epoch is None else restore.best_epoch + 1,
+        valid_loss=float(restore.best) if restore.best_epoch is not None else float("nan"),
         train_seconds=sum(r["train_seconds"] for r in rows),
         seconds=sum(r["seconds"] for r in rows),
     )

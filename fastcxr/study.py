@@ -7,6 +7,9 @@ print. `log` receives one dict per event (epoch finished, network started) for p
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
@@ -29,6 +33,7 @@ from fastcxr.manifest import file_sha256, read_manifest
 from fastcxr.metrics import all_metrics
 from fastcxr.models import TorchvisionArch, block_splitter, build_model
 from fastcxr.runs import (
+    RunError,
     environment,
     is_complete,
     load_run,
@@ -37,7 +42,7 @@ from fastcxr.runs import (
     write_csv,
     write_json,
 )
-from fastcxr.schedule import StageResult, plan, run_stage
+from fastcxr.schedule import Interrupted, StageResult, plan, run_stage
 
 Log = Callable[[dict], None]
 
@@ -134,8 +139,14 @@ def train_formulation(
     run_dir: str | Path,
     log: Log | None = None,
     stages: tuple[Stage, ...] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train `formulation` through the schedule; write its run record; return its summary.
+
+    A checkpoint is written after every epoch and stage; with `resume` an interrupted run
+    continues from its last one (finished networks, stages and epochs are not repeated).
+    Setting `STOP` (the CLI does on SIGTERM) ends training with `Interrupted` right after the
+    next checkpoint.
 
     With several networks (the `single` formulation), each is trained in turn and epochs and
     time are added up, as the study counts two binary networks together.
@@ -153,30 +164,121 @@ def train_formulation(
     history, networks = [], []
     t_start = time.perf_counter()
     for net in form.networks(findings):
+        cols = _columns(findings, net)
+        ckpt = run_dir / "checkpoints" / f"{net.name}.pt"
+        state = _load_checkpoint(ckpt) if resume else None
+        if state and state["complete"]:
+            _restore_network(state, stage_probs, valid_probs, cols)
+            history += state["history"]
+            networks.append(state["summary"])
+            if log:
+                log(
+                    {
+                        "event": "skip",
+                        "formulation": form.name,
+                        "reason": f"network {net.name} finished before the interruption",
+                    }
+                )
+            continue
         if log:
             log({"event": "network", "formulation": form.name, "network": net.name})
         set_seed(cfg.seed, reproducible=True)
         nd = network_data(df, data.root, form, net, cfg)
         learn = make_learner(nd, form, net, cfg)
-        cols = _columns(findings, net)
         results, net_hist = [], []
-        for st in stages:
-            r = run_stage(learn, st, cfg, net_hist, log)
+        first = 0
+        if state:
+            first = state["stage_index"]
+            learn.model.load_state_dict(state["model"])
+            _restore_network(state, stage_probs, valid_probs, cols)
+            results = [
+                StageResult(**{**r, "stage": stages[i]}) for i, r in enumerate(state["results"])
+            ]
+            net_hist = list(state["history"])
+            _set_rng(state["rng"])
+            if log:
+                log(
+                    {
+                        "event": "resume",
+                        "formulation": form.name,
+                        "network": net.name,
+                        "stage": stages[min(first, len(stages) - 1)].name,
+                        "epochs_done": len(net_hist),
+                    }
+                )
+        for si in range(first, len(stages)):
+            st = stages[si]
+
+            def save(
+                stage_state,
+                si=si,
+                ckpt=ckpt,
+                learn=learn,
+                results=results,
+                net_hist=net_hist,
+                cols=cols,
+            ):
+                _save_checkpoint(
+                    ckpt,
+                    learn,
+                    si,
+                    stage_state,
+                    results,
+                    net_hist,
+                    stage_probs,
+                    valid_probs,
+                    cols,
+                    complete=False,
+                )
+                if STOP.is_set():
+                    raise Interrupted(
+                        f"stopped by request after epoch "
+                        f"{stage_state['epochs_done']} of stage {stages[si].name}"
+                    )
+
+            resume_stage = None
+            if state and si == first and state.get("stage"):
+                resume_stage = {**state["stage"], "opt": state["opt"]}
+            r = run_stage(learn, st, cfg, net_hist, log, resume_stage, save)
             results.append(r)
             preds, _ = learn.get_preds(dl=nd.test_dl)
             stage_probs[st.name][:, cols] = form.probabilities(net, preds)
+            _save_checkpoint(
+                ckpt,
+                learn,
+                si + 1,
+                None,
+                results,
+                net_hist,
+                stage_probs,
+                valid_probs,
+                cols,
+                complete=False,
+            )
         preds, _ = learn.get_preds(dl=nd.dls.valid)  # for thresholds chosen on validation
         valid_probs[:, cols] = form.probabilities(net, preds)
-        history += [{"network": net.name, **row} for row in net_hist]
         save_weights(run_dir / f"model-{net.name}.pth", learn.model, _sidecar(cfg, form, net, nd))
-        networks.append(
-            {
-                "network": net.name,
-                "findings": list(net.findings),
-                "stages": [_stage_dict(r) for r in results],
-                "epochs": sum(r.epochs for r in results),
-                "train_seconds": sum(r.seconds for r in results),
-            }
+        summary_net = {
+            "network": net.name,
+            "findings": list(net.findings),
+            "stages": [_stage_dict(r) for r in results],
+            "epochs": sum(r.epochs for r in results),
+            "train_seconds": sum(r.seconds for r in results),
+        }
+        networks.append(summary_net)
+        history += [{"network": net.name, **row} for row in net_hist]
+        _save_checkpoint(
+            ckpt,
+            learn,
+            len(stages),
+            None,
+            results,
+            [{"network": net.name, **row} for row in net_hist],
+            stage_probs,
+            valid_probs,
+            cols,
+            complete=True,
+            summary=summary_net,
         )
     probs = stage_probs[stages[-1].name]
     epochs = sum(n["epochs"] for n in networks)
@@ -219,7 +321,96 @@ def train_formulation(
         },
     )
     mark_complete(run_dir, summary)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the record is complete
     return summary
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+STOP = threading.Event()  # set to stop training cleanly after the next checkpoint
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to "
+            "train this network afresh"
+        ) from e
+
+
+def _get_rng() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+    }
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    v, state, gauss = rng["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _save_checkpoint(
+    path: Path,
+    learn: Learner,
+    stage_index: int,
+    stage_state: dict | None,
+    results: list[StageResult],
+    hist: list[dict],
+    stage_probs: dict,
+    valid_probs: np.ndarray,
+    cols: list[int],
+    complete: bool,
+    summary: dict | None = None,
+) -> None:
+    """Everything needed to continue this network: weights, optimizer, schedule position,
+    the stage's early-stopping state, history, predictions so far, RNG states."""
+    if stage_state is not None:
+        best, best_epoch, best_state = stage_state["restore"]
+        es_best, wait = stage_state["early_stop"]
+        stage_state = {
+            **stage_state,
+            "restore": (float(best), best_epoch, best_state),
+            "early_stop": (float(es_best), int(wait)),
+        }
+    opt = None
+    if learn.opt is not None:
+        sd = learn.opt.state_dict()
+        opt = {"state": list(sd["state"]), "hypers": [dict(h) for h in sd["hypers"]]}
+    payload = {
+        "complete": complete, "stage_index": stage_index, "stage": stage_state,
+        "model": {k: v.detach().cpu() for k, v in learn.model.state_dict().items()},
+        "opt": opt, "results": [{k: v for k, v in r.__dict__.items() if k != "stage"}
+                                for r in results],
+        "history": hist, "summary": summary, "rng": _get_rng(),
+        "stage_probs": {k: torch.from_numpy(v[:, cols].copy()) for k, v in stage_probs.items()},
+        "valid_probs": torch.from_numpy(valid_probs[:, cols].copy()),
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _restore_network(state: dict, stage_probs: dict, valid_probs: np.ndarray, cols) -> None:
+    for k, t in state["stage_probs"].items():
+        if k in stage_probs:
+            stage_probs[k][:, cols] = t.numpy()
+    valid_probs[:, cols] = state["valid_probs"].numpy()
 
 
 def _predictions(rows: pd.DataFrame, probs: np.ndarray, findings, split: str) -> pd.DataFrame:
@@ -238,6 +429,7 @@ def compare(
     formulations: tuple[str, ...] = tuple(FORMULATIONS),
     log: Log | None = None,
     eval_cfg: EvalConfig = EvalConfig(),
+    resume: bool = False,
 ) -> dict:
     """Experiment II: every formulation with the same data, split, seed and schedule.
 
@@ -255,7 +447,7 @@ def compare(
             if log:
                 log({"event": "skip", "formulation": name, "reason": "complete run found"})
             continue
-        out[name] = train_formulation(data, name, cfg, sub, log)
+        out[name] = train_formulation(data, name, cfg, sub, log, resume=resume)
     preds = {name: load_run(run_dir / name)["predictions"] for name in formulations}
     evals = {name: evaluate(p, cfg.findings, eval_cfg) for name, p in preds.items()}
     for name, by_f in evals.items():
@@ -286,12 +478,15 @@ def unfreeze_ablation(
     run_dir: str | Path,
     formulation: str = "multilabel",
     log: Log | None = None,
+    resume: bool = False,
 ) -> dict:
     """Experiment I: the ablation stages in sequence, test metrics after each stage.
 
     The best stage is the one with the lowest validation loss (chosen without the test set).
     """
-    summary = train_formulation(data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages)
+    summary = train_formulation(
+        data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages, resume=resume
+    )
     metrics = load_run(run_dir)["metrics"]["per_stage"]
     stages = []
     for i, st in enumerate(cfg.ablation_stages):

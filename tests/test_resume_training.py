@@ -1,0 +1,102 @@
+"""Kill a real training process part-way (SIGKILL, SIGTERM) and resume it."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import torch
+
+ARGS = [
+    "--arch",
+    "resnet10",
+    "--size",
+    "32",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--patience",
+    "10",
+    "--formulation",
+    "multilabel",
+]
+
+
+def _epochs_done(ckpt):
+    try:
+        return len(torch.load(ckpt, weights_only=True)["history"])
+    except Exception:  # not written yet
+        return 0
+
+
+def _start(prepared, runs, name, stages, epochs):
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastcxr",
+        "train",
+        "--data",
+        str(prepared),
+        *ARGS,
+        "--stages",
+        stages,
+        "--epochs",
+        str(epochs),
+        "--runs",
+        str(runs),
+        "--name",
+        name,
+    ]
+    return cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(ckpt, n, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and _epochs_done(ckpt) < n:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    return _epochs_done(ckpt)
+
+
+def _check_history(run, stages, epochs):
+    h = pd.read_csv(run / "history.csv")
+    for st in stages:
+        assert h[h["stage"] == st]["epoch"].tolist() == list(range(1, epochs + 1)), h
+    assert json.loads((run / "record.json").read_text())["complete"]
+    assert not (run / "checkpoints").exists()
+
+
+def test_sigkill_then_resume(prepared, tmp_path):
+    run = tmp_path / "k"
+    ckpt = run / "checkpoints" / "edema+pleural_effusion.pt"
+    cmd, proc = _start(prepared, tmp_path, "k", "head,all", 3)
+    done = _wait_for(ckpt, 4, proc)  # inside the second stage
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= done < 6 and not (run / "record.json").exists()
+    res = subprocess.run([*cmd, "--resume", "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resuming network" in res.stderr
+    # only the epochs not yet done were trained again
+    assert res.stderr.count(" epoch ") == 6 - done, res.stderr
+    _check_history(run, ["head", "all"], 3)
+    assert json.loads(res.stdout)["epochs"] == 6
+
+
+def test_sigterm_stops_cleanly_then_resumes(prepared, tmp_path):
+    run = tmp_path / "t"
+    ckpt = run / "checkpoints" / "edema+pleural_effusion.pt"
+    cmd, proc = _start(prepared, tmp_path, "t", "all", 5)
+    _wait_for(ckpt, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "--resume" in err
+    done = _epochs_done(ckpt)
+    assert 1 <= done < 5
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    _check_history(run, ["all"], 5)
