@@ -100,3 +100,35 @@ def test_sigterm_stops_cleanly_then_resumes(prepared, tmp_path):
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     _check_history(run, ["all"], 5)
+
+
+def test_same_seed_same_metrics_on_cpu(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from fastcxr.cli import app
+
+    outs = []
+    for name in ("a", "b"):
+        res = CliRunner().invoke(
+            app,
+            [
+                "train",
+                "--data",
+                str(prepared),
+                *ARGS,
+                "--stages",
+                "head,all",
+                "--epochs",
+                "1",
+                "--runs",
+                str(tmp_path),
+                "--name",
+                name,
+                "--json",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+        outs.append(pd.read_csv(tmp_path / name / "predictions.csv"))
+    pd.testing.assert_frame_equal(outs[0], outs[1])
+    ca, cb = (json.loads((tmp_path / n / "config.json").read_text()) for n in ("a", "b"))
+    assert ca["data"]["sha256"] == cb["data"]["sha256"] and ca["train"]["seed"] == 0
