@@ -218,6 +218,33 @@ def _library_errors():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _progress():
+    """A progress bar on stderr: count, images per second and time left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} img/s" if task.speed else "– img/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
 def _check_resume(resume: bool, name: str | None) -> bool:
     if resume and not name:
         raise ValueError("--resume needs the --name of the run to continue")
@@ -661,20 +688,12 @@ def predict_cmd(
     json_out: Json = False,
 ) -> None:
     """Predict findings for new radiographs with a trained run; unreadable files are listed."""
-    from rich.progress import BarColumn, Progress, TimeRemainingColumn
-
     from fastcxr.predict import Predictor, collect_inputs, export, predict, write_cams
     from fastcxr.runs import write_csv
 
     with (
         _library_errors(),
-        Progress(
-            *Progress.get_default_columns()[:-1],
-            BarColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        ) as bar,
+        _progress() as bar,
     ):
         pred = Predictor.load(run_dir)
         files = collect_inputs(paths)
@@ -757,17 +776,9 @@ def _views(views: str) -> tuple[str, ...] | None:
 def _run_prepare(fn, json_out: bool, out_dir: Path, **kwargs) -> None:
     from dataclasses import asdict
 
-    from rich.progress import BarColumn, Progress, TimeRemainingColumn
-
     with (
         _library_errors(),
-        Progress(
-            *Progress.get_default_columns()[:-1],
-            BarColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        ) as bar,
+        _progress() as bar,
     ):
         task = bar.add_task("converting", total=None)
         report = fn(
