@@ -158,8 +158,16 @@ def _dataset(data: Path | None, cfg, log):
     return Dataset.load(data)
 
 
+def _is_main() -> bool:
+    from fastcxr.distributed import is_main
+
+    return is_main()
+
+
 def _logger(quiet: bool):
     def log(ev: dict) -> None:
+        if not _is_main():  # several processes: rank 0 reports for all
+            return
         if "epoch" in ev:
             err.print(
                 f"  [dim]{ev['stage']:>14} epoch {ev['epoch']:>2}[/]  train {ev['train_loss']:.4f}"
@@ -330,6 +338,8 @@ def compare_cmd(
         result = compare(
             ds, cfg, runs / _run_name(name, "compare", cfg.preset), forms, log, resume=resume
         )
+    if not _is_main():
+        return
     if json_out:
         print(json.dumps(result, indent=2))
         return
@@ -425,6 +435,8 @@ def train_cmd(
         _check_resume(resume, name)
         result = train_formulation(ds, formulation, cfg, run_dir, log, resume=resume)
         result["run_dir"], result["synthetic"] = str(run_dir), ds.synthetic
+    if not _is_main():
+        return
     if json_out:
         print(json.dumps(result, indent=2))
         return
@@ -507,6 +519,8 @@ def ablation_cmd(
                 log,
                 resume=_check_resume(resume, name),
             )
+    if not _is_main():
+        return
     if json_out:
         print(json.dumps(result, indent=2))
         return

@@ -65,13 +65,14 @@ class RestoreBest(TrackerCallback):
         super().after_epoch()
         if self.new_best:
             self.best_epoch = self.offset + self.epoch
+            model = getattr(self.learn.model, "module", self.learn.model)  # DDP-wrapped or not
             self.best_state = copy.deepcopy(
-                {k: v.detach().cpu() for k, v in self.learn.model.state_dict().items()}
+                {k: v.detach().cpu() for k, v in model.state_dict().items()}
             )
 
     def after_fit(self):
         if self.best_state is not None:
-            self.learn.model.load_state_dict(self.best_state)
+            getattr(self.learn.model, "module", self.learn.model).load_state_dict(self.best_state)
 
 
 class Interrupted(Exception):

@@ -27,6 +27,7 @@ from fastai.vision.learner import vision_learner
 
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.data import NetworkData, apply_policy, network_data
+from fastcxr.distributed import barrier, init, is_main, local_view, unwrap, world_size
 from fastcxr.evaluation import EvalConfig, evaluate, holm, pairwise
 from fastcxr.formulations import FORMULATIONS, Formulation, Network, get_formulation
 from fastcxr.manifest import file_sha256, read_manifest
@@ -83,6 +84,10 @@ def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainCon
         cut=arch.cut, n_in=1, normalize=False, opt_func=Adam, metrics=[],
         train_bn=cfg.freeze_style == "fastai",
     )  # fmt: skip
+    if world_size() > 1:
+        from fastcxr.ddp import DataParallel
+
+        learn.add_cb(DataParallel())
     if ProgressCallback in [type(c) for c in learn.cbs]:
         learn.remove_cb(ProgressCallback)  # progress is reported through `log`
     learn.logger = _quiet
@@ -152,6 +157,7 @@ def train_formulation(
     time are added up, as the study counts two binary networks together.
     """
     run_dir = Path(run_dir)
+    init()
     form = get_formulation(formulation)
     findings = cfg.findings
     stages = stages or cfg.stages
@@ -241,7 +247,8 @@ def train_formulation(
                 resume_stage = {**state["stage"], "opt": state["opt"]}
             r = run_stage(learn, st, cfg, net_hist, log, resume_stage, save)
             results.append(r)
-            preds, _ = learn.get_preds(dl=nd.test_dl)
+            with local_view():
+                preds, _ = learn.get_preds(dl=nd.test_dl)
             stage_probs[st.name][:, cols] = form.probabilities(net, preds)
             _save_checkpoint(
                 ckpt,
@@ -255,9 +262,13 @@ def train_formulation(
                 cols,
                 complete=False,
             )
-        preds, _ = learn.get_preds(dl=nd.dls.valid)  # for thresholds chosen on validation
+        with local_view():
+            preds, _ = learn.get_preds(dl=nd.dls.valid)  # for thresholds chosen on validation
         valid_probs[:, cols] = form.probabilities(net, preds)
-        save_weights(run_dir / f"model-{net.name}.pth", learn.model, _sidecar(cfg, form, net, nd))
+        if is_main():
+            save_weights(
+                run_dir / f"model-{net.name}.pth", learn.model, _sidecar(cfg, form, net, nd)
+            )
         summary_net = {
             "network": net.name,
             "findings": list(net.findings),
@@ -300,28 +311,30 @@ def train_formulation(
         ],
         ignore_index=True,
     )
-    write_json(
-        run_dir / "config.json",
-        {
-            "train": cfg.to_dict(),
-            "formulation": form.name,
-            "stages": [s.__dict__ for s in stages],
-            "data": data.describe(),
-            "environment": environment(),
-        },
-    )
-    write_csv(run_dir / "history.csv", pd.DataFrame(history))
-    write_csv(run_dir / "predictions.csv", pred_df)
-    write_json(
-        run_dir / "metrics.json",
-        {
-            "findings": metrics,
-            "per_stage": per_stage,
-            **{k: v for k, v in summary.items() if k != "findings"},
-        },
-    )
-    mark_complete(run_dir, summary)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the record is complete
+    if is_main():  # one writer; the other processes wait for the record
+        write_json(
+            run_dir / "config.json",
+            {
+                "train": cfg.to_dict(),
+                "formulation": form.name,
+                "stages": [s.__dict__ for s in stages],
+                "data": data.describe(),
+                "environment": {**environment(), "processes": world_size()},
+            },
+        )
+        write_csv(run_dir / "history.csv", pd.DataFrame(history))
+        write_csv(run_dir / "predictions.csv", pred_df)
+        write_json(
+            run_dir / "metrics.json",
+            {
+                "findings": metrics,
+                "per_stage": per_stage,
+                **{k: v for k, v in summary.items() if k != "findings"},
+            },
+        )
+        mark_complete(run_dir, summary)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the record is complete
+    barrier()
     return summary
 
 
@@ -378,7 +391,9 @@ def _save_checkpoint(
     summary: dict | None = None,
 ) -> None:
     """Everything needed to continue this network: weights, optimizer, schedule position,
-    the stage's early-stopping state, history, predictions so far, RNG states."""
+    the stage's early-stopping state, history, predictions so far, RNG states (rank 0)."""
+    if not is_main():
+        return
     if stage_state is not None:
         best, best_epoch, best_state = stage_state["restore"]
         es_best, wait = stage_state["early_stop"]
@@ -393,7 +408,7 @@ def _save_checkpoint(
         opt = {"state": list(sd["state"]), "hypers": [dict(h) for h in sd["hypers"]]}
     payload = {
         "complete": complete, "stage_index": stage_index, "stage": stage_state,
-        "model": {k: v.detach().cpu() for k, v in learn.model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in unwrap(learn.model).state_dict().items()},
         "opt": opt, "results": [{k: v for k, v in r.__dict__.items() if k != "stage"}
                                 for r in results],
         "history": hist, "summary": summary, "rng": _get_rng(),
@@ -467,8 +482,9 @@ def compare(
         "arch": cfg.arch,
         "size": cfg.size,
     }
-    write_json(run_dir / "evaluation.json", evals)
-    write_json(run_dir / "compare.json", result)
+    if is_main():
+        write_json(run_dir / "evaluation.json", evals)
+        write_json(run_dir / "compare.json", result)
     return result
 
 
@@ -512,7 +528,8 @@ def unfreeze_ablation(
         "arch": cfg.arch,
         "freeze_style": cfg.freeze_style,
     }
-    write_json(Path(run_dir) / "ablation.json", result)
+    if is_main():
+        write_json(Path(run_dir) / "ablation.json", result)
     return result
 
 
@@ -556,13 +573,21 @@ def builtin_dataset(
     spec = SyntheticSpec()
     raw = home / f"synthetic-mimic-seed{spec.seed}"
     prepared = raw / f"prepared-{size}"
-    if not (raw / ".complete").exists():
-        if log:
-            log({"event": "data", "message": f"generating the built-in synthetic dataset in {raw}"})
-        write_synthetic_mimic(raw, spec)
-        (raw / ".complete").write_text("ok\n")
-    if not (prepared / "prepare.json").exists():
-        if log:
-            log({"event": "data", "message": f"preparing it at {size}x{size} in {prepared}"})
-        prepare_mimic(raw, prepared, size=size, workers=workers)
+    init()  # with several processes, rank 0 builds the data while the others wait
+    if is_main():
+        if not (raw / ".complete").exists():
+            if log:
+                log(
+                    {
+                        "event": "data",
+                        "message": f"generating the built-in synthetic dataset in {raw}",
+                    }
+                )
+            write_synthetic_mimic(raw, spec)
+            (raw / ".complete").write_text("ok\n")
+        if not (prepared / "prepare.json").exists():
+            if log:
+                log({"event": "data", "message": f"preparing it at {size}x{size} in {prepared}"})
+            prepare_mimic(raw, prepared, size=size, workers=workers)
+    barrier()
     return Dataset.load(prepared / "manifest.csv", synthetic=True)
