@@ -111,10 +111,13 @@ class LabelPolicy:
         for f in findings:
             raw = pd.to_numeric(df[f], errors="coerce").to_numpy(float)
             bad = ~np.isnan(raw) & ~np.isin(raw, (1.0, 0.0, -1.0))
+            bad |= df[f].notna().to_numpy() & np.isnan(raw)  # text such as "yes"
             if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                v = df[f].iloc[i]
+                v = v.item() if isinstance(v, np.generic) else v
                 raise ValueError(
-                    f"column {f!r} holds values other than 1/0/-1/blank: "
-                    f"{sorted(set(raw[bad].tolist()))[:5]}"
+                    f"row {i + 2}, column {f!r}: {v!r} is not a label (expected 1, 0, -1 or blank)"
                 )
             uncertain, blank = self.for_finding(f)
             y = raw.copy()

@@ -27,7 +27,10 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         path = path / "manifest.csv"
     if not path.exists():
         raise ManifestError(f"no manifest at {path}")
-    df = pd.read_csv(path, dtype={"image": str, "patient_id": str, "study_id": str})
+    try:
+        df = pd.read_csv(path, dtype={"image": str, "patient_id": str, "study_id": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(f"{path}: malformed CSV ({e})") from e
     validate_manifest(df, path)
     return df
 

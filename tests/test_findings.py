@@ -58,8 +58,12 @@ def test_bad_values_and_missing_columns(raw):
     with pytest.raises(KeyError, match="Cardiomegaly"):
         LabelPolicy().apply(raw, ["Cardiomegaly"])
     bad = raw.assign(Edema=2.0)
-    with pytest.raises(ValueError, match="other than 1/0/-1"):
+    with pytest.raises(ValueError, match="row 2, column 'Edema': 2.0 is not a label"):
         LabelPolicy().apply(bad, ["Edema"])
+    text = raw.astype({"Edema": object})
+    text.loc[5, "Edema"] = "yes"
+    with pytest.raises(ValueError, match="row 7, column 'Edema': 'yes'"):
+        LabelPolicy().apply(text, ["Edema"])
     with pytest.raises(ValueError, match="uncertain"):
         LabelPolicy(uncertain="maybe")
 

@@ -137,3 +137,10 @@ def test_jpg_release_is_detected(synthetic_tree, tmp_path):
     lst = tmp_path / "needed.txt"
     prepare_mimic(root, tmp_path / "out2", size=16, manifest_only=True, list_files=lst)
     assert lst.read_text().split() == t["source"].tolist()
+
+
+def test_malformed_manifest_csv_names_the_file_and_line(tmp_path):
+    p = tmp_path / "manifest.csv"
+    p.write_text("image,patient_id,split\na.png,1,train\nb.png,2,valid,extra,fields\n")
+    with pytest.raises(ManifestError, match=r"manifest.csv: malformed CSV.*line 3"):
+        read_manifest(p)
