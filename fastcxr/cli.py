@@ -117,6 +117,30 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+_OVERRIDES = (
+    "arch",
+    "size",
+    "batch_size",
+    "epochs",
+    "patience",
+    "lr",
+    "stages",
+    "weights",
+    "no_pretrained",
+    "freeze_style",
+    "findings",
+    "uncertain",
+    "blank",
+    "seed",
+    "workers",
+)
+
+
+def _overrides(options: dict) -> dict:
+    """The training options a command received, by name (see `_config`)."""
+    return {k: options[k] for k in _OVERRIDES if k in options}
+
+
 def _config(preset: str, **overrides):
     from fastcxr.config import get_preset, parse_stages
     from fastcxr.findings import canonical_findings
@@ -313,24 +337,7 @@ def compare_cmd(
     from fastcxr.study import compare
 
     with _library_errors():
-        cfg = _config(
-            preset,
-            arch=arch,
-            size=size,
-            batch_size=batch_size,
-            epochs=epochs,
-            patience=patience,
-            lr=lr,
-            stages=stages,
-            weights=weights,
-            no_pretrained=no_pretrained,
-            freeze_style=freeze_style,
-            findings=findings,
-            uncertain=uncertain,
-            blank=blank,
-            seed=seed,
-            workers=workers,
-        )
+        cfg = _config(preset, **_overrides(locals()))
         forms = tuple(f.strip() for f in formulations.split(",") if f.strip())
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
@@ -411,24 +418,7 @@ def train_cmd(
     from fastcxr.study import train_formulation
 
     with _library_errors():
-        cfg = _config(
-            preset,
-            arch=arch,
-            size=size,
-            batch_size=batch_size,
-            epochs=epochs,
-            patience=patience,
-            lr=lr,
-            stages=stages,
-            weights=weights,
-            no_pretrained=no_pretrained,
-            freeze_style=freeze_style,
-            findings=findings,
-            uncertain=uncertain,
-            blank=blank,
-            seed=seed,
-            workers=workers,
-        )
+        cfg = _config(preset, **_overrides(locals()))
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
         run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
@@ -488,24 +478,7 @@ def ablation_cmd(
     from fastcxr.study import ablation_plan, unfreeze_ablation
 
     with _library_errors():
-        cfg = _config(
-            preset,
-            arch=arch,
-            size=size,
-            batch_size=batch_size,
-            epochs=epochs,
-            patience=patience,
-            lr=lr,
-            stages=stages,
-            weights=weights,
-            no_pretrained=no_pretrained,
-            freeze_style=freeze_style,
-            findings=findings,
-            uncertain=uncertain,
-            blank=blank,
-            seed=seed,
-            workers=workers,
-        )
+        cfg = _config(preset, **_overrides(locals()))
         if dry_run:
             result = ablation_plan(cfg, formulation)
         else:
