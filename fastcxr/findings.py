@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fastcxr.formulations import powerset_bits
+
 # The 14 CheXpert-labeller findings, in the column order of mimic-cxr-2.0.0-chexpert.csv.
 CHEXPERT_FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
@@ -159,15 +161,11 @@ def composition(df: pd.DataFrame, findings: Sequence[str], policy: LabelPolicy) 
                 ",".join(str(b) for b in bits): int(
                     combos.get(bits if len(bits) > 1 else bits[0], 0)
                 )
-                for bits in _all_bits(len(findings))
+                for bits in map(tuple, powerset_bits(len(findings)).tolist())
             },
             "findings": {f: _raw_counts(raw[f]) for f in findings},
         }
     return out
-
-
-def _all_bits(k: int) -> list[tuple[int, ...]]:
-    return [tuple((c >> (k - 1 - i)) & 1 for i in range(k)) for c in range(2**k)]
 
 
 def _raw_counts(col: pd.Series) -> dict[str, int]:

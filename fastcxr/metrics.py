@@ -9,22 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from fastcxr import stats
 
 
 def finding_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict:
-    """Accuracy, ROC AUC, confusion counts at `threshold` for one finding."""
+    """Accuracy, ROC AUC, sensitivity, specificity and confusion counts at `threshold`."""
     y = np.asarray(y).astype(int)
-    p = np.asarray(p, float)
-    pred = (p >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel().tolist()
-    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None
+    at = stats.at_threshold(y, p, threshold)
     return {
         "n": int(len(y)), "positives": int(y.sum()), "threshold": threshold,
-        "accuracy": float((pred == y).mean()) if len(y) else None, "auc": auc,
-        "sensitivity": tp / (tp + fn) if tp + fn else None,
-        "specificity": tn / (tn + fp) if tn + fp else None,
-        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "accuracy": at["accuracy"], "auc": stats.auc_rank(y, p),
+        "sensitivity": at["sensitivity"], "specificity": at["specificity"],
+        "confusion": at["confusion"],
     }  # fmt: skip
 
 

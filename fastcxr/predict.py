@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import nn
 
-from fastcxr.dicom import DicomError, read_dicom, resize_u8
+from fastcxr.dicom import DicomError
 from fastcxr.formulations import powerset_bits
 from fastcxr.models import build_model, load_state_dict
+from fastcxr.prepare.cache import load_source
 from fastcxr.runs import RunError, is_complete
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -95,11 +95,10 @@ class Predictor:
 
     def load_image(self, path: Path) -> np.ndarray:
         """A file as the uint8 size x size array the network was trained on."""
-        if path.suffix.lower() in (".dcm", ".dicom"):
-            return read_dicom(path, mode=self.intensity, size=self.size)
         try:
-            with Image.open(path) as im:
-                return resize_u8(np.asarray(im.convert("L")), self.size)
+            return load_source(path, self.size, self.intensity)  # as `prepare` made the cache
+        except DicomError:
+            raise
         except (OSError, ValueError) as e:
             raise DicomError(f"{path}: cannot read image ({e})") from e
 

@@ -29,7 +29,13 @@ from fastcxr.config import Stage, TrainConfig
 from fastcxr.data import NetworkData, apply_policy, network_data
 from fastcxr.distributed import barrier, init, is_main, local_view, unwrap, world_size
 from fastcxr.evaluation import EvalConfig, evaluate, holm, pairwise
-from fastcxr.formulations import FORMULATIONS, Formulation, Network, get_formulation
+from fastcxr.formulations import (
+    FORMULATIONS,
+    Formulation,
+    Network,
+    get_formulation,
+    powerset_bits,
+)
 from fastcxr.manifest import file_sha256, read_manifest
 from fastcxr.metrics import all_metrics
 from fastcxr.models import TorchvisionArch, block_splitter, build_model
@@ -541,7 +547,7 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
     learn = Learner(
         DataLoaders(),
         model,
-        loss_func=form.loss(net, _dummy_y(net)),
+        loss_func=form.loss(net, powerset_bits(len(net.findings))),  # one row per combination
         splitter=block_splitter,
         train_bn=cfg.freeze_style == "fastai",
     )
@@ -554,12 +560,6 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
         "networks": len(form.networks(cfg.findings)),
         "total_params": sum(p.numel() for p in model.parameters()),
     }
-
-
-def _dummy_y(net: Network) -> np.ndarray:
-    """One training row per label combination, so a loss can be built for a plan."""
-    k = len(net.findings)
-    return (np.arange(2**k)[:, None] >> np.arange(k - 1, -1, -1)[None, :]) & 1
 
 
 def builtin_dataset(
