@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +31,29 @@ class RunError(ValueError):
     """A run directory that is missing, incomplete or malformed."""
 
 
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` beside `path`, then rename: readers see the old file or the new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2, default=_jsonable)))
 
 
-def write_csv(path: Path, df: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+def write_csv(path: Path, df: pd.DataFrame, compression: str | None = None) -> None:
+    write_atomic(path, lambda t: df.to_csv(t, index=False, compression=compression))
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    write_atomic(path, lambda t: torch.save(obj, t))
 
 
 def save_weights(path: Path, model: torch.nn.Module, sidecar: dict) -> None:
     """State dict (plain tensors) + JSON sidecar, both written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    save_torch(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     write_json(path.with_suffix(".json"), sidecar)
 
 

@@ -45,6 +45,7 @@ from fastcxr.runs import (
     is_complete,
     load_run,
     mark_complete,
+    save_torch,
     save_weights,
     write_csv,
     write_json,
@@ -421,10 +422,7 @@ def _save_checkpoint(
         "stage_probs": {k: torch.from_numpy(v[:, cols].copy()) for k, v in stage_probs.items()},
         "valid_probs": torch.from_numpy(valid_probs[:, cols].copy()),
     }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch(path, payload)
 
 
 def _restore_network(state: dict, stage_probs: dict, valid_probs: np.ndarray, cols) -> None:

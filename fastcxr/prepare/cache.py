@@ -92,10 +92,3 @@ def build_cache(
         with ProcessPoolExecutor(workers) as ex:
             consume(ex.map(_convert_one, jobs, chunksize=16))
     return CacheResult(converted, skipped, pd.DataFrame(failures, columns=["file", "reason"]))
-
-
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)

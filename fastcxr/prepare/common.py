@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from fastcxr.manifest import validate_manifest
-from fastcxr.prepare.cache import build_cache, write_csv_atomic
+from fastcxr.prepare.cache import build_cache
+from fastcxr.runs import write_csv
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,14 @@ def finish(
         )
         converted, skipped, failures = res.converted, res.skipped, res.failures
     suffix = "" if sh is None else f".shard-{sh[0]}-of-{sh[1]}"
-    write_csv_atomic(failures, out / f"failures{suffix}.csv")
+    write_csv(out / f"failures{suffix}.csv", failures)
     failed = set(failures["file"])
     manifest = table[[str(root / s) not in failed for s in table["source"]]]
     manifest = manifest.reset_index(drop=True)
     path = None
     if sh is None:
         path = out / "manifest.csv"
-        write_csv_atomic(manifest, path)
+        write_csv(path, manifest)
     report = PrepareReport(
         manifest=str(path) if path else None, images=len(manifest), converted=converted,
         skipped=skipped, failures=len(failures), size=size, intensity=intensity,

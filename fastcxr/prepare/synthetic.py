@@ -32,6 +32,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fastcxr.findings import CHEXPERT_FINDINGS
+from fastcxr.runs import write_atomic, write_csv
 
 TABLE2 = {(0, 0): 11548, (0, 1): 5709, (1, 0): 2310, (1, 1): 14136}  # (Edema, Effusion)
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
@@ -194,10 +195,7 @@ def _encode(rng: np.random.Generator, img: np.ndarray, view: str, meta: dict, pa
         ds.WindowCenter = round(1900 + rng.uniform(-80, 80), 1)
         ds.WindowWidth = round(3600 + rng.uniform(-150, 150), 1)
     ds.PixelData = stored.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    write_atomic(path, lambda t: ds.save_as(t, enforce_file_format=True))
 
 
 def _raw_label(rng: np.random.Generator, truth: int, spec: SyntheticSpec) -> float:
@@ -332,20 +330,15 @@ def write_synthetic_mimic(
     else:
         with ProcessPoolExecutor(workers or os.cpu_count()) as ex:
             list(ex.map(_write_image, jobs, chunksize=8))
-    _write_csv(pd.DataFrame(meta_rows), out / "mimic-cxr-2.0.0-metadata.csv.gz")
-    _write_csv(
-        pd.DataFrame(label_rows, columns=["subject_id", "study_id", *CHEXPERT_FINDINGS]),
+    write_csv(out / "mimic-cxr-2.0.0-metadata.csv.gz", pd.DataFrame(meta_rows), compression="gzip")
+    write_csv(
         out / "mimic-cxr-2.0.0-chexpert.csv.gz",
+        pd.DataFrame(label_rows, columns=["subject_id", "study_id", *CHEXPERT_FINDINGS]),
+        compression="gzip",
     )
-    _write_csv(
-        pd.DataFrame(split_rows, columns=["dicom_id", "study_id", "subject_id", "split"]),
+    write_csv(
         out / "mimic-cxr-2.0.0-split.csv.gz",
+        pd.DataFrame(split_rows, columns=["dicom_id", "study_id", "subject_id", "split"]),
+        compression="gzip",
     )
     return out
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    df.to_csv(tmp, index=False, compression="gzip")
-    os.replace(tmp, path)
