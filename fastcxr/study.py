@@ -219,30 +219,14 @@ def train_formulation(
                         "epochs_done": len(net_hist),
                     }
                 )
+        checkpoint = NetworkCheckpoint(
+            ckpt, learn, results, net_hist, stage_probs, valid_probs, cols
+        )
         for si in range(first, len(stages)):
             st = stages[si]
 
-            def save(
-                stage_state,
-                si=si,
-                ckpt=ckpt,
-                learn=learn,
-                results=results,
-                net_hist=net_hist,
-                cols=cols,
-            ):
-                _save_checkpoint(
-                    ckpt,
-                    learn,
-                    si,
-                    stage_state,
-                    results,
-                    net_hist,
-                    stage_probs,
-                    valid_probs,
-                    cols,
-                    complete=False,
-                )
+            def on_epoch(stage_state: dict, si: int = si, checkpoint=checkpoint) -> None:
+                checkpoint.save(si, stage_state)
                 if STOP.is_set():
                     raise Interrupted(
                         f"stopped by request after epoch "
@@ -252,23 +236,11 @@ def train_formulation(
             resume_stage = None
             if state and si == first and state.get("stage"):
                 resume_stage = {**state["stage"], "opt": state["opt"]}
-            r = run_stage(learn, st, cfg, net_hist, log, resume_stage, save)
-            results.append(r)
+            results.append(run_stage(learn, st, cfg, net_hist, log, resume_stage, on_epoch))
             with local_view():
                 preds, _ = learn.get_preds(dl=nd.test_dl)
             stage_probs[st.name][:, cols] = form.probabilities(net, preds)
-            _save_checkpoint(
-                ckpt,
-                learn,
-                si + 1,
-                None,
-                results,
-                net_hist,
-                stage_probs,
-                valid_probs,
-                cols,
-                complete=False,
-            )
+            checkpoint.save(si + 1)
         with local_view():
             preds, _ = learn.get_preds(dl=nd.dls.valid)  # for thresholds chosen on validation
         valid_probs[:, cols] = form.probabilities(net, preds)
@@ -283,21 +255,10 @@ def train_formulation(
             "epochs": sum(r.epochs for r in results),
             "train_seconds": sum(r.seconds for r in results),
         }
+        net_rows = [{"network": net.name, **row} for row in net_hist]
         networks.append(summary_net)
-        history += [{"network": net.name, **row} for row in net_hist]
-        _save_checkpoint(
-            ckpt,
-            learn,
-            len(stages),
-            None,
-            results,
-            [{"network": net.name, **row} for row in net_hist],
-            stage_probs,
-            valid_probs,
-            cols,
-            complete=True,
-            summary=summary_net,
-        )
+        history += net_rows
+        checkpoint.save(len(stages), complete=True, summary=summary_net, hist=net_rows)
     probs = stage_probs[stages[-1].name]
     epochs = sum(n["epochs"] for n in networks)
     train_seconds = sum(n["train_seconds"] for n in networks)
@@ -384,45 +345,55 @@ def _set_rng(rng: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def _save_checkpoint(
-    path: Path,
-    learn: Learner,
-    stage_index: int,
-    stage_state: dict | None,
-    results: list[StageResult],
-    hist: list[dict],
-    stage_probs: dict,
-    valid_probs: np.ndarray,
-    cols: list[int],
-    complete: bool,
-    summary: dict | None = None,
-) -> None:
-    """Everything needed to continue this network: weights, optimizer, schedule position,
-    the stage's early-stopping state, history, predictions so far, RNG states (rank 0)."""
-    if not is_main():
-        return
-    if stage_state is not None:
-        best, best_epoch, best_state = stage_state["restore"]
-        es_best, wait = stage_state["early_stop"]
-        stage_state = {
-            **stage_state,
-            "restore": (float(best), best_epoch, best_state),
-            "early_stop": (float(es_best), int(wait)),
-        }
-    opt = None
-    if learn.opt is not None:
-        sd = learn.opt.state_dict()
-        opt = {"state": list(sd["state"]), "hypers": [dict(h) for h in sd["hypers"]]}
-    payload = {
-        "complete": complete, "stage_index": stage_index, "stage": stage_state,
-        "model": {k: v.detach().cpu() for k, v in unwrap(learn.model).state_dict().items()},
-        "opt": opt, "results": [{k: v for k, v in r.__dict__.items() if k != "stage"}
-                                for r in results],
-        "history": hist, "summary": summary, "rng": _get_rng(),
-        "stage_probs": {k: torch.from_numpy(v[:, cols].copy()) for k, v in stage_probs.items()},
-        "valid_probs": torch.from_numpy(valid_probs[:, cols].copy()),
-    }  # fmt: skip
-    save_torch(path, payload)
+@dataclass
+class NetworkCheckpoint:
+    """One network's checkpoint file and the training state it is written from (rank 0)."""
+
+    path: Path
+    learn: Learner
+    results: list[StageResult]
+    hist: list[dict]
+    stage_probs: dict
+    valid_probs: np.ndarray
+    cols: list[int]
+
+    def save(
+        self,
+        stage_index: int,
+        stage_state: dict | None = None,
+        complete: bool = False,
+        summary: dict | None = None,
+        hist: list[dict] | None = None,
+    ) -> None:
+        """Everything needed to continue this network: weights, optimizer, schedule position,
+        the stage's early-stopping state, history, predictions so far, RNG states."""
+        if not is_main():
+            return
+        if stage_state is not None:
+            best, best_epoch, best_state = stage_state["restore"]
+            es_best, wait = stage_state["early_stop"]
+            stage_state = {
+                **stage_state,
+                "restore": (float(best), best_epoch, best_state),
+                "early_stop": (float(es_best), int(wait)),
+            }
+        opt = None
+        if self.learn.opt is not None:
+            sd = self.learn.opt.state_dict()
+            opt = {"state": list(sd["state"]), "hypers": [dict(h) for h in sd["hypers"]]}
+        model = unwrap(self.learn.model).state_dict()
+        payload = {
+            "complete": complete, "stage_index": stage_index, "stage": stage_state,
+            "model": {k: v.detach().cpu() for k, v in model.items()},
+            "opt": opt, "results": [{k: v for k, v in r.__dict__.items() if k != "stage"}
+                                    for r in self.results],
+            "history": self.hist if hist is None else hist, "summary": summary,
+            "rng": _get_rng(),
+            "valid_probs": torch.from_numpy(self.valid_probs[:, self.cols].copy()),
+            "stage_probs": {k: torch.from_numpy(v[:, self.cols].copy())
+                            for k, v in self.stage_probs.items()},
+        }  # fmt: skip
+        save_torch(self.path, payload)
 
 
 def _restore_network(state: dict, stage_probs: dict, valid_probs: np.ndarray, cols) -> None:
