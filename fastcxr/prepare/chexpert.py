@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from fastcxr.findings import CHEXPERT_FINDINGS
-from fastcxr.prepare.common import PrepareReport, carve_split, finish
+from fastcxr.prepare.common import PrepareReport, carve_split, finish, read_label_file
 
 FRONTAL_VIEWS = ("PA", "AP")
 REQUIRED = ("Path", "Frontal/Lateral", "AP/PA")
@@ -24,11 +24,7 @@ def _read(root: Path, name: str) -> pd.DataFrame:
     p = root / name
     if not p.exists():
         raise FileNotFoundError(f"{root}: no {name} — is this a CheXpert download?")
-    df = pd.read_csv(p)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise ValueError(f"{p}: missing column(s) {missing}; has {list(df.columns)}")
-    return df
+    return read_label_file(p, REQUIRED)
 
 
 def _resolve(root: Path, path: str) -> str:

@@ -31,6 +31,18 @@ class PrepareReport:
     manifest_only: bool = False
 
 
+def read_label_file(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    """A dataset's CSV with its required columns checked; errors name the file."""
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed CSV ({e})") from e
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
+    return df
+
+
 def patient_fraction(patient: str, seed: int) -> float:
     """A patient's fixed position in [0, 1): adding patients never moves the others."""
     h = hashlib.sha256(f"{seed}:{patient}".encode()).digest()

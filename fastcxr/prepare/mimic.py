@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from fastcxr.findings import CHEXPERT_FINDINGS
-from fastcxr.prepare.common import PrepareReport, finish
+from fastcxr.prepare.common import PrepareReport, finish, read_label_file
 
 FRONTAL_VIEWS = ("PA", "AP")
 LABELERS = ("chexpert", "negbio")
@@ -26,11 +26,7 @@ def _read_label_csv(root: Path, stem: str, needed: Sequence[str]) -> pd.DataFram
     for name in (f"{stem}.csv.gz", f"{stem}.csv"):
         p = root / name
         if p.exists():
-            df = pd.read_csv(p)
-            missing = [c for c in needed if c not in df.columns]
-            if missing:
-                raise ValueError(f"{p}: missing column(s) {missing}; has {list(df.columns)}")
-            return df
+            return read_label_file(p, needed)
     raise FileNotFoundError(f"{root}: no {stem}.csv.gz — is this a MIMIC-CXR download?")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastcxr.prepare.common import PrepareReport, carve_split, finish
+from fastcxr.prepare.common import PrepareReport, carve_split, finish, read_label_file
 
 FRONTAL_VIEWS = ("PA", "AP")
 # NIH label → fastcxr's vocabulary (CheXpert names where the finding is the same).
@@ -31,11 +31,7 @@ def _entries(root: Path) -> pd.DataFrame:
     files = sorted(root.glob("Data_Entry_2017*.csv"))
     if not files:
         raise FileNotFoundError(f"{root}: no Data_Entry_2017*.csv — is this ChestX-ray14?")
-    df = pd.read_csv(files[-1])
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise ValueError(f"{files[-1]}: missing column(s) {missing}; has {list(df.columns)}")
-    return df
+    return read_label_file(files[-1], REQUIRED)
 
 
 def _image_paths(root: Path) -> dict[str, str]:
