@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from fastcxr import stats  # noqa: E402
 from fastcxr.evaluation import EvalConfig, evaluate, pairwise, table  # noqa: E402
 from fastcxr.runs import RunError, is_complete, load_run  # noqa: E402
 
@@ -35,8 +36,8 @@ def confusion_figure(preds: Mapping[str, pd.DataFrame], findings) -> Figure:
     for r, (name, pred) in enumerate(preds.items()):
         t = _test(pred)
         for c, f in enumerate(findings):
-            y, p = t[f"y_{f}"].to_numpy(int), (t[f"p_{f}"].to_numpy() >= 0.5).astype(int)
-            cm = np.array([[((y == a) & (p == b)).sum() for b in (0, 1)] for a in (0, 1)])
+            k = stats.at_threshold(t[f"y_{f}"], t[f"p_{f}"], 0.5)["confusion"]
+            cm = np.array([[k["tn"], k["fp"]], [k["fn"], k["tp"]]])
             ax = axes[r, c]
             ax.imshow(cm, cmap="Blues", vmin=0)
             for (i, j), v in np.ndenumerate(cm):
