@@ -96,6 +96,23 @@ Blank = Annotated[
 ]
 Seed = Annotated[int | None, typer.Option(help="Random seed.")]
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
+Loader = Annotated[
+    str | None,
+    typer.Option(
+        help="auto|fast|datablock: fast = uint8 cache batches normalised and augmented on the "
+        "GPU; datablock = fastai's DataBlock. auto: fast on a GPU."
+    ),
+]
+Precision = Annotated[
+    str | None, typer.Option(help="auto|bf16|fp32 (autocast). auto: bf16 on a GPU.")
+]
+Compile = Annotated[
+    bool,
+    typer.Option("--compile", help="torch.compile the model; compile time is reported apart."),
+]
+CompileBackend = Annotated[
+    str | None, typer.Option("--compile-backend", help="torch.compile backend (inductor).")
+]
 Name = Annotated[
     str | None,
     typer.Option(help="Run name (default: command-preset-time). An existing compare run resumes."),
@@ -133,6 +150,10 @@ _OVERRIDES = (
     "blank",
     "seed",
     "workers",
+    "loader",
+    "precision",
+    "compile",
+    "compile_backend",
 )
 
 
@@ -151,6 +172,8 @@ def _config(preset: str, **overrides):
     findings = overrides.pop("findings", None)
     if overrides.pop("no_pretrained", False):
         overrides["pretrained"] = False
+    if not overrides.get("compile"):
+        overrides.pop("compile", None)  # a flag left off keeps the preset's value
     if overrides.get("weights") is not None:
         overrides["weights"] = str(overrides["weights"])
     if findings:
@@ -325,6 +348,10 @@ def compare_cmd(
     blank: Blank = None,
     seed: Seed = None,
     workers: Workers = None,
+    loader: Loader = None,
+    precision: Precision = None,
+    compile: Compile = False,
+    compile_backend: CompileBackend = None,
     formulations: Annotated[
         str, typer.Option(help="Comma-separated formulations.")
     ] = "single,multilabel,multiclass",
@@ -409,6 +436,10 @@ def train_cmd(
     blank: Blank = None,
     seed: Seed = None,
     workers: Workers = None,
+    loader: Loader = None,
+    precision: Precision = None,
+    compile: Compile = False,
+    compile_backend: CompileBackend = None,
     name: Name = None,
     resume: Resume = False,
     runs: Runs = Path("runs"),
@@ -437,9 +468,10 @@ def train_cmd(
     for f, m in result["findings"].items():
         t.add_row(f, _fmt(m["accuracy"]), _fmt(m["auc"]))
     out.print(t)
+    compiled = f" (+ {result['compile_seconds']:.0f} s compiling)" if cfg.compile else ""
     out.print(
         f"{result['epochs']} epochs, {result['seconds_per_epoch']:.1f} s/epoch, "
-        f"{result['train_seconds']:.0f} s — run record: {run_dir}"
+        f"{result['train_seconds']:.0f} s{compiled} — run record: {run_dir}"
     )
 
 
@@ -462,6 +494,10 @@ def ablation_cmd(
     blank: Blank = None,
     seed: Seed = None,
     workers: Workers = None,
+    loader: Loader = None,
+    precision: Precision = None,
+    compile: Compile = False,
+    compile_backend: CompileBackend = None,
     formulation: Annotated[str, typer.Option(help="Formulation to train.")] = "multilabel",
     dry_run: Annotated[
         bool,

@@ -47,6 +47,10 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     workers: int | None = None
+    loader: str = "auto"  # "fast" (uint8 cache → GPU), "datablock" (fastai's); auto: fast on GPU
+    precision: str = "auto"  # "bf16" | "fp32"; auto: bf16 on GPU
+    compile: bool = False  # torch.compile the model (compile time is reported apart)
+    compile_backend: str = "inductor"
     preset: str = "paper"
     max_train_images: int | None = None
 

@@ -18,11 +18,9 @@ from PIL import Image
 
 from fastcxr.config import TrainConfig
 from fastcxr.dicom import read_dicom
+from fastcxr.fastpath import GRAY_MEAN, GRAY_STD, Speed, cache_loaders, resolve_speed
 from fastcxr.findings import LabelPolicy
 from fastcxr.formulations import Formulation, Network
-
-# ImageNet statistics averaged over RGB: what a 1-channel stem summed from RGB weights expects.
-GRAY_MEAN, GRAY_STD = 0.449, 0.226
 
 
 class DataError(ValueError):
@@ -49,6 +47,7 @@ class NetworkData:
     valid: pd.DataFrame
     test: pd.DataFrame
     y_train: np.ndarray  # (n, k) 0/1 labels of the network's findings
+    speed: Speed
 
 
 def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataFrame:
@@ -71,10 +70,6 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
     return df
 
 
-def default_workers() -> int:
-    return min(8, max((os.cpu_count() or 1) - 1, 0))
-
-
 def network_data(
     df: pd.DataFrame,
     root: str | Path,
@@ -82,8 +77,11 @@ def network_data(
     net: Network,
     cfg: TrainConfig,
     device=None,
+    speed: Speed | None = None,
 ) -> NetworkData:
-    """DataLoaders (train/valid) and a labelled test DataLoader for `net`."""
+    """DataLoaders (train/valid) and a labelled test DataLoader for `net`: the fast cache
+    loader (`fastcxr.fastpath`) or fastai's DataBlock, as `speed` (resolved from `cfg`) says."""
+    speed = speed or resolve_speed(cfg, device)
     df = df.copy()
     y = df[list(net.findings)].to_numpy(np.int64)
     targets = form.targets(y)
@@ -91,6 +89,23 @@ def network_data(
     df["_is_valid"] = df["split"] == "valid"
     tv = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
     test = df[df["split"] == "test"].reset_index(drop=True)
+    train_rows, valid_rows = tv[~tv["_is_valid"]], tv[tv["_is_valid"]]
+    y_train = y[df["split"].to_numpy() == "train"]
+    if speed.loader == "fast":
+        root = Path(root).resolve()
+
+        def files(rows):
+            return [root / p for p in rows["image"]]
+
+        def ys(rows):
+            return np.stack(rows["_y"].to_numpy()) if targets.ndim == 2 else rows["_y"].to_numpy()
+
+        train_dl, valid_dl, test_dl = cache_loaders(
+            files(train_rows), ys(train_rows), files(valid_rows), ys(valid_rows),
+            files(test), ys(test), cfg.size, cfg.batch_size, cfg.augment, speed, device,
+        )  # fmt: skip
+        dls = DataLoaders(train_dl, valid_dl, device=device)
+        return NetworkData(dls, test_dl, train_rows, valid_rows, test, y_train, speed)
     first = Path(root) / tv["image"].iloc[0]
     item_tfms = []
     if first.suffix.lower() in (".dcm", ".dicom") or Image.open(first).size != (cfg.size,) * 2:
@@ -114,16 +129,9 @@ def network_data(
         item_tfms=item_tfms,
         batch_tfms=batch_tfms,
     )
-    workers = cfg.workers if cfg.workers is not None else default_workers()
+    workers = speed.workers
     dls = block.dataloaders(
         tv, bs=cfg.batch_size, num_workers=workers, device=device, persistent_workers=workers > 0
     )
     test_dl = dls.test_dl(test, with_labels=True)
-    return NetworkData(
-        dls,
-        test_dl,
-        tv[~tv["_is_valid"]],
-        tv[tv["_is_valid"]],
-        test,
-        y[df["split"].to_numpy() == "train"],
-    )
+    return NetworkData(dls, test_dl, train_rows, valid_rows, test, y_train, speed)

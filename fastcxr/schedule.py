@@ -119,14 +119,19 @@ class History(Callback):
     ):
         self.stage, self.rows, self.log, self.offset = stage, rows, log, offset
 
+    def _compiling(self) -> float:
+        acc = getattr(self.learn, "accelerated", None)  # fastcxr.fastpath.Accelerated
+        return acc.compile_seconds if acc is not None else 0.0
+
     def before_epoch(self):
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), self._compiling()
 
     def before_train(self):
-        self.t_train = time.perf_counter()
+        self.t_train, self.c_train = time.perf_counter(), self._compiling()
 
     def after_train(self):
-        self.train_seconds = time.perf_counter() - self.t_train
+        compiling = self._compiling() - self.c_train
+        self.train_seconds = time.perf_counter() - self.t_train - compiling
 
     def after_epoch(self):
         vals = self.learn.recorder.values[-1] if self.learn.recorder.values else [np.nan] * 2
@@ -136,7 +141,8 @@ class History(Callback):
             "train_loss": float(vals[0]),
             "valid_loss": float(vals[1]),
             "train_seconds": self.train_seconds,
-            "seconds": time.perf_counter() - self.t0,
+            "seconds": time.perf_counter() - self.t0 - (self._compiling() - self.c0),
+            "compile_seconds": self._compiling() - self.c0,
         }
         self.rows.append(row)
         if self.log:
@@ -153,6 +159,7 @@ class StageResult:
     valid_loss: float
     train_seconds: float
     seconds: float
+    compile_seconds: float = 0.0
 
 
 def apply_stage(learn: Learner, stage: Stage) -> list[str]:
@@ -212,9 +219,12 @@ def run_stage(
     remaining = 0 if resume and resume.get("stopping") else stage.max_epochs - done
     if resume and resume.get("opt"):
         learn.opt.set_hypers(lr=lrs)
-        learn.opt.load_state_dict(
-            {"state": resume["opt"]["state"], "hypers": L(resume["opt"]["hypers"])}
-        )
+        if "torch" in resume["opt"]:  # a torch optimizer (the fast path's fused AdamW)
+            learn.opt.opt.load_state_dict(resume["opt"]["torch"])
+        else:
+            learn.opt.load_state_dict(
+                {"state": resume["opt"]["state"], "hypers": L(resume["opt"]["hypers"])}
+            )
     if remaining > 0:
         learn.fit(remaining, lr=lrs, wd=cfg.weight_decay, cbs=cbs)
     elif restore.initial and restore.initial[2] is not None:
@@ -229,6 +239,7 @@ def run_stage(
         valid_loss=float(restore.best) if restore.best_epoch is not None else float("nan"),
         train_seconds=sum(r["train_seconds"] for r in rows),
         seconds=sum(r["seconds"] for r in rows),
+        compile_seconds=sum(r.get("compile_seconds", 0.0) for r in rows),
     )
 
 

@@ -21,14 +21,15 @@ import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
-from fastai.optimizer import Adam
-from fastai.torch_basics import set_seed
+from fastai.optimizer import Adam, OptimWrapper
+from fastai.torch_basics import default_device, set_seed
 from fastai.vision.learner import vision_learner
 
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.data import NetworkData, apply_policy, network_data
 from fastcxr.distributed import barrier, init, is_main, local_view, unwrap, world_size
 from fastcxr.evaluation import EvalConfig, evaluate, holm, pairwise
+from fastcxr.fastpath import Accelerated, Speed, fused_adamw, resolve_speed
 from fastcxr.formulations import (
     FORMULATIONS,
     Formulation,
@@ -83,14 +84,19 @@ class Dataset:
 
 
 def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainConfig) -> Learner:
-    """`vision_learner` with a 1-channel stem, the block splitter and the formulation's loss."""
+    """`vision_learner` with a 1-channel stem, the block splitter and the formulation's loss;
+    on the fast path also bf16/channels_last/compile (`Accelerated`) and a fused AdamW."""
     arch = TorchvisionArch(cfg.arch, cfg.weights)
+    fast = nd.speed.loader == "fast"
     learn = vision_learner(
         nd.dls, arch, n_out=form.n_out(net), pretrained=cfg.pretrained or bool(cfg.weights),
         loss_func=form.loss(net, nd.y_train, device=nd.dls.device), splitter=block_splitter,
-        cut=arch.cut, n_in=1, normalize=False, opt_func=Adam, metrics=[],
+        cut=arch.cut, n_in=1, normalize=False, metrics=[],
+        opt_func=fused_adamw(nd.speed) if fast else Adam,
         train_bn=cfg.freeze_style == "fastai",
     )  # fmt: skip
+    if fast:
+        learn.add_cb(Accelerated(nd.speed))
     if world_size() > 1:
         from fastcxr.ddp import DataParallel
 
@@ -99,6 +105,14 @@ def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainCon
         learn.remove_cb(ProgressCallback)  # progress is reported through `log`
     learn.logger = _quiet
     return learn
+
+
+def seed_everything(seed: int, speed: Speed) -> None:
+    """Seed every RNG. The plain path is also bit-reproducible (deterministic cuDNN); the fast
+    path lets cuDNN pick its fastest (non-deterministic) kernels."""
+    set_seed(seed, reproducible=not speed.cudnn_benchmark)
+    if speed.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -115,6 +129,7 @@ def _stage_dict(r: StageResult) -> dict:
         "best_epoch": r.best_epoch,
         "valid_loss": r.valid_loss,
         "train_seconds": r.seconds,
+        "compile_seconds": r.compile_seconds,
         "lr": r.stage.lr,
     }
 
@@ -169,6 +184,7 @@ def train_formulation(
     findings = cfg.findings
     stages = stages or cfg.stages
     df = apply_policy(data.df, cfg, findings)
+    speed = resolve_speed(cfg, default_device())
     test = df[df["split"] == "test"].reset_index(drop=True)
     valid = df[df["split"] == "valid"].reset_index(drop=True)
     y_test = test[list(findings)].to_numpy(int)
@@ -195,8 +211,8 @@ def train_formulation(
             continue
         if log:
             log({"event": "network", "formulation": form.name, "network": net.name})
-        set_seed(cfg.seed, reproducible=True)
-        nd = network_data(df, data.root, form, net, cfg)
+        seed_everything(cfg.seed, speed)
+        nd = network_data(df, data.root, form, net, cfg, speed=speed)
         learn = make_learner(nd, form, net, cfg)
         results, net_hist = [], []
         first = 0
@@ -254,6 +270,7 @@ def train_formulation(
             "stages": [_stage_dict(r) for r in results],
             "epochs": sum(r.epochs for r in results),
             "train_seconds": sum(r.seconds for r in results),
+            "compile_seconds": sum(r.compile_seconds for r in results),
         }
         net_rows = [{"network": net.name, **row} for row in net_hist]
         networks.append(summary_net)
@@ -268,6 +285,7 @@ def train_formulation(
         "findings": {f: {"accuracy": m["accuracy"], "auc": m["auc"]} for f, m in metrics.items()},
         "epochs": epochs, "seconds_per_epoch": train_seconds / max(epochs, 1),
         "train_seconds": train_seconds, "networks": networks,
+        "compile_seconds": sum(n.get("compile_seconds", 0.0) for n in networks),
         "split_sizes": df["split"].value_counts().to_dict(),
         "wall_seconds": time.perf_counter() - t_start,
     }  # fmt: skip
@@ -288,6 +306,7 @@ def train_formulation(
                 "stages": [s.__dict__ for s in stages],
                 "data": data.describe(),
                 "environment": {**environment(), "processes": world_size()},
+                "speed": speed.to_dict(),
             },
         )
         write_csv(run_dir / "history.csv", pd.DataFrame(history))
@@ -378,7 +397,9 @@ class NetworkCheckpoint:
                 "early_stop": (float(es_best), int(wait)),
             }
         opt = None
-        if self.learn.opt is not None:
+        if isinstance(self.learn.opt, OptimWrapper):  # the fast path's torch AdamW
+            opt = {"torch": self.learn.opt.opt.state_dict()}
+        elif self.learn.opt is not None:
             sd = self.learn.opt.state_dict()
             opt = {"state": list(sd["state"]), "hypers": [dict(h) for h in sd["hypers"]]}
         model = unwrap(self.learn.model).state_dict()

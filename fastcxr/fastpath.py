@@ -1,0 +1,319 @@
+"""The fast training path: what "rapid training" needs between the image cache and the GPU.
+
+* **Loader** (`CacheDL`, a fastai `DataLoader`): each worker decodes cached 8-bit PNGs into a
+  uint8 batch (N, 1, H, W) — no per-item float conversion, no 3-channel copies, no fastai
+  type dispatch — pinned, then moved to the device, where it is converted to float,
+  augmented (small rotation/zoom, lighting) and normalised in one pass per batch.
+* **Precision and layout** (`Accelerated`, a callback): bf16 autocast and channels_last on a
+  GPU; the model sees plain tensors (fastai's `TensorBase` subclasses add Python overhead to
+  every op of a 500-layer forward and backward).
+* **Optimizer**: torch's fused AdamW (fastai's Adam steps each parameter in Python), with the
+  hyper-parameters of fastai's Adam (betas 0.9/0.99, eps 1e-5, decoupled weight decay), so the
+  schedule's discriminative learning rates and `freeze_to` work unchanged.
+* **torch.compile** (`--compile`): the model is compiled in place (its state-dict keys do not
+  change); batches during which new graphs were compiled are timed as compile time, apart
+  from training time.
+
+`resolve_speed` turns a `TrainConfig` ("auto" everywhere) into the settings for a device; the
+run records them. Validation and test inference go through the same loader and callback: no
+gradient, bf16, twice the training batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.data.load import DataLoader
+from fastai.optimizer import OptimWrapper
+
+from fastcxr.prepare.cache import load_source
+
+GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet RGB statistics averaged: a summed 1-channel stem
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Resolved speed settings for one device (recorded with every run)."""
+
+    loader: str  # "fast" | "datablock"
+    precision: str  # "bf16" | "fp32"
+    channels_last: bool
+    compile: bool
+    compile_backend: str
+    fused_optimizer: bool
+    cudnn_benchmark: bool
+    workers: int
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_workers(fast: bool) -> int:
+    """Loader processes: every core but one on the fast path (decoding must keep up with the
+    GPU); at most 8 for the plain DataBlock path."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(cores - 1, 0) if fast else min(8, max(cores - 1, 0))
+
+
+def resolve_speed(cfg, device: torch.device | str | None = None) -> Speed:
+    """`auto` → the fast path with bf16 and channels_last on CUDA; the plain fastai DataBlock
+    path in fp32 on a CPU (where bf16 autocast is rarely faster)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    loader = cfg.loader if cfg.loader != "auto" else ("fast" if cuda else "datablock")
+    if loader not in ("fast", "datablock"):
+        raise ValueError(f"unknown loader {cfg.loader!r}; choose auto, fast or datablock")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose auto, bf16 or fp32")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bfloat16; use --precision fp32")
+    if loader == "datablock" and (cfg.compile or precision == "bf16"):
+        raise ValueError("--compile and bf16 need the fast loader (--loader fast)")
+    fast = loader == "fast"
+    workers = cfg.workers if cfg.workers is not None else default_workers(fast)
+    return Speed(
+        loader=loader,
+        precision=precision,
+        channels_last=fast and cuda,
+        compile=bool(cfg.compile),
+        compile_backend=cfg.compile_backend,
+        fused_optimizer=fast,
+        cudnn_benchmark=fast and cuda,
+        workers=workers,
+        device=str(device),
+    )
+
+
+# -- loader ---------------------------------------------------------------------------------
+def gpu_augment(x: torch.Tensor, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2, p=0.75):
+    """fastai's `aug_transforms(do_flip=False, max_warp=0)` on a float batch in 0..1, on its
+    device: per image, with probability `p`, a rotation in ±max_rotate degrees and a zoom in
+    1..max_zoom (bilinear, reflection padding); with probability `p`, brightness and contrast
+    changes on the logit scale (fastai's lighting transforms)."""
+    n = x.shape[0]
+    dev = x.device
+    u = partial(torch.rand, n, device=dev)
+    on = (u() < p).float()
+    ang = (u() * 2 - 1) * math.radians(max_rotate) * on
+    scale = 1 / (1 + (max_zoom - 1) * u() * on)  # zoom in: sample a smaller window
+    cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    lit = (u() < p).float()[:, None, None, None]
+    bright = 0.5 * (1 + max_lighting * (u() * 2 - 1))  # fastai Brightness: logit(change)
+    contrast = torch.exp(
+        (u() * 2 - 1) * -math.log(1 - max_lighting)
+    )  # fastai Contrast: log-uniform
+    eps = 1e-4
+    logit = torch.logit(x.clamp(eps, 1 - eps))
+    moved = torch.sigmoid(
+        logit * contrast[:, None, None, None] + torch.logit(bright)[:, None, None, None]
+    )
+    return torch.lerp(x, moved, lit)
+
+
+class CacheDL(DataLoader):
+    """Batches of (uint8 images → normalised float on the device, targets) from the cache.
+
+    `files` are cached PNG/JPGs (or DICOMs, decoded with `mode`), resized to `size` only when
+    they are not already that size; `targets` are float (n, k) 0/1 or int (n,) class indices.
+    """
+
+    def __init__(
+        self,
+        files,
+        targets: np.ndarray,
+        size: int,
+        mode: str = "voi",
+        augment: bool = False,
+        channels_last: bool = False,
+        mean: float = GRAY_MEAN,
+        std: float = GRAY_STD,
+        **kwargs,
+    ):
+        self.files = [str(f) for f in files]
+        self.targets = np.asarray(targets)
+        self.size, self.mode, self.augment = size, mode, augment
+        self.channels_last, self.mean, self.std = channels_last, mean, std
+        kwargs.pop("dataset", None)
+        kwargs.pop("n", None)
+        super().__init__(dataset=None, n=len(self.files), indexed=True, **kwargs)
+
+    def new(self, **kwargs):
+        cur = dict(
+            num_workers=self.fake_l.num_workers,
+            pin_memory=self.pin_memory,
+            bs=self.bs,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            device=self.device,
+            persistent_workers=self.fake_l.persistent_workers,
+        )
+        return CacheDL(
+            self.files,
+            self.targets,
+            self.size,
+            self.mode,
+            self.augment,
+            self.channels_last,
+            self.mean,
+            self.std,
+            **{**cur, **kwargs},
+        )
+
+    def create_item(self, i):
+        return load_source(Path(self.files[i]), self.size, self.mode), self.targets[i]
+
+    def create_batch(self, items):
+        x = torch.from_numpy(np.stack([it[0] for it in items])[:, None])
+        y = torch.from_numpy(np.stack([it[1] for it in items]))
+        return x, y
+
+    def retain(self, res, b):
+        return res  # plain tensors on purpose
+
+    def after_batch(self, b):
+        x, y = b
+        x = x.float().div_(255)
+        if self.augment and self.shuffle:  # the training loader only
+            x = gpu_augment(x)
+        x = x.sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+
+# -- learner --------------------------------------------------------------------------------
+class Accelerated(Callback):
+    """Autocast (bf16) around forward and loss, channels_last model, float predictions;
+    with `compile`, the model is compiled once and batches that compiled graphs are timed
+    apart (`compile_seconds`)."""
+
+    order = -5  # before every callback that looks at the prediction
+
+    def __init__(self, speed: Speed):
+        self.speed = speed
+        self.autocast = None
+        self.compile_seconds = 0.0
+        self._compiled = False
+
+    def before_fit(self):
+        if self.speed.channels_last:
+            self.learn.model.to(memory_format=torch.channels_last)
+        if self.speed.compile and not self._compiled:
+            self.learn.model.compile(backend=self.speed.compile_backend, dynamic=False)
+            self._compiled = True
+
+    def before_batch(self):
+        self._graphs = _graph_count() if self.speed.compile else 0
+        self._t0 = time.perf_counter()
+        if self.speed.precision == "bf16":
+            dev = torch.device(self.speed.device).type
+            self.autocast = torch.autocast(dev, dtype=torch.bfloat16)
+            self.autocast.__enter__()
+
+    def after_pred(self):
+        self.learn.pred = self.pred.float()
+
+    def after_loss(self):
+        self._exit()
+
+    def after_batch(self):
+        self._exit()
+        if self.speed.compile and _graph_count() != self._graphs:
+            _sync(self.speed.device)
+            self.compile_seconds += time.perf_counter() - self._t0
+
+    def after_cancel_batch(self):
+        self._exit()
+
+    def _exit(self):
+        if self.autocast is not None:
+            self.autocast.__exit__(None, None, None)
+            self.autocast = None
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["stats"].values())
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fused_adamw(speed: Speed):
+    """`opt_func` for fastai: torch AdamW (fused on CUDA) with fastai Adam's defaults."""
+    cuda = torch.device(speed.device).type == "cuda"
+    opt = partial(
+        torch.optim.AdamW,
+        betas=(0.9, 0.99),
+        eps=1e-5,
+        fused=True if cuda else None,
+        foreach=None if cuda else True,
+    )
+    return partial(OptimWrapper, opt=opt)
+
+
+def cache_loaders(
+    files_train,
+    y_train,
+    files_valid,
+    y_valid,
+    files_test,
+    y_test,
+    size: int,
+    batch_size: int,
+    augment: bool,
+    speed: Speed,
+    device,
+    mode: str = "voi",
+):
+    """(train, valid, test) `CacheDL`s; evaluation loaders use twice the batch size."""
+    cuda = torch.device(speed.device).type == "cuda"
+    common = dict(
+        size=size,
+        mode=mode,
+        channels_last=speed.channels_last,
+        num_workers=speed.workers,
+        pin_memory=cuda,
+        persistent_workers=speed.workers > 0,
+        device=device,
+    )
+    train = CacheDL(
+        files_train, y_train, augment=augment, bs=batch_size, shuffle=True, drop_last=True,
+        **common,
+    )  # fmt: skip
+    valid = CacheDL(files_valid, y_valid, bs=2 * batch_size, **common)
+    test = CacheDL(files_test, y_test, bs=2 * batch_size, **common)
+    return train, valid, test
+
+
+__all__ = [
+    "Accelerated",
+    "CacheDL",
+    "Speed",
+    "cache_loaders",
+    "default_workers",
+    "fused_adamw",
+    "gpu_augment",
+    "resolve_speed",
+]
