@@ -657,6 +657,93 @@ def bench_prepare_cmd(
     )
 
 
+@app.command("bench")
+def bench_cmd(
+    arch: Annotated[str, typer.Option(help="Architecture.")] = "resnet152",
+    size: Annotated[int, typer.Option(help="Image size (square).")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 64,
+    stages: Annotated[
+        str, typer.Option(help="Comma-separated stages (NAME=SPEC or SPEC) to measure.")
+    ] = "head,conv5_block3=conv5_block-1,conv5,conv4_last3=conv4_block-3,all",
+    freeze_style: Annotated[
+        str, typer.Option("--freeze-style", help="Comma-separated freezing styles: keras,fastai.")
+    ] = "keras,fastai",
+    precision: Precision = None,
+    compile: Compile = False,
+    compile_backend: CompileBackend = None,
+    warmup: Annotated[int, typer.Option(help="Untimed batches per stage (compile, cuDNN).")] = 5,
+    steps: Annotated[int, typer.Option(help="Timed batches per stage.")] = 20,
+    images: Annotated[
+        int | None, typer.Option(help="Images in the bench cache (default: enough for one pass).")
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Image cache folder (generated if absent; default under FASTCXR_HOME)."),
+    ] = None,
+    no_defaults: Annotated[
+        bool, typer.Option("--no-defaults", help="Skip the fastai-defaults baseline.")
+    ] = False,
+    formulation: Annotated[str, typer.Option(help="Formulation of the network.")] = "multilabel",
+    workers: Workers = None,
+    project_images: Annotated[
+        int, typer.Option(help="Training images for the projected `compare --preset paper`.")
+    ] = 34_000,
+    json_out: Json = False,
+) -> None:
+    """Training speed per stage: the model-only limit (random tensors on the device), fastcxr's
+    real loop on an image cache, and fastai's defaults, measured in one run."""
+    from fastcxr.bench import bench_train
+    from fastcxr.config import TrainConfig, parse_stages
+
+    with _library_errors():
+        styles = tuple(s.strip() for s in freeze_style.split(",") if s.strip())
+        for s in styles:
+            if s not in ("keras", "fastai"):
+                raise ValueError(f"--freeze-style must list keras and/or fastai, not {s!r}")
+        cfg = TrainConfig(
+            arch=arch, size=size, batch_size=batch_size, pretrained=False,
+            freeze_style=styles[0], workers=workers, compile=compile,
+        ).replace(precision=precision, compile_backend=compile_backend)  # fmt: skip
+        r = bench_train(
+            cfg, parse_stages(stages), styles, warmup, steps, images, cache,
+            defaults=not no_defaults, formulation=formulation, project_images=project_images,
+            log=None if json_out else (lambda m: err.print(f"[dim]{m}[/]")),
+        )  # fmt: skip
+    if json_out:
+        print(json.dumps(r, indent=2))
+        return
+    sp = r["speed"]
+    t = Table(
+        title=f"Training img/s — {r['arch']}, {r['size']}px, batch {r['batch_size']}, "
+        f"{sp['precision']}, channels_last={sp['channels_last']}, compile={sp['compile']} "
+        f"on {r['device']}"
+    )
+    cols = ["stage", "freezing", "limit", "fastcxr", "fastcxr/limit"]
+    if not no_defaults:
+        cols += ["fastai defaults", "fastcxr/defaults"]
+    if sp["compile"]:
+        cols += ["compile s (fastcxr)"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("stage", "freezing") else "right")
+    for row in r["rows"]:
+        cells = [row["stage"], row["freeze_style"], f"{row['limit_img_s']:.1f}",
+                 f"{row['fastcxr_img_s']:.1f}", f"{row['fastcxr_vs_limit']:.2f}"]  # fmt: skip
+        if not no_defaults:
+            cells += [f"{row['defaults_img_s']:.1f}", f"{row['fastcxr_vs_defaults']:.2f}x"]
+        if sp["compile"]:
+            cells += [f"{row['compile_s']['fastcxr']:.1f}"]
+        t.add_row(*cells)
+    out.print(t)
+    out.print(f"evaluation (no gradient, batch {2 * r['batch_size']}): {r['eval_img_s']:.1f} img/s")
+    pj = r["projection"]
+    if pj["available"]:
+        out.print(
+            f"projected `compare --preset paper` on {pj['train_images']:,} training images "
+            f"({pj['networks']} networks x 4 stages x {pj['epochs_per_stage']} epochs, "
+            f"{pj['freeze_style']} freezing, no early stop): {pj['hours']:.2f} h"
+        )
+
+
 @app.command("report")
 def report_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="compare, ablation or run folders.")],

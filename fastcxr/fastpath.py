@@ -214,10 +214,20 @@ class Accelerated(Callback):
         self._compiled = False
 
     def before_fit(self):
+        self._prepare()
+
+    def before_validate(self):  # also reached by `get_preds` without a fit
+        self._prepare()
+
+    def _prepare(self):
+        model = self.learn.model
+        device = getattr(self.dls, "device", None)
+        if device is not None:
+            model.to(device)
         if self.speed.channels_last:
-            self.learn.model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)
         if self.speed.compile and not self._compiled:
-            self.learn.model.compile(backend=self.speed.compile_backend, dynamic=False)
+            model.compile(backend=self.speed.compile_backend, dynamic=False)
             self._compiled = True
 
     def before_batch(self):

@@ -38,10 +38,15 @@ class FrozenBNEval(Callback):
     order = 1  # after TrainEvalCallback (order -10) has put the model in train mode
 
     def before_train(self):
-        for m in self.learn.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-                if not m.weight.requires_grad:
-                    m.eval()
+        frozen_bn_eval(self.learn.model)
+
+
+def frozen_bn_eval(model: nn.Module) -> None:
+    """Put every BatchNorm layer whose parameters are frozen in eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            if not m.weight.requires_grad:
+                m.eval()
 
 
 class RestoreBest(TrackerCallback):

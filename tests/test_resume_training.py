@@ -7,6 +7,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 
 ARGS = [
@@ -32,7 +33,7 @@ def _epochs_done(ckpt):
         return 0
 
 
-def _start(prepared, runs, name, stages, epochs):
+def _start(prepared, runs, name, stages, epochs, *extra):
     cmd = [
         sys.executable,
         "-m",
@@ -49,6 +50,7 @@ def _start(prepared, runs, name, stages, epochs):
         str(runs),
         "--name",
         name,
+        *extra,
     ]
     return cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -69,10 +71,12 @@ def _check_history(run, stages, epochs):
     assert not (run / "checkpoints").exists()
 
 
-def test_sigkill_then_resume(prepared, tmp_path):
+@pytest.mark.parametrize("loader", ["datablock", "fast"])
+def test_sigkill_then_resume(prepared, tmp_path, loader):
+    """Both loaders; the fast one checkpoints a torch (fused) AdamW instead of fastai's Adam."""
     run = tmp_path / "k"
     ckpt = run / "checkpoints" / "edema+pleural_effusion.pt"
-    cmd, proc = _start(prepared, tmp_path, "k", "head,all", 3)
+    cmd, proc = _start(prepared, tmp_path, "k", "head,all", 3, "--loader", loader)
     done = _wait_for(ckpt, 4, proc)  # inside the second stage
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -84,6 +88,7 @@ def test_sigkill_then_resume(prepared, tmp_path):
     assert res.stderr.count(" epoch ") == 6 - done, res.stderr
     _check_history(run, ["head", "all"], 3)
     assert json.loads(res.stdout)["epochs"] == 6
+    assert json.loads((run / "config.json").read_text())["speed"]["loader"] == loader
 
 
 def test_sigterm_stops_cleanly_then_resumes(prepared, tmp_path):

@@ -1,0 +1,193 @@
+"""The fast path (uint8 cache loader, on-device normalise/augment, bf16, fused AdamW, compile)
+against fastai's plain DataBlock path, and the `fastcxr bench` command."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fastcxr.bench import project_compare
+from fastcxr.config import DEMO, PAPER_STAGES
+from fastcxr.data import GRAY_MEAN, GRAY_STD, apply_policy, network_data
+from fastcxr.fastpath import gpu_augment, resolve_speed
+from fastcxr.formulations import get_formulation
+from fastcxr.manifest import read_manifest
+from fastcxr.study import make_learner
+
+FINDINGS = ("Edema", "Pleural Effusion")
+CFG = DEMO.replace(size=32, batch_size=8, workers=0)
+
+
+def _learners(prepared, formulation, device="cpu", **fast):
+    """The same network built on the DataBlock path and on the fast path, same weights."""
+    form = get_formulation(formulation)
+    net = form.networks(FINDINGS)[0]
+    df = apply_policy(read_manifest(prepared / "manifest.csv"), CFG, FINDINGS)
+    out = []
+    for cfg in (
+        CFG.replace(loader="datablock", precision="fp32"),
+        CFG.replace(loader="fast", **fast),
+    ):
+        speed = resolve_speed(cfg, device)
+        nd = network_data(df, prepared, form, net, cfg, device=device, speed=speed)
+        out.append((nd, make_learner(nd, form, net, cfg)))
+    out[1][1].model.load_state_dict(out[0][1].model.state_dict())
+    for _, learn in out:
+        learn.model.to(device)  # get_preds alone does not move it (fit would)
+    return form, net, out
+
+
+def _probs(form, net, nd, learn):
+    preds, targets = learn.get_preds(dl=nd.test_dl)
+    return form.probabilities(net, preds), targets.cpu().numpy()
+
+
+def test_fast_loader_batches_equal_the_datablock_batches(prepared):
+    _, _, [(db, _), (fast, _)] = _learners(prepared, "multilabel", precision="fp32")
+    xd, yd = db.test_dl.one_batch()
+    xf, yf = fast.test_dl.one_batch()
+    assert type(xf) is torch.Tensor  # plain tensors reach the model
+    assert xf.shape == (16, 1, 32, 32)  # evaluation batches are twice the training batch
+    np.testing.assert_allclose(xf[:8].numpy(), torch.as_tensor(xd).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(yf[:8].numpy(), torch.as_tensor(yd).numpy())
+    # computed independently: the cached PNG, scaled and normalised by hand
+    row = db.test.iloc[0]
+    png = np.asarray(Image.open(prepared / row["image"]), np.float32) / 255
+    np.testing.assert_allclose(xf[0, 0].numpy(), (png - GRAY_MEAN) / GRAY_STD, atol=1e-5)
+
+
+@pytest.mark.parametrize("formulation", ["multilabel", "multiclass"])
+def test_fast_path_predicts_what_the_fastai_path_predicts(prepared, formulation):
+    form, net, [(db, ldb), (fast, lfast)] = _learners(prepared, formulation, precision="fp32")
+    p_db, y_db = _probs(form, net, db, ldb)
+    p_fast, y_fast = _probs(form, net, fast, lfast)
+    np.testing.assert_array_equal(y_db, y_fast)
+    np.testing.assert_allclose(p_fast, p_db, atol=1e-5)
+
+
+def test_bf16_fast_path_within_bf16_tolerance(prepared):
+    form, net, [(db, ldb), (fast, lfast)] = _learners(prepared, "multilabel", precision="bf16")
+    p_db, _ = _probs(form, net, db, ldb)
+    p_bf16, _ = _probs(form, net, fast, lfast)
+    diff = np.abs(p_bf16 - p_db)
+    assert diff.max() > 0  # bf16 autocast really ran
+    assert diff.max() < 0.03  # bf16 keeps 8 bits of mantissa
+    assert np.corrcoef(p_bf16.ravel(), p_db.ravel())[0, 1] > 0.99
+
+
+def test_gpu_augment():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 20, 20, generator=g) * 0.8 + 0.1
+    torch.testing.assert_close(gpu_augment(x, p=0.0), x, atol=1e-5, rtol=0)
+    # every transform at zero magnitude is the identity too
+    torch.testing.assert_close(
+        gpu_augment(x, max_rotate=0.0, max_zoom=1.0, max_lighting=0.0, p=1.0), x, atol=1e-4, rtol=0
+    )
+    torch.manual_seed(1)
+    y = gpu_augment(x, max_rotate=20.0, max_zoom=1.3, max_lighting=0.5, p=1.0)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert (y - x).abs().mean(dim=(1, 2, 3)).min() > 1e-3  # each image changed
+    # a bright dot off-centre moves under rotation; the total intensity stays about the same
+    dot = torch.zeros(1, 1, 41, 41)
+    dot[0, 0, 20, 35] = 1.0
+    torch.manual_seed(0)
+    rot = gpu_augment(dot, max_rotate=30.0, max_zoom=1.0, max_lighting=0.0, p=1.0)
+    assert rot[0, 0, 20, 35] < 0.9
+
+
+def _train(prepared, runs, name, *extra):
+    cmd = [
+        sys.executable, "-m", "fastcxr", "train", "--data", str(prepared), "--arch", "resnet10",
+        "--size", "32", "--batch-size", "16", "--workers", "0", "--stages", "head,all",
+        "--epochs", "1", "--runs", str(runs), "--name", name, "--json", *extra,
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_compile_time_is_reported_apart(prepared, tmp_path):
+    """`--compile` (aot_eager: no C compiler needed) trains; the batches that compiled graphs
+    are counted as compile time, not training time."""
+    res = _train(
+        prepared, tmp_path, "c", "--loader", "fast", "--compile", "--compile-backend", "aot_eager"
+    )
+    assert res["compile_seconds"] > 0
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["speed"]["compile"] and cfg["speed"]["loader"] == "fast"
+    assert cfg["speed"]["fused_optimizer"]
+    hist = pd.read_csv(tmp_path / "c" / "history.csv")
+    assert math.isclose(hist["compile_seconds"].sum(), res["compile_seconds"], rel_tol=1e-6)
+    for n in ("Edema", "Pleural Effusion"):
+        assert 0 <= res["findings"][n]["auc"] <= 1
+
+
+def test_compile_needs_the_fast_loader(prepared, tmp_path):
+    cmd = [sys.executable, "-m", "fastcxr", "train", "--data", str(prepared),
+           "--loader", "datablock", "--compile", "--runs", str(tmp_path)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "fast loader" in r.stderr
+
+
+def test_bench_json(tmp_path):
+    cmd = [
+        sys.executable, "-m", "fastcxr", "bench", "--arch", "resnet10", "--size", "32",
+        "--batch-size", "4", "--warmup", "1", "--steps", "2", "--stages", "head,conv5,all",
+        "--workers", "0", "--cache", str(tmp_path / "cache"), "--json",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["device"] == "cpu" and res["speed"]["loader"] == "fast"
+    assert [(x["stage"], x["freeze_style"]) for x in res["rows"]] == [
+        (s, f) for f in ("keras", "fastai") for s in ("head", "conv5", "all")
+    ]
+    for row in res["rows"]:
+        for k in ("limit_img_s", "fastcxr_img_s", "defaults_img_s"):
+            assert row[k] > 0
+        assert math.isclose(row["fastcxr_vs_limit"], row["fastcxr_img_s"] / row["limit_img_s"])
+        assert math.isclose(
+            row["fastcxr_vs_defaults"], row["fastcxr_img_s"] / row["defaults_img_s"]
+        )
+    # the fastai-defaults baseline is one measurement per stage, shared by both styles
+    by = {(x["stage"], x["freeze_style"]): x["defaults_img_s"] for x in res["rows"]}
+    assert by[("head", "keras")] == by[("head", "fastai")]
+    assert res["projection"] == {
+        "available": False,
+        "missing_stages": ["conv5_block-1", "conv4_block-3"],
+    }
+    # the cache is reused: same files, same manifest
+    manifest = tmp_path / "cache" / "manifest.csv"
+    before = manifest.stat().st_mtime_ns
+    assert len(pd.read_csv(manifest)) == res["cache_images"]
+    r2 = subprocess.run(cmd[:-1] + ["--no-defaults", "--freeze-style", "keras"], text=True,
+                        capture_output=True, timeout=600)  # fmt: skip
+    assert r2.returncode == 0, r2.stderr
+    assert manifest.stat().st_mtime_ns == before
+    assert "fastcxr/limit" in r2.stdout and "defaults" not in r2.stdout
+
+
+def test_projection_arithmetic():
+    ips = {"head": 800.0, "conv5_block-1": 700.0, "conv5": 600.0, "conv4_block-3": 400.0}
+    rows = [{"unfreeze": u, "freeze_style": "keras", "fastcxr_img_s": v} for u, v in ips.items()]
+    p = project_compare(rows, eval_ips=1000.0, style="keras", train_images=34_000)
+    per_epoch = [34_000 / ips[s.unfreeze] + 3_400 / 1000.0 for s in PAPER_STAGES]
+    assert math.isclose(p["hours"], 4 * 10 * sum(per_epoch) / 3600)
+    assert p["networks"] == 4 and p["epochs_per_stage"] == 10
+
+
+@pytest.mark.gpu
+def test_fast_path_on_the_gpu_matches_fp32_fastai(prepared):
+    form, net, [(db, ldb), (fast, lfast)] = _learners(
+        prepared, "multilabel", device="cuda", precision="bf16"
+    )
+    assert fast.dls.device.type == "cuda"
+    p_db, _ = _probs(form, net, db, ldb)
+    p_fast, _ = _probs(form, net, fast, lfast)
+    assert np.abs(p_fast - p_db).max() < 0.03
