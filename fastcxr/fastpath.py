@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.data.load import DataLoader
+from fastai.learner import AvgSmoothLoss
 from fastai.optimizer import OptimWrapper
 
 from fastcxr.prepare.cache import load_source
@@ -200,6 +201,17 @@ class CacheDL(DataLoader):
 
 
 # -- learner --------------------------------------------------------------------------------
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, kept on the device: fastai's copies every batch's loss
+    to the CPU, a GPU synchronisation per batch that leaves the GPU idle while Python queues
+    the next one. This one is read (synchronised) once per epoch."""
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.detach().mean().float()
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
+
+
 class Accelerated(Callback):
     """Autocast (bf16) around forward and loss, channels_last model, float predictions;
     with `compile`, the model is compiled once and batches that compiled graphs are timed
@@ -215,6 +227,9 @@ class Accelerated(Callback):
 
     def before_fit(self):
         self._prepare()
+        rec = getattr(self.learn, "recorder", None)
+        if rec is not None and type(rec.smooth_loss) is AvgSmoothLoss:
+            rec.smooth_loss = DeviceSmoothLoss(rec.smooth_loss.beta)
 
     def before_validate(self):  # also reached by `get_preds` without a fit
         self._prepare()
@@ -227,6 +242,13 @@ class Accelerated(Callback):
         if self.speed.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.speed.compile and not self._compiled:
+            import torch._dynamo as dynamo
+
+            # each stage (which parameters train), train/eval mode and last-batch size is a
+            # graph of its own; past dynamo's default limit of 8 it would silently run eager
+            cfg = dynamo.config
+            cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
+            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 256)
             model.compile(backend=self.speed.compile_backend, dynamic=False)
             self._compiled = True
 
@@ -320,6 +342,7 @@ def cache_loaders(
 __all__ = [
     "Accelerated",
     "CacheDL",
+    "DeviceSmoothLoss",
     "Speed",
     "cache_loaders",
     "default_workers",

@@ -31,7 +31,9 @@ ARGS = [
 
 
 @pytest.mark.slow
-def test_two_processes_on_cpu(prepared, tmp_path):
+@pytest.mark.parametrize("loader", ["datablock", "fast"])
+def test_two_processes_on_cpu(prepared, tmp_path, loader):
+    """Both loaders: fastai's `DistributedDL` shards the fast `CacheDL` as it does a TfmdDL."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     cmd = [
         torchrun or "torchrun",
@@ -43,6 +45,8 @@ def test_two_processes_on_cpu(prepared, tmp_path):
         "--data",
         str(prepared),
         *ARGS,
+        "--loader",
+        loader,
         "--runs",
         str(tmp_path),
         "--name",
@@ -74,7 +78,7 @@ def test_two_processes_on_cpu(prepared, tmp_path):
     assert two.keys() == single.keys() and two["findings"].keys() == single["findings"].keys()
     run = tmp_path / "ddp"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["environment"]["processes"] == 2
+    assert cfg["environment"]["processes"] == 2 and cfg["speed"]["loader"] == loader
     preds = pd.read_csv(run / "predictions.csv")
     manifest = pd.read_csv(prepared / "manifest.csv")
     test = preds[preds["split"] == "test"]

@@ -81,6 +81,25 @@ def test_bf16_fast_path_within_bf16_tolerance(prepared):
     assert np.corrcoef(p_bf16.ravel(), p_db.ravel())[0, 1] > 0.99
 
 
+def test_device_smooth_loss_equals_fastais():
+    from types import SimpleNamespace
+
+    from fastai.learner import AvgSmoothLoss
+
+    from fastcxr.fastpath import DeviceSmoothLoss
+
+    a, b = AvgSmoothLoss(), DeviceSmoothLoss()
+    expect, count = 0.0, 0
+    for v in [0.9, 0.7, 0.75, 0.4, 0.35]:
+        learn = SimpleNamespace(loss=torch.tensor([v, v + 0.1]))
+        a.accumulate(learn)
+        b.accumulate(learn)
+        count += 1
+        expect = 0.98 * expect + 0.02 * (v + 0.05)  # by hand: debiased EMA of batch means
+        assert math.isclose(float(b.value), expect / (1 - 0.98**count), rel_tol=1e-5)
+        assert math.isclose(float(b.value), float(a.value), rel_tol=1e-6)
+
+
 def test_gpu_augment():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 20, 20, generator=g) * 0.8 + 0.1
