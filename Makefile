@@ -1,11 +1,12 @@
 # fastcxr — set-up, demo, tests, figures. Every target creates or reuses the virtual environment.
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FASTCXR := $(VENV)/bin/fastcxr
 RUNS ?= runs
 DEMO_RUN ?= demo-compare
 
-.PHONY: install demo ablation figures test lint clean
+.PHONY: install demo ablation figures bench test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +28,13 @@ ablation: install
 figures: install
 	test -f $(RUNS)/$(DEMO_RUN)/compare.json || $(FASTCXR) compare --name $(DEMO_RUN) --runs $(RUNS)
 	$(FASTCXR) report $(RUNS)/$(DEMO_RUN) --out reports/build --template reports/template.md
+
+## Training speed on this machine's GPU (the study's model and stages), saved as JSON.
+BENCH_ARGS ?=
+bench: install
+	mkdir -p reports/build
+	set -o pipefail; $(FASTCXR) bench --json $(BENCH_ARGS) | tee reports/build/bench.json.part
+	mv reports/build/bench.json.part reports/build/bench.json
 
 test: install
 	$(PY) -m pytest -q tests

@@ -210,3 +210,27 @@ def test_fast_path_on_the_gpu_matches_fp32_fastai(prepared):
     p_db, _ = _probs(form, net, db, ldb)
     p_fast, _ = _probs(form, net, fast, lfast)
     assert np.abs(p_fast - p_db).max() < 0.03
+
+
+@pytest.mark.gpu
+def test_compiled_bf16_training_on_the_gpu(prepared, tmp_path):
+    res = _train(prepared, tmp_path, "g", "--loader", "auto", "--compile")
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())["speed"]
+    assert cfg["loader"] == "fast" and cfg["precision"] == "bf16" and cfg["channels_last"]
+    assert res["compile_seconds"] > 0
+    for n in ("Edema", "Pleural Effusion"):
+        assert 0 <= res["findings"][n]["auc"] <= 1
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu(tmp_path):
+    cmd = [
+        sys.executable, "-m", "fastcxr", "bench", "--arch", "resnet18", "--size", "64",
+        "--batch-size", "16", "--warmup", "2", "--steps", "4", "--stages", "head,all",
+        "--cache", str(tmp_path / "cache"), "--json",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["device"] != "cpu" and res["speed"]["precision"] == "bf16"
+    assert all(row["fastcxr_img_s"] > 0 for row in res["rows"])
