@@ -240,6 +240,8 @@ def _library_errors():
     """Turn the library's errors into a clean exit; keep stdout for the result only."""
     import signal
 
+    import torch
+
     from fastcxr.data import DataError
     from fastcxr.dicom import DicomError
     from fastcxr.manifest import ManifestError
@@ -259,6 +261,11 @@ def _library_errors():
     except Interrupted as e:
         err.print(f"[yellow]{e}; continue with the same --name and --resume[/]")
         raise typer.Exit(143) from None
+    except torch.cuda.OutOfMemoryError:
+        _fail(
+            "the GPU ran out of memory: lower --batch-size (evaluation batches are twice "
+            "its size); finished epochs are checkpointed, so add --resume with the same --name"
+        )
     except (
         DataError,
         DicomError,

@@ -105,7 +105,7 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(B, H, W) uint8 → (B, k) per-finding probabilities."""
-        x = torch.from_numpy(batch).float().unsqueeze(1).to(self.device)
+        x = torch.from_numpy(np.array(batch, np.float32)).unsqueeze(1).to(self.device)
         out = np.zeros((len(batch), len(self.findings)))
         for n in self.networks:
             cols = [self.findings.index(f) for f in n.findings]

@@ -231,3 +231,19 @@ def test_every_command_has_help_and_is_in_the_readme():
         res = runner.invoke(app, [*c.split(), "--help"])
         assert res.exit_code == 0 and len(res.stdout) > 100, c
         assert re.search(rf"fastcxr {c}\b", readme), f"README does not show `fastcxr {c}`"
+
+
+def test_gpu_out_of_memory_is_a_clear_error(prepared, tmp_path, monkeypatch):
+    import torch
+
+    import fastcxr.study
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fastcxr.study, "train_formulation", oom)
+    res = runner.invoke(
+        app, ["train", "--data", str(prepared), "--runs", str(tmp_path), "--batch-size", "512"]
+    )
+    assert res.exit_code == 2
+    assert "ran out of memory" in res.stderr and "--batch-size" in res.stderr
