@@ -384,6 +384,9 @@ def bench_train(
             log(what)
 
     rows, eval_ips = [], None
+    # the limit and fastcxr with fastcxr's cuDNN setting; the defaults with torch's (off)
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
     for style in freeze_styles:
         scfg = cfg.replace(freeze_style=style)
         say(f"model-only limit, {style} freezing")
@@ -402,11 +405,13 @@ def bench_train(
             })  # fmt: skip
     if defaults:
         say("fastai defaults")
+        torch.backends.cudnn.benchmark = False
         base = _defaults(ds, cfg, form, net, stages, warmup, steps, device)
         for r in rows:
             d = base[[s.name for s in stages].index(r["stage"])]["img_s"]
             r["defaults_img_s"] = d
             r["fastcxr_vs_defaults"] = r["fastcxr_img_s"] / d
+    torch.backends.cudnn.benchmark = saved
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "arch": cfg.arch, "size": cfg.size, "batch_size": cfg.batch_size,
