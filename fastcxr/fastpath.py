@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ from fastai.callback.core import Callback
 from fastai.data.load import DataLoader
 from fastai.learner import AvgSmoothLoss
 from fastai.optimizer import OptimWrapper
+from fastcore.basics import chunked
 
 from fastcxr.prepare.cache import load_source
 
@@ -129,11 +131,50 @@ def gpu_augment(x: torch.Tensor, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2,
     return torch.lerp(x, moved, lit)
 
 
+class _CacheBatches(torch.utils.data.Dataset):
+    """Map-style view for torch's DataLoader: a list of indices → one uint8 batch. Holds only
+    plain data, so it is cheap to send to worker processes however they start."""
+
+    def __init__(self, files: list[str], targets: np.ndarray, size: int, mode: str):
+        self.files, self.targets, self.size, self.mode = files, targets, size, mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idxs):
+        x = np.stack([load_source(Path(self.files[i]), self.size, self.mode) for i in idxs])
+        return torch.from_numpy(x[:, None]), torch.from_numpy(self.targets[list(idxs)])
+
+
+class _BatchOrder(torch.utils.data.Sampler):
+    """The epoch's batches (lists of indices), set by the main process before each epoch."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _stop_workers(loader) -> None:
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+
+
 class CacheDL(DataLoader):
     """Batches of (uint8 images → normalised float on the device, targets) from the cache.
 
     `files` are cached PNG/JPGs (or DICOMs, decoded with `mode`), resized to `size` only when
     they are not already that size; `targets` are float (n, k) 0/1 or int (n,) class indices.
+
+    Iteration goes through one torch `DataLoader` kept for the life of this object: its workers
+    persist across epochs (fastai builds a new one, with new workers, every epoch), the batch
+    order is drawn in the main process every epoch (fastai's seeded shuffle), each worker
+    builds whole batches, and pinned batches are copied to the device without blocking.
     """
 
     def __init__(
@@ -152,6 +193,7 @@ class CacheDL(DataLoader):
         self.targets = np.asarray(targets)
         self.size, self.mode, self.augment = size, mode, augment
         self.channels_last, self.mean, self.std = channels_last, mean, std
+        self._loader = None
         kwargs.pop("dataset", None)
         kwargs.pop("n", None)
         super().__init__(dataset=None, n=len(self.files), indexed=True, **kwargs)
@@ -189,10 +231,49 @@ class CacheDL(DataLoader):
     def retain(self, res, b):
         return res  # plain tensors on purpose
 
+    def __getstate__(self):  # a worker never needs the loader (nor its processes)
+        return {**self.__dict__, "_loader": None}
+
+    def _torch_loader(self):
+        if self._loader is None:
+            workers = self.fake_l.num_workers
+            self._loader = torch.utils.data.DataLoader(
+                _CacheBatches(self.files, self.targets, self.size, self.mode),
+                batch_size=None,
+                sampler=_BatchOrder(),
+                num_workers=workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=workers > 0 and self.fake_l.persistent_workers,
+                prefetch_factor=2 if workers > 0 else None,
+            )
+            # fastai's loaders sit in a reference cycle, so they are freed by the cyclic
+            # collector, which tears torch's worker queues down in no useful order: each worker
+            # then takes 5 s to time out. Stop the workers first, in order.
+            weakref.finalize(self, _stop_workers, self._loader)
+        return self._loader
+
+    def __iter__(self):
+        self.randomize()
+        self.before_iter()
+        idxs = list(self.get_idxs())  # in the main process: seeded, reshuffled every epoch
+        batches = [list(b) for b in chunked(idxs, self.bs, drop_last=self.drop_last)]
+        if self.fake_l.num_workers == 0:  # also `one_batch`, which switches workers off
+            source = (self.create_batch([self.create_item(i) for i in b]) for b in batches)
+        else:
+            loader = self._torch_loader()
+            loader.sampler.batches = batches
+            source = iter(loader)
+        for x, y in source:
+            if self.device is not None:
+                x = x.to(self.device, non_blocking=self.pin_memory)
+                y = y.to(self.device, non_blocking=self.pin_memory)
+            yield self.after_batch((x, y))
+        self.after_iter()
+
     def after_batch(self, b):
         x, y = b
         x = x.float().div_(255)
-        if self.augment and self.shuffle:  # the training loader only
+        if self.augment:  # the training loader only
             x = gpu_augment(x)
         x = x.sub_(self.mean).div_(self.std)
         if self.channels_last:

@@ -1,10 +1,13 @@
 """The fast path (uint8 cache loader, on-device normalise/augment, bf16, fused AdamW, compile)
 against fastai's plain DataBlock path, and the `fastcxr bench` command."""
 
+import gc
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -234,3 +237,50 @@ def test_bench_on_the_gpu(tmp_path):
     res = json.loads(r.stdout)
     assert res["device"] != "cpu" and res["speed"]["precision"] == "bf16"
     assert all(row["fastcxr_img_s"] > 0 for row in res["rows"])
+
+
+def test_worker_processes_give_the_same_batches_and_persist(prepared):
+    """Batches from 2 persistent worker processes equal in-process ones (same seeded shuffle);
+    the epoch order changes between epochs; the workers are reused, not restarted."""
+    from fastai.torch_basics import set_seed
+
+    from fastcxr.fastpath import CacheDL
+
+    df = read_manifest(prepared / "manifest.csv")
+    files = [prepared / p for p in df["image"]]
+    y = np.arange(len(df), dtype=np.int64)  # the target is the row: the order is visible
+
+    def epochs(workers, n=2):
+        set_seed(7)
+        dl = CacheDL(
+            files, y, size=32, bs=8, shuffle=True, drop_last=True, num_workers=workers,
+            persistent_workers=True,
+        )  # fmt: skip
+        out, pids = [], set()
+        for _ in range(n):
+            out.append([(x.clone(), t.clone()) for x, t in dl])
+            if workers:
+                pids |= {w.pid for w in dl._loader._iterator._workers}
+        return out, pids
+
+    (e0, _), (e2, pids) = epochs(0), epochs(2)
+    for a, b in zip(e0, e2):
+        assert len(a) == len(b) == len(df) // 8
+        for (xa, ya), (xb, yb) in zip(a, b):
+            torch.testing.assert_close(xa, xb)
+            assert torch.equal(ya, yb)
+    first, second = (torch.cat([t for _, t in ep]) for ep in e2)
+    assert not torch.equal(first, second)  # reshuffled
+    assert len(set(first.tolist())) == len(first)  # no image twice in an epoch
+    assert len(pids) == 2  # the same two processes served both epochs
+    row = int(first[0])
+    png = np.asarray(Image.open(files[row]), np.float32) / 255
+    np.testing.assert_allclose(e2[0][0][0][0, 0].numpy(), (png - GRAY_MEAN) / GRAY_STD, atol=1e-5)
+    # a loader freed by the cyclic collector stops its workers in order: without that, each
+    # worker waited out a 5 s timeout, and the workers of every discarded loader piled up
+    t0 = time.perf_counter()
+    gc.collect()
+    assert time.perf_counter() - t0 < 4.0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

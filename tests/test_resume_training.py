@@ -56,11 +56,14 @@ def _start(prepared, runs, name, stages, epochs, *extra):
 
 
 def _wait_for(ckpt, n, proc, timeout=240):
+    """Polls until at least `n` epochs are checkpointed."""
     deadline = time.time() + timeout
-    while time.time() < deadline and _epochs_done(ckpt) < n:
+    while time.time() < deadline:
+        if _epochs_done(ckpt) >= n:
+            return
         assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    return _epochs_done(ckpt)
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {n} epochs checkpointed after {timeout} s")
 
 
 def _check_history(run, stages, epochs):
@@ -76,18 +79,19 @@ def test_sigkill_then_resume(prepared, tmp_path, loader):
     """Both loaders; the fast one checkpoints a torch (fused) AdamW instead of fastai's Adam."""
     run = tmp_path / "k"
     ckpt = run / "checkpoints" / "edema+pleural_effusion.pt"
-    cmd, proc = _start(prepared, tmp_path, "k", "head,all", 3, "--loader", loader)
-    done = _wait_for(ckpt, 4, proc)  # inside the second stage
+    cmd, proc = _start(prepared, tmp_path, "k", "head,all", 5, "--loader", loader)
+    _wait_for(ckpt, 6, proc)  # inside the second stage
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 4 <= done < 6 and not (run / "record.json").exists()
+    done = _epochs_done(ckpt)  # what the killed run left behind
+    assert 6 <= done < 10 and not (run / "record.json").exists()
     res = subprocess.run([*cmd, "--resume", "--json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resuming network" in res.stderr
     # only the epochs not yet done were trained again
-    assert res.stderr.count(" epoch ") == 6 - done, res.stderr
-    _check_history(run, ["head", "all"], 3)
-    assert json.loads(res.stdout)["epochs"] == 6
+    assert res.stderr.count(" epoch ") == 10 - done, res.stderr
+    _check_history(run, ["head", "all"], 5)
+    assert json.loads(res.stdout)["epochs"] == 10
     assert json.loads((run / "config.json").read_text())["speed"]["loader"] == loader
 
 
