@@ -187,6 +187,14 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
+def _fresh_compile_cache() -> None:
+    """Forget compiled graphs: the same architecture would otherwise reuse the previous
+    measurement's graphs, and its compile time would read 0."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 def _limit(cfg, speed, form, net, stages, warmup, steps, device) -> list[dict]:
     """The model-only limit: the same model, stage, precision, layout, compile and optimizer,
     trained by a bare PyTorch loop on random tensors already on the device."""
@@ -194,7 +202,7 @@ def _limit(cfg, speed, form, net, stages, warmup, steps, device) -> list[dict]:
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
 
-    from fastcxr.fastpath import fused_adamw
+    from fastcxr.fastpath import compiled_graphs, fused_adamw
     from fastcxr.models import block_splitter, build_model
     from fastcxr.schedule import apply_stage, frozen_bn_eval, stage_lrs
 
@@ -214,6 +222,7 @@ def _limit(cfg, speed, form, net, stages, warmup, steps, device) -> list[dict]:
         opt_func=fused_adamw(speed), train_bn=cfg.freeze_style == "fastai",
     )  # fmt: skip
     if speed.compile:
+        _fresh_compile_cache()
         model.compile(backend=speed.compile_backend, dynamic=False)
     sync = _sync_fn(device)
     dev_type = torch.device(device).type
@@ -233,22 +242,19 @@ def _limit(cfg, speed, form, net, stages, warmup, steps, device) -> list[dict]:
         model.train()
         if cfg.freeze_style == "keras":
             frozen_bn_eval(model)
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        first = time.perf_counter() - t0
-        for _ in range(max(warmup - 1, 0)):
+        compiling = 0.0
+        for _ in range(max(warmup, 1)):  # steps that compiled graphs count as compile time
+            sync()
+            t0, graphs = time.perf_counter(), compiled_graphs()
             step()
-        sync()
+            sync()
+            if compiled_graphs() != graphs:
+                compiling += time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         sync()
-        ips = steps * bs / (time.perf_counter() - t0)
-        rows.append(
-            {"img_s": ips, "compile_s": max(first - bs / ips, 0.0) if speed.compile else 0.0}
-        )
+        rows.append({"img_s": steps * bs / (time.perf_counter() - t0), "compile_s": compiling})
     return rows
 
 
@@ -260,6 +266,8 @@ def _fastcxr(ds, cfg, speed, form, net, stages, warmup, steps, device) -> tuple[
     from fastcxr.study import make_learner, seed_everything
 
     df = apply_policy(ds.df, cfg, net.findings)
+    if speed.compile:
+        _fresh_compile_cache()
     seed_everything(cfg.seed, speed)
     nd = network_data(df, ds.root, form, net, cfg, device=device, speed=speed)
     learn = make_learner(nd, form, net, cfg)

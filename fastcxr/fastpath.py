@@ -334,7 +334,7 @@ class Accelerated(Callback):
             self._compiled = True
 
     def before_batch(self):
-        self._graphs = _graph_count() if self.speed.compile else 0
+        self._graphs = compiled_graphs() if self.speed.compile else 0
         self._t0 = time.perf_counter()
         if self.speed.precision == "bf16":
             dev = torch.device(self.speed.device).type
@@ -349,7 +349,7 @@ class Accelerated(Callback):
 
     def after_batch(self):
         self._exit()
-        if self.speed.compile and _graph_count() != self._graphs:
+        if self.speed.compile and compiled_graphs() != self._graphs:
             _sync(self.speed.device)
             self.compile_seconds += time.perf_counter() - self._t0
 
@@ -362,7 +362,8 @@ class Accelerated(Callback):
             self.autocast = None
 
 
-def _graph_count() -> int:
+def compiled_graphs() -> int:
+    """A counter that moves whenever dynamo captures (compiles) something."""
     from torch._dynamo.utils import counters
 
     return sum(counters["stats"].values())
@@ -426,6 +427,7 @@ __all__ = [
     "DeviceSmoothLoss",
     "Speed",
     "cache_loaders",
+    "compiled_graphs",
     "default_workers",
     "fused_adamw",
     "gpu_augment",

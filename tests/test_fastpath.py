@@ -195,6 +195,21 @@ def test_bench_json(tmp_path):
     assert "fastcxr/limit" in r2.stdout and "defaults" not in r2.stdout
 
 
+def test_bench_compiled_reports_compile_time_of_each_measurement(tmp_path):
+    cmd = [
+        sys.executable, "-m", "fastcxr", "bench", "--arch", "resnet10", "--size", "32",
+        "--batch-size", "4", "--warmup", "1", "--steps", "2", "--stages", "head",
+        "--freeze-style", "keras", "--no-defaults", "--workers", "0", "--compile",
+        "--compile-backend", "aot_eager", "--cache", str(tmp_path / "cache"), "--json",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["rows"]
+    # both compiled the model from scratch (no graph reused from the other measurement)
+    assert row["compile_s"]["fastcxr"] > 0 and row["compile_s"]["limit"] > 0
+    assert "defaults_img_s" not in row
+
+
 def test_projection_arithmetic():
     ips = {"head": 800.0, "conv5_block-1": 700.0, "conv5": 600.0, "conv4_block-3": 400.0}
     rows = [{"unfreeze": u, "freeze_style": "keras", "fastcxr_img_s": v} for u, v in ips.items()]
