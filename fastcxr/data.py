@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from fastai.data.block import DataBlock
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import ColReader, ColSplitter, Normalize
@@ -93,6 +94,8 @@ def network_data(
     y_train = y[df["split"].to_numpy() == "train"]
     if speed.loader == "fast":
         root = Path(root).resolve()
+        device = device if device is not None else torch.device(speed.device)  # never None:
+        # a fastai loader without a device leaves batches (and so the model) on the CPU
 
         def files(rows):
             return [root / p for p in rows["image"]]

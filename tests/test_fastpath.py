@@ -134,6 +134,18 @@ def _train(prepared, runs, name, *extra):
     return json.loads(r.stdout)
 
 
+def test_fast_loaders_always_name_the_device(prepared):
+    """Without a device a fastai loader leaves batches, and hence the model, on the CPU."""
+    form = get_formulation("multilabel")
+    net = form.networks(FINDINGS)[0]
+    df = apply_policy(read_manifest(prepared / "manifest.csv"), CFG, FINDINGS)
+    cfg = CFG.replace(loader="fast")
+    speed = resolve_speed(cfg, "cpu")
+    nd = network_data(df, prepared, form, net, cfg, device=None, speed=speed)
+    for dl in (nd.dls.train, nd.dls.valid, nd.test_dl):
+        assert dl.device == torch.device(speed.device)
+
+
 def test_compile_time_is_reported_apart(prepared, tmp_path):
     """`--compile` (aot_eager: no C compiler needed) trains; the batches that compiled graphs
     are counted as compile time, not training time."""
