@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.data.load import DataLoader
 from fastai.learner import AvgSmoothLoss
-from fastai.optimizer import OptimWrapper
+from fastai.optimizer import OptimWrapper, set_item_pg
 from fastcore.basics import chunked
 
 from fastcxr.prepare.cache import load_source
@@ -374,17 +374,57 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class GroupedAdamW(OptimWrapper):
+    """torch AdamW behind fastai's optimizer interface, with fastai's weight-decay rule.
+
+    fastai's Adam skips weight decay for normalisation parameters and biases (its default
+    `wd_bn_bias=False`); a plain `OptimWrapper` would decay them. Each fastai parameter group
+    (one per block, for `freeze_to` and discriminative LRs) becomes two torch groups — decayed
+    (weights) and not decayed (1-D tensors: norm weights/biases and biases) — while fastai keeps
+    seeing one group per block."""
+
+    def __init__(self, params, **kwargs):
+        groups = [list(g["params"] if isinstance(g, dict) else g) for g in params]
+        if groups and isinstance(groups[0], torch.Tensor):  # a flat list of parameters
+            groups = [groups]
+        torch_groups = []
+        for g in groups:
+            torch_groups.append({"params": [p for p in g if p.ndim > 1]})
+            torch_groups.append({"params": [p for p in g if p.ndim <= 1], "no_wd": True})
+        super().__init__(opt=torch.optim.AdamW(torch_groups, **kwargs))
+
+    @property
+    def param_lists(self):
+        pgs = self.opt.param_groups
+        return [pgs[i]["params"] + pgs[i + 1]["params"] for i in range(0, len(pgs), 2)]
+
+    @param_lists.setter
+    def param_lists(self, v):
+        raise AttributeError("GroupedAdamW's parameter groups are fixed at construction")
+
+    @property
+    def hypers(self):
+        return super().hypers[::2]
+
+    def _set_hyper(self, k, v):
+        key = self.bwd_map[k]
+        for i, v_ in enumerate(v):
+            for pg in self.opt.param_groups[2 * i : 2 * i + 2]:
+                value = 0.0 if key == "weight_decay" and pg.get("no_wd") else v_
+                set_item_pg(pg, key, value)
+
+
 def fused_adamw(speed: Speed):
-    """`opt_func` for fastai: torch AdamW (fused on CUDA) with fastai Adam's defaults."""
+    """`opt_func` for fastai: torch AdamW (fused on CUDA) with fastai Adam's defaults (betas
+    0.9/0.99, eps 1e-5, decoupled weight decay, none on norm parameters and biases)."""
     cuda = torch.device(speed.device).type == "cuda"
-    opt = partial(
-        torch.optim.AdamW,
+    return partial(
+        GroupedAdamW,
         betas=(0.9, 0.99),
         eps=1e-5,
         fused=True if cuda else None,
         foreach=None if cuda else True,
     )
-    return partial(OptimWrapper, opt=opt)
 
 
 def cache_loaders(
@@ -425,6 +465,7 @@ __all__ = [
     "Accelerated",
     "CacheDL",
     "DeviceSmoothLoss",
+    "GroupedAdamW",
     "Speed",
     "cache_loaders",
     "compiled_graphs",

@@ -103,6 +103,58 @@ def test_device_smooth_loss_equals_fastais():
         assert math.isclose(float(b.value), float(a.value), rel_tol=1e-6)
 
 
+def test_grouped_adamw_steps_like_fastais_adam():
+    """Same gradients, same per-block LRs and weight decay: the torch AdamW behind fastai's
+    interface moves every parameter as fastai's Adam does, norm weights and biases included
+    (no decay on them), and `freeze_to` sees one group per block."""
+    import copy
+
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.optimizer import Adam
+
+    from fastcxr.fastpath import GroupedAdamW
+    from fastcxr.models import block_splitter, build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet10", 2)
+    learners = [
+        Learner(
+            DataLoaders(), m, loss_func=torch.nn.MSELoss(), splitter=block_splitter, opt_func=f
+        )  # fmt: skip
+        for m, f in ((model, Adam), (copy.deepcopy(model), partial_grouped()))
+    ]
+    n_groups = None
+    for learn in learners:
+        learn.create_opt()
+        learn.opt.set_hypers(lr=list(np.geomspace(1e-3, 1e-2, len(learn.opt.param_lists))))
+        learn.opt.set_hypers(wd=0.1)
+        n_groups = n_groups or len(learn.opt.param_lists)
+        assert len(learn.opt.param_lists) == n_groups
+    assert isinstance(learners[1].opt, GroupedAdamW)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in learners[0].model.parameters()]
+        for learn in learners:
+            for p, gr in zip(learn.model.parameters(), grads):
+                p.grad = gr.clone()
+            learn.opt.step()
+    for (name, a), b in zip(learners[0].model.named_parameters(), learners[1].model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    # freeze_to works on the per-block groups
+    learners[1].freeze_to(-2)
+    trainable = [p.requires_grad for p in learners[1].model.parameters()]
+    assert any(trainable) and not all(trainable)
+
+
+def partial_grouped():
+    from functools import partial
+
+    from fastcxr.fastpath import GroupedAdamW
+
+    return partial(GroupedAdamW, betas=(0.9, 0.99), eps=1e-5, foreach=True)
+
+
 def test_gpu_augment():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 20, 20, generator=g) * 0.8 + 0.1
