@@ -64,6 +64,7 @@ class Predictor:
     intensity: str
     thresholds: dict[str, float]
     device: torch.device
+    precision: str = "fp32"  # the run's own evaluation precision, so results match its record
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
@@ -89,9 +90,11 @@ class Predictor:
         thresholds = {f: 0.5 for f in findings}
         for n in nets:
             thresholds.update(n.sidecar.get("thresholds", {}))
+        precision = nets[0].sidecar.get("inference_precision", "fp32")
         return cls(
-            run_dir, findings, nets, pre["size"], pre.get("intensity", "voi"), thresholds, device
-        )
+            run_dir, findings, nets, pre["size"], pre.get("intensity", "voi"), thresholds, device,
+            precision,
+        )  # fmt: skip
 
     def load_image(self, path: Path) -> np.ndarray:
         """A file as the uint8 size x size array the network was trained on."""
@@ -107,9 +110,11 @@ class Predictor:
         """(B, H, W) uint8 → (B, k) per-finding probabilities."""
         x = torch.from_numpy(np.array(batch, np.float32)).unsqueeze(1).to(self.device)
         out = np.zeros((len(batch), len(self.findings)))
+        bf16 = self.precision == "bf16"
         for n in self.networks:
             cols = [self.findings.index(f) for f in n.findings]
-            out[:, cols] = n.model(x).cpu().numpy()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out[:, cols] = n.model(x).float().cpu().numpy()
         return out
 
 

@@ -152,6 +152,7 @@ def _sidecar(cfg: TrainConfig, form: Formulation, net: Network, nd: NetworkData)
         },
         "thresholds": dict.fromkeys(net.findings, 0.5),
         "train_images": len(nd.train),
+        "inference_precision": nd.speed.precision,  # what the run record's predictions used
     }
 
 

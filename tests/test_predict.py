@@ -74,6 +74,28 @@ def test_predict_on_dicoms_matches_the_run_record(trained, prepared, synthetic_t
         assert (m[f"pred_{f}"] == (m[f"p_{f}"] >= 0.5)).all()
 
 
+def test_predict_uses_the_runs_bf16_and_matches_its_record(prepared, tmp_path):
+    """A run evaluated in bf16 (fast path) is predicted in bf16: same numbers as its record."""
+    res = runner.invoke(
+        app,
+        ["train", "--formulation", "multilabel", "--data", str(prepared), "--arch", "resnet10",
+         "--size", "32", "--batch-size", "16", "--epochs", "1", "--stages", "all",
+         "--workers", "0", "--loader", "fast", "--precision", "bf16", "--runs", str(tmp_path),
+         "--name", "bf"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "bf"
+    pred = Predictor.load(run, device="cpu")
+    assert pred.precision == "bf16"
+    rec = pd.read_csv(run / "predictions.csv").query("split == 'test'")
+    imgs = np.stack([pred.load_image(prepared / p) for p in rec["image"]])
+    got = pred.probabilities(imgs)
+    for i, f in enumerate(("Edema", "Pleural Effusion")):
+        np.testing.assert_allclose(got[:, i], rec[f"p_{f}"], atol=1e-4)
+    pred.precision = "fp32"
+    assert np.abs(pred.probabilities(imgs) - got).max() > 0  # bf16 was really used
+
+
 def test_cam_and_export(trained, prepared, tmp_path):
     manifest = pd.read_csv(prepared / "manifest.csv")
     one = prepared / manifest["image"].iloc[0]
