@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +171,9 @@ class Throughput(Callback):
 
 
 def _sync_fn(device):
-    import torch
+    from fastcxr.fastpath import synchronize
 
-    if torch.device(device).type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
+    return partial(synchronize, device)
 
 
 def _free(device) -> None:
@@ -306,8 +305,10 @@ def _defaults(ds, cfg, form, net, stages, warmup, steps, device) -> list[dict]:
     from fastai.vision.learner import vision_learner
 
     from fastcxr.data import apply_policy
+    from fastcxr.fastpath import AUGMENT
     from fastcxr.models import TorchvisionArch, block_splitter
     from fastcxr.schedule import apply_stage, stage_lrs
+    from fastcxr.study import silence
 
     df = apply_policy(ds.df, cfg, net.findings)
     df = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
@@ -315,12 +316,7 @@ def _defaults(ds, cfg, form, net, stages, warmup, steps, device) -> list[dict]:
     df["_y"] = list(form.targets(df[list(net.findings)].to_numpy(int)))
     batch_tfms = [Normalize.from_stats(*imagenet_stats)]
     if cfg.augment:
-        batch_tfms = (
-            aug_transforms(
-                do_flip=False, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2, max_warp=0.0
-            )
-            + batch_tfms
-        )
+        batch_tfms = aug_transforms(do_flip=False, max_warp=0.0, **AUGMENT) + batch_tfms
     block = DataBlock(
         blocks=(ImageBlock, form.block(net)),
         get_x=ColReader("image", pref=f"{ds.root}{os.sep}"),
@@ -337,8 +333,7 @@ def _defaults(ds, cfg, form, net, stages, warmup, steps, device) -> list[dict]:
     )  # fmt: skip
     if torch.device(device).type == "cuda":
         learn = learn.to_bf16()
-    learn.remove_cbs([c for c in learn.cbs if type(c).__name__ == "ProgressCallback"])
-    learn.logger = lambda *a, **k: None
+    silence(learn)
     sync = _sync_fn(device)
     rows = []
     for st in stages:
@@ -372,7 +367,7 @@ def bench_train(
 
     from fastcxr.fastpath import resolve_speed
     from fastcxr.formulations import get_formulation
-    from fastcxr.study import Dataset
+    from fastcxr.study import Dataset, fastcxr_home
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = cfg.replace(loader="fast")
@@ -381,15 +376,14 @@ def bench_train(
     net = form.networks(cfg.findings)[0]
     per_epoch = cfg.batch_size * (warmup + steps)
     images = images or int(per_epoch / 0.8) + 2 * cfg.batch_size  # train is 80% of the cache
-    home = Path(os.environ.get("FASTCXR_HOME") or Path.home() / ".cache" / "fastcxr")
-    cache = Path(cache or home / f"bench-{cfg.size}")
-    if log:
-        log(f"image cache: {images} images at {cfg.size}px in {cache}")
-    ds = Dataset.load(write_bench_cache(cache, images, cfg.size, speed.workers or None))
+    cache = Path(cache or fastcxr_home() / f"bench-{cfg.size}")
 
     def say(what: str) -> None:
         if log:
             log(what)
+
+    say(f"image cache: {images} images at {cfg.size}px in {cache}")
+    ds = Dataset.load(write_bench_cache(cache, images, cfg.size, speed.workers or None))
 
     rows, eval_ips = [], None
     # the limit and fastcxr with fastcxr's cuDNN setting; the defaults with torch's (off)

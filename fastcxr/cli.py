@@ -165,6 +165,7 @@ def _overrides(options: dict) -> dict:
 def _config(preset: str, **overrides):
     from fastcxr.config import get_preset, parse_stages
     from fastcxr.findings import canonical_findings
+    from fastcxr.schedule import FREEZE_STYLES
 
     cfg = get_preset(preset)
     stages = overrides.pop("stages", None)
@@ -192,7 +193,7 @@ def _config(preset: str, **overrides):
             stages=tuple(replace(s, **upd) for s in cfg.stages),
             ablation_stages=tuple(replace(s, **upd) for s in cfg.ablation_stages),
         )
-    if cfg.freeze_style not in ("keras", "fastai"):
+    if cfg.freeze_style not in FREEZE_STYLES:
         raise ValueError(f"--freeze-style must be keras or fastai, not {cfg.freeze_style!r}")
     return cfg
 
@@ -701,11 +702,12 @@ def bench_cmd(
     real loop on an image cache, and fastai's defaults, measured in one run."""
     from fastcxr.bench import bench_train
     from fastcxr.config import TrainConfig, parse_stages
+    from fastcxr.schedule import FREEZE_STYLES
 
     with _library_errors():
         styles = tuple(s.strip() for s in freeze_style.split(",") if s.strip())
         for s in styles:
-            if s not in ("keras", "fastai"):
+            if s not in FREEZE_STYLES:
                 raise ValueError(f"--freeze-style must list keras and/or fastai, not {s!r}")
         cfg = TrainConfig(
             arch=arch, size=size, batch_size=batch_size, pretrained=False,

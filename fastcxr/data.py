@@ -19,7 +19,7 @@ from PIL import Image
 
 from fastcxr.config import TrainConfig
 from fastcxr.dicom import read_dicom
-from fastcxr.fastpath import GRAY_MEAN, GRAY_STD, Speed, cache_loaders, resolve_speed
+from fastcxr.fastpath import AUGMENT, GRAY_MEAN, GRAY_STD, Speed, cache_loaders, resolve_speed
 from fastcxr.findings import LabelPolicy
 from fastcxr.formulations import Formulation, Network
 
@@ -96,16 +96,14 @@ def network_data(
         root = Path(root).resolve()
         device = device if device is not None else torch.device(speed.device)  # never None:
         # a fastai loader without a device leaves batches (and so the model) on the CPU
-
-        def files(rows):
-            return [root / p for p in rows["image"]]
-
-        def ys(rows):
-            return np.stack(rows["_y"].to_numpy()) if targets.ndim == 2 else rows["_y"].to_numpy()
-
+        split = df["split"].to_numpy()
+        parts = [
+            ([root / p for p in df.loc[split == s, "image"]], targets[split == s])
+            for s in ("train", "valid", "test")
+        ]
         train_dl, valid_dl, test_dl = cache_loaders(
-            files(train_rows), ys(train_rows), files(valid_rows), ys(valid_rows),
-            files(test), ys(test), cfg.size, cfg.batch_size, cfg.augment, speed, device,
+            *parts, size=cfg.size, batch_size=cfg.batch_size, augment=cfg.augment,
+            speed=speed, device=device,
         )  # fmt: skip
         dls = DataLoaders(train_dl, valid_dl, device=device)
         return NetworkData(dls, test_dl, train_rows, valid_rows, test, y_train, speed)
@@ -115,14 +113,7 @@ def network_data(
         item_tfms = [Resize(cfg.size, method="squish")]
     batch_tfms = []
     if cfg.augment:  # no flips: the heart's side is anatomy, not noise
-        batch_tfms += aug_transforms(
-            do_flip=False,
-            max_rotate=5.0,
-            max_zoom=1.1,
-            max_lighting=0.2,
-            max_warp=0.0,
-            size=cfg.size,
-        )
+        batch_tfms += aug_transforms(do_flip=False, max_warp=0.0, size=cfg.size, **AUGMENT)
     batch_tfms.append(Normalize.from_stats([GRAY_MEAN], [GRAY_STD]))
     block = DataBlock(
         blocks=(ImageBlock(cls=CXRImage), form.block(net)),

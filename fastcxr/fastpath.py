@@ -41,6 +41,9 @@ from fastcore.basics import chunked
 from fastcxr.prepare.cache import load_source
 
 GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet RGB statistics averaged: a summed 1-channel stem
+# Training augmentation, shared by the fast path and fastai's `aug_transforms` (no flips: the
+# heart's side is anatomy, not noise; no warp).
+AUGMENT = {"max_rotate": 5.0, "max_zoom": 1.1, "max_lighting": 0.2}
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,13 @@ def resolve_speed(cfg, device: torch.device | str | None = None) -> Speed:
 
 
 # -- loader ---------------------------------------------------------------------------------
-def gpu_augment(x: torch.Tensor, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2, p=0.75):
+def gpu_augment(
+    x: torch.Tensor,
+    max_rotate=AUGMENT["max_rotate"],
+    max_zoom=AUGMENT["max_zoom"],
+    max_lighting=AUGMENT["max_lighting"],
+    p=0.75,
+):
     """fastai's `aug_transforms(do_flip=False, max_warp=0)` on a float batch in 0..1, on its
     device: per image, with probability `p`, a rotation in ±max_rotate degrees and a zoom in
     1..max_zoom (bilinear, reflection padding); with probability `p`, brightness and contrast
@@ -193,6 +202,7 @@ class CacheDL(DataLoader):
         self.targets = np.asarray(targets)
         self.size, self.mode, self.augment = size, mode, augment
         self.channels_last, self.mean, self.std = channels_last, mean, std
+        self._batches = _CacheBatches(self.files, self.targets, size, mode)
         self._loader = None
         kwargs.pop("dataset", None)
         kwargs.pop("n", None)
@@ -221,12 +231,10 @@ class CacheDL(DataLoader):
         )
 
     def create_item(self, i):
-        return load_source(Path(self.files[i]), self.size, self.mode), self.targets[i]
+        return i  # decoding happens per batch, in `_CacheBatches`
 
-    def create_batch(self, items):
-        x = torch.from_numpy(np.stack([it[0] for it in items])[:, None])
-        y = torch.from_numpy(np.stack([it[1] for it in items]))
-        return x, y
+    def create_batch(self, idxs):  # also what fastai's `DistributedDL` calls
+        return self._batches[list(idxs)]
 
     def retain(self, res, b):
         return res  # plain tensors on purpose
@@ -238,7 +246,7 @@ class CacheDL(DataLoader):
         if self._loader is None:
             workers = self.fake_l.num_workers
             self._loader = torch.utils.data.DataLoader(
-                _CacheBatches(self.files, self.targets, self.size, self.mode),
+                self._batches,
                 batch_size=None,
                 sampler=_BatchOrder(),
                 num_workers=workers,
@@ -258,7 +266,7 @@ class CacheDL(DataLoader):
         idxs = list(self.get_idxs())  # in the main process: seeded, reshuffled every epoch
         batches = [list(b) for b in chunked(idxs, self.bs, drop_last=self.drop_last)]
         if self.fake_l.num_workers == 0:  # also `one_batch`, which switches workers off
-            source = (self.create_batch([self.create_item(i) for i in b]) for b in batches)
+            source = (self._batches[b] for b in batches)
         else:
             loader = self._torch_loader()
             loader.sampler.batches = batches
@@ -302,6 +310,7 @@ class Accelerated(Callback):
 
     def __init__(self, speed: Speed):
         self.speed = speed
+        self.device_type = torch.device(speed.device).type
         self.autocast = None
         self.compile_seconds = 0.0
         self._compiled = False
@@ -337,8 +346,7 @@ class Accelerated(Callback):
         self._graphs = compiled_graphs() if self.speed.compile else 0
         self._t0 = time.perf_counter()
         if self.speed.precision == "bf16":
-            dev = torch.device(self.speed.device).type
-            self.autocast = torch.autocast(dev, dtype=torch.bfloat16)
+            self.autocast = torch.autocast(self.device_type, dtype=torch.bfloat16)
             self.autocast.__enter__()
 
     def after_pred(self):
@@ -350,7 +358,7 @@ class Accelerated(Callback):
     def after_batch(self):
         self._exit()
         if self.speed.compile and compiled_graphs() != self._graphs:
-            _sync(self.speed.device)
+            synchronize(self.speed.device)
             self.compile_seconds += time.perf_counter() - self._t0
 
     def after_cancel_batch(self):
@@ -369,7 +377,8 @@ def compiled_graphs() -> int:
     return sum(counters["stats"].values())
 
 
-def _sync(device: str) -> None:
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): for timing."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -428,12 +437,9 @@ def fused_adamw(speed: Speed):
 
 
 def cache_loaders(
-    files_train,
-    y_train,
-    files_valid,
-    y_valid,
-    files_test,
-    y_test,
+    train: tuple,
+    valid: tuple,
+    test: tuple,
     size: int,
     batch_size: int,
     augment: bool,
@@ -441,7 +447,8 @@ def cache_loaders(
     device,
     mode: str = "voi",
 ):
-    """(train, valid, test) `CacheDL`s; evaluation loaders use twice the batch size."""
+    """(train, valid, test) `CacheDL`s from (files, targets) pairs; evaluation loaders use
+    twice the batch size."""
     cuda = torch.device(speed.device).type == "cuda"
     common = dict(
         size=size,
@@ -452,16 +459,16 @@ def cache_loaders(
         persistent_workers=speed.workers > 0,
         device=device,
     )
-    train = CacheDL(
-        files_train, y_train, augment=augment, bs=batch_size, shuffle=True, drop_last=True,
-        **common,
-    )  # fmt: skip
-    valid = CacheDL(files_valid, y_valid, bs=2 * batch_size, **common)
-    test = CacheDL(files_test, y_test, bs=2 * batch_size, **common)
-    return train, valid, test
+    train_dl = CacheDL(
+        *train, augment=augment, bs=batch_size, shuffle=True, drop_last=True, **common
+    )
+    valid_dl = CacheDL(*valid, bs=2 * batch_size, **common)
+    test_dl = CacheDL(*test, bs=2 * batch_size, **common)
+    return train_dl, valid_dl, test_dl
 
 
 __all__ = [
+    "AUGMENT",
     "Accelerated",
     "CacheDL",
     "DeviceSmoothLoss",
@@ -473,4 +480,5 @@ __all__ = [
     "fused_adamw",
     "gpu_augment",
     "resolve_speed",
+    "synchronize",
 ]

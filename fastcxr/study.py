@@ -101,8 +101,13 @@ def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainCon
         from fastcxr.ddp import DataParallel
 
         learn.add_cb(DataParallel())
+    return silence(learn)
+
+
+def silence(learn: Learner) -> Learner:
+    """No progress bars and no per-epoch printing (fastcxr reports through `log`)."""
     if ProgressCallback in [type(c) for c in learn.cbs]:
-        learn.remove_cb(ProgressCallback)  # progress is reported through `log`
+        learn.remove_cb(ProgressCallback)
     learn.logger = _quiet
     return learn
 
@@ -553,6 +558,11 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
     }
 
 
+def fastcxr_home() -> Path:
+    """Where generated data live: $FASTCXR_HOME, default ~/.cache/fastcxr."""
+    return Path(os.environ.get("FASTCXR_HOME") or Path.home() / ".cache" / "fastcxr")
+
+
 def builtin_dataset(
     size: int, home: str | Path | None = None, log: Log | None = None, workers: int | None = None
 ) -> Dataset:
@@ -560,7 +570,7 @@ def builtin_dataset(
     from fastcxr.prepare.mimic import prepare_mimic
     from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic
 
-    home = Path(home or os.environ.get("FASTCXR_HOME") or Path.home() / ".cache" / "fastcxr")
+    home = Path(home or fastcxr_home())
     spec = SyntheticSpec()
     raw = home / f"synthetic-mimic-seed{spec.seed}"
     prepared = raw / f"prepared-{size}"
