@@ -7,24 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torchvision
+from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
 
 runner = CliRunner()
-TINY = [
-    "--arch",
-    "resnet10",
-    "--size",
-    "32",
-    "--batch-size",
-    "16",
-    "--epochs",
-    "1",
-    "--no-pretrained",
-    "--workers",
-    "0",
-]
+TINY = [*TINY_TRAIN, "--epochs", "1", "--no-pretrained"]
 
 
 def run(*args):

@@ -8,18 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tiny import TINY_TRAIN
 
 pytest.importorskip("accelerate")
 
 ARGS = [
-    "--arch",
-    "resnet10",
-    "--size",
-    "32",
-    "--batch-size",
-    "16",
-    "--workers",
-    "0",
+    *TINY_TRAIN,
     "--stages",
     "all",
     "--epochs",

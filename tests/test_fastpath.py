@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_TRAIN
 
 from fastcxr.bench import project_compare
 from fastcxr.config import DEMO, PAPER_STAGES
@@ -177,9 +178,9 @@ def test_gpu_augment():
 
 def _train(prepared, runs, name, *extra):
     cmd = [
-        sys.executable, "-m", "fastcxr", "train", "--data", str(prepared), "--arch", "resnet10",
-        "--size", "32", "--batch-size", "16", "--workers", "0", "--stages", "head,all",
-        "--epochs", "1", "--runs", str(runs), "--name", name, "--json", *extra,
+        sys.executable, "-m", "fastcxr", "train", "--data", str(prepared), *TINY_TRAIN,
+        "--stages", "head,all", "--epochs", "1", "--runs", str(runs), "--name", name, "--json",
+        *extra,
     ]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

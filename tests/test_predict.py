@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
@@ -26,18 +27,11 @@ def trained(prepared, tmp_path_factory):
             "multiclass",
             "--data",
             str(prepared),
-            "--arch",
-            "resnet10",
-            "--size",
-            "32",
-            "--batch-size",
-            "16",
+            *TINY_TRAIN,
             "--epochs",
             "1",
             "--stages",
             "all",
-            "--workers",
-            "0",
             "--runs",
             str(runs),
             "--name",
@@ -78,10 +72,9 @@ def test_predict_uses_the_runs_bf16_and_matches_its_record(prepared, tmp_path):
     """A run evaluated in bf16 (fast path) is predicted in bf16: same numbers as its record."""
     res = runner.invoke(
         app,
-        ["train", "--formulation", "multilabel", "--data", str(prepared), "--arch", "resnet10",
-         "--size", "32", "--batch-size", "16", "--epochs", "1", "--stages", "all",
-         "--workers", "0", "--loader", "fast", "--precision", "bf16", "--runs", str(tmp_path),
-         "--name", "bf"],
+        ["train", "--formulation", "multilabel", "--data", str(prepared), *TINY_TRAIN,
+         "--epochs", "1", "--stages", "all", "--loader", "fast", "--precision", "bf16",
+         "--runs", str(tmp_path), "--name", "bf"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     run = tmp_path / "bf"

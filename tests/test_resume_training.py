@@ -9,16 +9,10 @@ import time
 import pandas as pd
 import pytest
 import torch
+from tiny import TINY_TRAIN
 
 ARGS = [
-    "--arch",
-    "resnet10",
-    "--size",
-    "32",
-    "--batch-size",
-    "16",
-    "--workers",
-    "0",
+    *TINY_TRAIN,
     "--patience",
     "10",
     "--formulation",
