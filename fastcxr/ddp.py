@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from fastai.distributed import DistributedDL, DistributedTrainer
 
+from fastcxr.fastpath import CacheDL
+
 
 class ShardedDL(DistributedDL):
     """fastai's `DistributedDL` with a broadcast that also works on CPU (gloo); fastai's moves
@@ -16,6 +18,20 @@ class ShardedDL(DistributedDL):
         return obj[0]
 
 
+class ShardedCacheDL(ShardedDL):
+    """This process's shard of a fast `CacheDL`, served by that loader's own persistent
+    workers. fastai's `DistributedDL` iterates through a new torch loader, with new worker
+    processes, every epoch; here the shard's indices (rank 0's shuffle, padded and sliced by
+    fastai) go to the workers that the wrapped loader keeps for its whole life."""
+
+    def __iter__(self):
+        self.randomize()
+        self.before_iter()
+        for b in self.dl.serve(self.get_idxs()):
+            yield self.after_batch(b)  # counts the shard's position, then the device transforms
+        self.after_iter()
+
+
 class DataParallel(DistributedTrainer):
     """fastai's `DistributedTrainer` (Accelerate), sharding only the training loader."""
 
@@ -24,7 +40,10 @@ class DataParallel(DistributedTrainer):
         super().__init__(sync_bn=cuda, cpu=not cuda)  # SyncBatchNorm needs CUDA
 
     def _wrap_dl(self, dl):
-        return dl if isinstance(dl, DistributedDL) else ShardedDL(dl, device=self.learn.dls.device)
+        if isinstance(dl, DistributedDL):
+            return dl
+        shard = ShardedCacheDL if isinstance(dl, CacheDL) else ShardedDL
+        return shard(dl, device=self.learn.dls.device)
 
     def before_fit(self):
         super().before_fit()

@@ -263,8 +263,14 @@ class CacheDL(DataLoader):
     def __iter__(self):
         self.randomize()
         self.before_iter()
-        idxs = list(self.get_idxs())  # in the main process: seeded, reshuffled every epoch
-        batches = [list(b) for b in chunked(idxs, self.bs, drop_last=self.drop_last)]
+        for b in self.serve(self.get_idxs()):  # in the main process: seeded, reshuffled
+            yield self.after_batch(b)
+        self.after_iter()
+
+    def serve(self, idxs):
+        """The batches of `idxs` (in `bs` chunks), on the device, before `after_batch`: from
+        the persistent workers, or in this process when there are none."""
+        batches = [list(b) for b in chunked(list(idxs), self.bs, drop_last=self.drop_last)]
         if self.fake_l.num_workers == 0:  # also `one_batch`, which switches workers off
             source = (self._batches[b] for b in batches)
         else:
@@ -275,8 +281,7 @@ class CacheDL(DataLoader):
             if self.device is not None:
                 x = x.to(self.device, non_blocking=self.pin_memory)
                 y = y.to(self.device, non_blocking=self.pin_memory)
-            yield self.after_batch((x, y))
-        self.after_iter()
+            yield x, y
 
     def after_batch(self, b):
         x, y = b
