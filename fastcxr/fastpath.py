@@ -66,12 +66,14 @@ class Speed:
 
 def default_workers(fast: bool) -> int:
     """Loader processes: every core but one on the fast path (decoding must keep up with the
-    GPU); at most 8 for the plain DataBlock path."""
+    GPU); at most 8 for the plain DataBlock path. Under torchrun or `accelerate launch` the
+    node's training processes share its cores (`LOCAL_WORLD_SIZE`), each keeping one."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(cores - 1, 0) if fast else min(8, max(cores - 1, 0))
+    share = max(cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1) - 1, 0)
+    return share if fast else min(8, share)
 
 
 def resolve_speed(cfg, device: torch.device | str | None = None) -> Speed:

@@ -19,7 +19,7 @@ from tiny import TINY_TRAIN
 from fastcxr.bench import project_compare
 from fastcxr.config import DEMO, PAPER_STAGES
 from fastcxr.data import GRAY_MEAN, GRAY_STD, apply_policy, network_data
-from fastcxr.fastpath import gpu_augment, resolve_speed
+from fastcxr.fastpath import default_workers, gpu_augment, resolve_speed
 from fastcxr.formulations import get_formulation
 from fastcxr.manifest import read_manifest
 from fastcxr.study import make_learner
@@ -364,3 +364,17 @@ def test_worker_processes_give_the_same_batches_and_persist(prepared):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "fast", "plain"),
+    [(16, None, 15, 8), (16, "4", 3, 3), (16, "8", 1, 1), (2, None, 1, 1), (4, "8", 0, 0)],
+)
+def test_default_workers_share_the_cores(monkeypatch, cores, processes, fast, plain):
+    """Every core but one for one process; the node's training processes split the cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert (default_workers(True), default_workers(False)) == (fast, plain)
