@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny import TINY_TRAIN
+from tiny import TINY_TRAIN, fastcxr
 
 from fastcxr.manifest import read_manifest
 
@@ -35,41 +35,17 @@ def test_two_processes_on_cpu(prepared, tmp_path, loader):
     """Both loaders: fastai's `DistributedDL` shards the DataBlock loader; `ShardedCacheDL`
     shards the fast loader, one persistent worker per process."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    cmd = [
-        torchrun or "torchrun",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "fastcxr",
-        "train",
-        "--data",
-        str(prepared),
-        *ARGS,
-        "--loader",
-        loader,
+    cmd = fastcxr(
+        "train", "--data", prepared, *ARGS, "--loader", loader,
         *(["--workers", "1"] if loader == "fast" else []),  # persistent workers under DDP
-        "--runs",
-        str(tmp_path),
-        "--name",
-        "ddp",
-    ]
+        "--runs", tmp_path, "--name", "ddp",
+        launch=(torchrun or "torchrun", "--nproc_per_node", "2"),
+    )  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     two = json.loads(res.stdout)  # exactly one JSON document: only rank 0 reports
     one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastcxr",
-            "train",
-            "--data",
-            str(prepared),
-            *ARGS,
-            "--runs",
-            str(tmp_path),
-            "--name",
-            "single",
-        ],
+        fastcxr("train", "--data", prepared, *ARGS, "--runs", tmp_path, "--name", "single"),
         capture_output=True,
         text=True,
         timeout=600,

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from tiny import TINY_TRAIN
+from tiny import TINY_TRAIN, fastcxr
 
 from fastcxr.bench import project_compare
 from fastcxr.config import DEMO, PAPER_STAGES
@@ -177,11 +176,10 @@ def test_gpu_augment():
 
 
 def _train(prepared, runs, name, *extra):
-    cmd = [
-        sys.executable, "-m", "fastcxr", "train", "--data", str(prepared), *TINY_TRAIN,
-        "--stages", "head,all", "--epochs", "1", "--runs", str(runs), "--name", name, "--json",
-        *extra,
-    ]  # fmt: skip
+    cmd = fastcxr(
+        "train", "--data", prepared, *TINY_TRAIN, "--stages", "head,all", "--epochs", "1",
+        "--runs", runs, "--name", name, "--json", *extra,
+    )  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -216,18 +214,19 @@ def test_compile_time_is_reported_apart(prepared, tmp_path):
 
 
 def test_compile_needs_the_fast_loader(prepared, tmp_path):
-    cmd = [sys.executable, "-m", "fastcxr", "train", "--data", str(prepared),
-           "--loader", "datablock", "--compile", "--runs", str(tmp_path)]  # fmt: skip
+    cmd = fastcxr(
+        "train", "--data", prepared, "--loader", "datablock", "--compile", "--runs", tmp_path
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "fast loader" in r.stderr
 
 
 def test_bench_json(tmp_path):
-    cmd = [
-        sys.executable, "-m", "fastcxr", "bench", "--arch", "resnet10", "--size", "32",
-        "--batch-size", "4", "--warmup", "1", "--steps", "2", "--stages", "head,conv5,all",
-        "--workers", "0", "--cache", str(tmp_path / "cache"), "--json",
-    ]  # fmt: skip
+    cmd = fastcxr(
+        "bench", "--arch", "resnet10", "--size", "32", "--batch-size", "4", "--warmup", "1",
+        "--steps", "2", "--stages", "head,conv5,all", "--workers", "0",
+        "--cache", tmp_path / "cache", "--json",
+    )  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
@@ -261,12 +260,12 @@ def test_bench_json(tmp_path):
 
 
 def test_bench_compiled_reports_compile_time_of_each_measurement(tmp_path):
-    cmd = [
-        sys.executable, "-m", "fastcxr", "bench", "--arch", "resnet10", "--size", "32",
-        "--batch-size", "4", "--warmup", "1", "--steps", "2", "--stages", "head",
-        "--freeze-style", "keras", "--no-defaults", "--workers", "0", "--compile",
-        "--compile-backend", "aot_eager", "--cache", str(tmp_path / "cache"), "--json",
-    ]  # fmt: skip
+    cmd = fastcxr(
+        "bench", "--arch", "resnet10", "--size", "32", "--batch-size", "4", "--warmup", "1",
+        "--steps", "2", "--stages", "head", "--freeze-style", "keras", "--no-defaults",
+        "--workers", "0", "--compile", "--compile-backend", "aot_eager",
+        "--cache", tmp_path / "cache", "--json",
+    )  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)["rows"]
@@ -307,11 +306,10 @@ def test_compiled_bf16_training_on_the_gpu(prepared, tmp_path):
 
 @pytest.mark.gpu
 def test_bench_on_the_gpu(tmp_path):
-    cmd = [
-        sys.executable, "-m", "fastcxr", "bench", "--arch", "resnet18", "--size", "64",
-        "--batch-size", "16", "--warmup", "2", "--steps", "4", "--stages", "head,all",
-        "--cache", str(tmp_path / "cache"), "--json",
-    ]  # fmt: skip
+    cmd = fastcxr(
+        "bench", "--arch", "resnet18", "--size", "64", "--batch-size", "16", "--warmup", "2",
+        "--steps", "4", "--stages", "head,all", "--cache", tmp_path / "cache", "--json",
+    )  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)

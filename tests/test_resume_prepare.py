@@ -3,10 +3,10 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
+from tiny import fastcxr
 
 from fastcxr.bench import bench_prepare
 from fastcxr.prepare.mimic import prepare_mimic
@@ -18,20 +18,7 @@ def test_killed_prepare_resumes(tmp_path):
         tmp_path / "raw", SyntheticSpec(patients=80, seed=5, rows=384, cols=448)
     )
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fastcxr",
-        "prepare",
-        "mimic",
-        str(raw),
-        "--out",
-        str(out),
-        "--size",
-        "64",
-        "--workers",
-        "1",
-    ]
+    cmd = fastcxr("prepare", "mimic", raw, "--out", out, "--size", "64", "--workers", "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("images/*.png"))) < 10:

@@ -3,13 +3,12 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
 import torch
-from tiny import TINY_TRAIN
+from tiny import TINY_TRAIN, fastcxr
 
 ARGS = [
     *TINY_TRAIN,
@@ -28,24 +27,10 @@ def _epochs_done(ckpt):
 
 
 def _start(prepared, runs, name, stages, epochs, *extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "fastcxr",
-        "train",
-        "--data",
-        str(prepared),
-        *ARGS,
-        "--stages",
-        stages,
-        "--epochs",
-        str(epochs),
-        "--runs",
-        str(runs),
-        "--name",
-        name,
-        *extra,
-    ]
+    cmd = fastcxr(
+        "train", "--data", prepared, *ARGS, "--stages", stages, "--epochs", epochs,
+        "--runs", runs, "--name", name, *extra,
+    )  # fmt: skip
     return cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
