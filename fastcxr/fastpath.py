@@ -63,6 +63,10 @@ class Speed:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
 
 def default_workers(fast: bool) -> int:
     """Loader processes: every core but one on the fast path (decoding must keep up with the
@@ -317,7 +321,6 @@ class Accelerated(Callback):
 
     def __init__(self, speed: Speed):
         self.speed = speed
-        self.device_type = torch.device(speed.device).type
         self.autocast = None
         self.compile_seconds = 0.0
         self._compiled = False
@@ -353,7 +356,7 @@ class Accelerated(Callback):
         self._graphs = compiled_graphs() if self.speed.compile else 0
         self._t0 = time.perf_counter()
         if self.speed.precision == "bf16":
-            self.autocast = torch.autocast(self.device_type, dtype=torch.bfloat16)
+            self.autocast = torch.autocast(self.speed.device_type, dtype=torch.bfloat16)
             self.autocast.__enter__()
 
     def after_pred(self):
@@ -433,7 +436,7 @@ class GroupedAdamW(OptimWrapper):
 def fused_adamw(speed: Speed):
     """`opt_func` for fastai: torch AdamW (fused on CUDA) with fastai Adam's defaults (betas
     0.9/0.99, eps 1e-5, decoupled weight decay, none on norm parameters and biases)."""
-    cuda = torch.device(speed.device).type == "cuda"
+    cuda = speed.device_type == "cuda"
     return partial(
         GroupedAdamW,
         betas=(0.9, 0.99),
@@ -456,7 +459,7 @@ def cache_loaders(
 ):
     """(train, valid, test) `CacheDL`s from (files, targets) pairs; evaluation loaders use
     twice the batch size."""
-    cuda = torch.device(speed.device).type == "cuda"
+    cuda = speed.device_type == "cuda"
     common = dict(
         size=size,
         mode=mode,

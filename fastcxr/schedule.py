@@ -27,6 +27,7 @@ from fastcore.foundation import L
 from torch import nn
 
 from fastcxr.config import Stage, TrainConfig
+from fastcxr.distributed import unwrap
 from fastcxr.models import count_params, group_names, resolve_unfreeze
 
 FREEZE_STYLES = ("keras", "fastai")
@@ -70,14 +71,13 @@ class RestoreBest(TrackerCallback):
         super().after_epoch()
         if self.new_best:
             self.best_epoch = self.offset + self.epoch
-            model = getattr(self.learn.model, "module", self.learn.model)  # DDP-wrapped or not
             self.best_state = copy.deepcopy(
-                {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                {k: v.detach().cpu() for k, v in unwrap(self.learn.model).state_dict().items()}
             )
 
     def after_fit(self):
         if self.best_state is not None:
-            getattr(self.learn.model, "module", self.learn.model).load_state_dict(self.best_state)
+            unwrap(self.learn.model).load_state_dict(self.best_state)
 
 
 class Interrupted(Exception):
