@@ -95,6 +95,32 @@ Blank = Annotated[
     str | None, typer.Option(help="Blank labels: drop|zeros, with FINDING=CHOICE overrides.")
 ]
 Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+Seeds = Annotated[
+    str | None,
+    typer.Option(
+        help="Repeat the experiment per seed (e.g. 0,1,2; same split, new initialisation, "
+        "shuffling and augmentation): each seed's run record under RUN/seed-K, and the mean, "
+        "sd and range across seeds."
+    ),
+]
+Threshold = Annotated[
+    str | None,
+    typer.Option(
+        help="Decision threshold per finding, chosen on the validation predictions: youden "
+        "(default), sensitivity or specificity (with --target)."
+    ),
+]
+Target = Annotated[
+    float | None,
+    typer.Option(help="Sensitivity or specificity the threshold must reach on validation."),
+]
+Select = Annotated[
+    str | None,
+    typer.Option(
+        help="Model a run reports and saves: best (the stage with the lowest validation loss, "
+        "default) or last."
+    ),
+]
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
 Loader = Annotated[
     str | None,
@@ -154,6 +180,9 @@ _OVERRIDES = (
     "precision",
     "compile",
     "compile_backend",
+    "threshold",
+    "target",
+    "select",
 )
 
 
@@ -177,6 +206,8 @@ def _config(preset: str, **overrides):
         overrides.pop("compile", None)  # a flag left off keeps the preset's value
     if overrides.get("weights") is not None:
         overrides["weights"] = str(overrides["weights"])
+    if "target" in overrides:
+        overrides["threshold_target"] = overrides.pop("target")
     if findings:
         overrides["findings"] = canonical_findings(findings.split(","))
     cfg = cfg.replace(**overrides)
@@ -318,8 +349,59 @@ def _run_name(name: str | None, command: str, preset: str) -> str:
     return name or f"{command}-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _fmt(v, digits=3) -> str:
-    return "undefined" if v is None else f"{v:.{digits}f}"
+def _fmt(v, digits=3, why: str | None = None) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return f"undefined ({why})" if why else "undefined"
+    return f"{v:.{digits}f}"
+
+
+def _stages(selected) -> str:
+    """A run's selected stage(s): one name, or network: name pairs."""
+    if isinstance(selected, dict):
+        vals = set(selected.values())
+        return (
+            next(iter(vals))
+            if len(vals) == 1
+            else ", ".join(f"{k} {v}" for k, v in selected.items())
+        )
+    return str(selected)
+
+
+def _spread(a: dict, digits=3) -> str:
+    """mean ± sd across seeds, with the range."""
+    if a["mean"] is None:
+        return _fmt(None, why=a.get("reason"))
+    sd = f" ± {a['sd']:.{digits}f}" if a["sd"] is not None else " ± undefined (one seed)"
+    return f"{a['mean']:.{digits}f}{sd}\n[{a['min']:.{digits}f}–{a['max']:.{digits}f}]"
+
+
+def _threshold_label(cfg) -> str:
+    t = cfg.threshold + (f" {cfg.threshold_target:g}" if cfg.threshold != "youden" else "")
+    return f"acc @ t ({t}, on valid)"
+
+
+def _seeds(seeds: str | None, seed: int | None) -> tuple[int, ...] | None:
+    from fastcxr.seeds import parse_seeds
+
+    if seeds is None:
+        return None
+    if seed is not None:
+        raise ValueError("give --seed or --seeds, not both")
+    return parse_seeds(seeds)
+
+
+def _aggregate_table(result: dict, findings, title: str, row_label: str) -> Table:
+    t = Table(title=f"{title} — mean ± sd [range] over seeds {result['seeds']}")
+    t.add_column(row_label)
+    for f in findings:
+        t.add_column(f"{f}\nacc @ t", justify="right")
+        t.add_column(f"{f}\nAUC", justify="right")
+    for row, by_f in result["aggregate"].items():
+        cells = [row]
+        for f in findings:
+            cells += [_spread(by_f[f]["accuracy"]), _spread(by_f[f]["auc"])]
+        t.add_row(*cells)
+    return t
 
 
 def _synthetic_note(result: dict) -> None:
@@ -355,6 +437,10 @@ def compare_cmd(
     uncertain: Uncertain = None,
     blank: Blank = None,
     seed: Seed = None,
+    seeds: Seeds = None,
+    threshold: Threshold = None,
+    target: Target = None,
+    select: Select = None,
     workers: Workers = None,
     loader: Loader = None,
     precision: Precision = None,
@@ -369,27 +455,39 @@ def compare_cmd(
     json_out: Json = False,
 ) -> None:
     """Experiment II: train single / multilabel / multiclass on the same data and compare."""
-    from fastcxr.study import compare
+    from fastcxr.study import compare, compare_seeds
 
     with _library_errors():
         cfg = _config(preset, **_overrides(locals()))
+        seed_list = _seeds(seeds, seed)
         forms = tuple(f.strip() for f in formulations.split(",") if f.strip())
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
         _check_resume(resume, name)
-        result = compare(
-            ds, cfg, runs / _run_name(name, "compare", cfg.preset), forms, log, resume=resume
-        )
+        run_dir = runs / _run_name(name, "compare", cfg.preset)
+        if seed_list:
+            result = compare_seeds(ds, cfg, run_dir, seed_list, forms, log, resume=resume)
+        else:
+            result = compare(ds, cfg, run_dir, forms, log, resume=resume)
     if not _is_main():
         return
     if json_out:
         print(json.dumps(result, indent=2))
         return
     _synthetic_note(result)
-    t = Table(title=f"Experiment II — formulations ({cfg.arch}, {cfg.size}px, {cfg.preset})")
+    title = f"Experiment II — formulations ({cfg.arch}, {cfg.size}px, {cfg.preset})"
+    if seed_list:
+        out.print(_aggregate_table(result, cfg.findings, title, "formulation"))
+        out.print(
+            f"threshold per finding: {cfg.threshold} on each seed's validation split; "
+            f"training time over all seeds {result['train_seconds']:.0f} s — run records: "
+            f"{result['run_dir']}/seed-K"
+        )
+        return
+    t = Table(title=title)
     t.add_column("formulation")
     for f in cfg.findings:
-        t.add_column(f"{f}\nacc", justify="right")
+        t.add_column(f"{f}\n{_threshold_label(cfg)}", justify="right")
         t.add_column(f"{f}\nAUC", justify="right")
     for c in ("epochs", "s/epoch", "train time (s)"):
         t.add_column(c, justify="right")
@@ -398,25 +496,43 @@ def compare_cmd(
         for f in cfg.findings:
             m = r["findings"][f]
             ci = m.get("auc_ci")
-            auc = _fmt(m["auc"]) + (f"\n({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
-            cells += [_fmt(m["accuracy"]), auc]
+            auc = _fmt(m["auc"], why=m.get("reason"))
+            auc += (
+                f"\n({ci[0]:.3f}–{ci[1]:.3f})"
+                if ci
+                else f"\nCI {_fmt(None, why=m.get('auc_ci_reason'))}"
+            )
+            acc = _fmt(m["accuracy"], why=m.get("reason"))
+            if m.get("threshold") is not None:
+                acc += f"\nt={m['threshold']:.3f}; @0.5 {_fmt(m.get('accuracy_at_0.5'))}"
+            cells += [acc, auc]
         cells += [str(r["epochs"]), f"{r['seconds_per_epoch']:.1f}", f"{r['train_seconds']:.0f}"]
         t.add_row(*cells)
     out.print(t)
-    out.print(f"AUC 95% CI: {result.get('auc_ci_method', '')}")
+    out.print(
+        f"AUC 95% CI: {result.get('auc_ci_method', '')}. Model: the stage with the lowest "
+        f"validation loss ({cfg.select}); selected: "
+        + "; ".join(
+            f"{k}: {_stages(r['selected_stage'])}" for k, r in result["formulations"].items()
+        )
+    )
     if result.get("pairs"):
-        pt = Table(title="Paired comparison of AUCs (DeLong's test on the same test images)")
-        for c in ("finding", "a − b", "AUC diff", "95% CI", "p", "p (Holm)"):
+        pt = Table(
+            title="Paired comparison of AUCs (DeLong's test clustered by patient, "
+            "Obuchowski 1997, on the same test images)"
+        )
+        for c in ("finding", "a − b", "patients", "AUC diff", "95% CI", "p", "p (Holm)"):
             pt.add_column(c, justify="left" if c in ("finding", "a − b") else "right")
         for p in result["pairs"]:
-            ci = p["diff_ci"]
+            ci, why = p["diff_ci"], p.get("reason")
             pt.add_row(
                 p["finding"],
                 f"{p['a']} − {p['b']}",
-                _fmt(p["auc_diff"], 4),
-                f"{ci[0]:+.4f} … {ci[1]:+.4f}" if ci else "undefined",
-                _fmt(p["p_value"], 4),
-                _fmt(p.get("p_holm"), 4),
+                str(p.get("patients", "")),
+                _fmt(p["auc_diff"], 4, why),
+                f"{ci[0]:+.4f} … {ci[1]:+.4f}" if ci else _fmt(None, why=why),
+                _fmt(p["p_value"], 4, why),
+                _fmt(p.get("p_holm"), 4, p.get("p_holm_reason")),
             )
         out.print(pt)
     out.print(f"run record: {result['run_dir']}")
@@ -443,6 +559,10 @@ def train_cmd(
     uncertain: Uncertain = None,
     blank: Blank = None,
     seed: Seed = None,
+    seeds: Seeds = None,
+    threshold: Threshold = None,
+    target: Target = None,
+    select: Select = None,
     workers: Workers = None,
     loader: Loader = None,
     precision: Precision = None,
@@ -454,15 +574,19 @@ def train_cmd(
     json_out: Json = False,
 ) -> None:
     """Train one formulation through the schedule and write its run record."""
-    from fastcxr.study import train_formulation
+    from fastcxr.study import train_formulation, train_seeds
 
     with _library_errors():
         cfg = _config(preset, **_overrides(locals()))
+        seed_list = _seeds(seeds, seed)
         log = _logger(json_out)
         ds = _dataset(data, cfg, log)
         run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
         _check_resume(resume, name)
-        result = train_formulation(ds, formulation, cfg, run_dir, log, resume=resume)
+        if seed_list:
+            result = train_seeds(ds, formulation, cfg, run_dir, seed_list, log, resume=resume)
+        else:
+            result = train_formulation(ds, formulation, cfg, run_dir, log, resume=resume)
         result["run_dir"], result["synthetic"] = str(run_dir), ds.synthetic
     if not _is_main():
         return
@@ -470,12 +594,21 @@ def train_cmd(
         print(json.dumps(result, indent=2))
         return
     _synthetic_note(result)
+    if seed_list:
+        out.print(_aggregate_table(result, cfg.findings, formulation, "formulation"))
+        out.print(f"training time over all seeds {result['train_seconds']:.0f} s — {run_dir}")
+        return
     t = Table(title=f"{formulation} ({cfg.arch}, {cfg.size}px)")
-    for c in ("finding", "accuracy", "ROC AUC"):
+    for c in ("finding", _threshold_label(cfg), "threshold", "acc @ 0.5", "ROC AUC"):
         t.add_column(c, justify="right" if c != "finding" else "left")
     for f, m in result["findings"].items():
-        t.add_row(f, _fmt(m["accuracy"]), _fmt(m["auc"]))
+        why = m.get("reason")
+        t.add_row(
+            f, _fmt(m["accuracy"], why=why), _fmt(m["threshold"], why=why),
+            _fmt(m["accuracy_at_0.5"]), _fmt(m["auc"], why=why),
+        )  # fmt: skip
     out.print(t)
+    out.print(f"selected stage ({cfg.select}): {_stages(result['selected_stage'])}")
     compiled = f" (+ {result['compile_seconds']:.0f} s compiling)" if cfg.compile else ""
     out.print(
         f"{result['epochs']} epochs, {result['seconds_per_epoch']:.1f} s/epoch, "
@@ -501,6 +634,10 @@ def ablation_cmd(
     uncertain: Uncertain = None,
     blank: Blank = None,
     seed: Seed = None,
+    seeds: Seeds = None,
+    threshold: Threshold = None,
+    target: Target = None,
+    select: Select = None,
     workers: Workers = None,
     loader: Loader = None,
     precision: Precision = None,
@@ -519,23 +656,22 @@ def ablation_cmd(
     json_out: Json = False,
 ) -> None:
     """Experiment I: progressive block unfreezing, test metrics after each stage."""
-    from fastcxr.study import ablation_plan, unfreeze_ablation
+    from fastcxr.study import ablation_plan, ablation_seeds, unfreeze_ablation
 
     with _library_errors():
         cfg = _config(preset, **_overrides(locals()))
+        seed_list = _seeds(seeds, seed)
         if dry_run:
             result = ablation_plan(cfg, formulation)
         else:
             log = _logger(json_out)
             ds = _dataset(data, cfg, log)
-            result = unfreeze_ablation(
-                ds,
-                cfg,
-                runs / _run_name(name, "ablation", cfg.preset),
-                formulation,
-                log,
-                resume=_check_resume(resume, name),
-            )
+            run_dir = runs / _run_name(name, "ablation", cfg.preset)
+            resume = _check_resume(resume, name)
+            if seed_list:
+                result = ablation_seeds(ds, cfg, run_dir, seed_list, formulation, log, resume)
+            else:
+                result = unfreeze_ablation(ds, cfg, run_dir, formulation, log, resume=resume)
     if not _is_main():
         return
     if json_out:
@@ -566,11 +702,16 @@ def ablation_cmd(
         out.print(f"total parameters: {result['total_params']:,}")
         return
     _synthetic_note(result)
-    t = Table(title=f"Experiment I — progressive unfreezing ({cfg.arch}, {formulation})")
+    title = f"Experiment I — progressive unfreezing ({cfg.arch}, {formulation})"
+    if seed_list:
+        out.print(_aggregate_table(result, cfg.findings, title, "stage"))
+        out.print(f"training time over all seeds {result['train_seconds']:.0f} s — {run_dir}")
+        return
+    t = Table(title=title)
     for c in ("stage", "unfrozen", "trainable params", "epochs", "valid loss"):
         t.add_column(c, justify="left" if c in ("stage", "unfrozen") else "right")
     for f in cfg.findings:
-        t.add_column(f"{f}\nacc", justify="right")
+        t.add_column(f"{f}\n{_threshold_label(cfg)}", justify="right")
         t.add_column(f"{f}\nAUC", justify="right")
     for s in result["stages"]:
         best = s["name"] == result["best_stage"]
@@ -584,11 +725,13 @@ def ablation_cmd(
             f"{s['valid_loss']:.4f}",
         ]
         for f in cfg.findings:
-            cells += [_fmt(s["findings"][f]["accuracy"]), _fmt(s["findings"][f]["auc"])]
+            m = s["findings"][f]
+            cells += [_fmt(m["accuracy"], why=m.get("reason")), _fmt(m["auc"], why=m.get("reason"))]
         t.add_row(*cells, style="bold" if best else None)
     out.print(t)
     out.print(
-        f"★ best stage by validation loss: {result['best_stage']} — run record: {result['run_dir']}"
+        f"★ best stage by validation loss: {result['best_stage']}; the run's model "
+        f"({cfg.select}): {_stages(result['selected_stage'])} — run record: {result['run_dir']}"
     )
 
 
@@ -763,9 +906,12 @@ def report_cmd(
         str, typer.Option(help="AUC CI: bootstrap (patients resampled) or delong.")
     ] = "bootstrap",
     threshold: Annotated[
-        str,
-        typer.Option(help="Threshold chosen on validation: youden, sensitivity or specificity."),
-    ] = "youden",
+        str | None,
+        typer.Option(
+            help="Threshold chosen on validation: youden, sensitivity or specificity "
+            "(default: each run's own, as it was trained)."
+        ),
+    ] = None,
     template: Annotated[
         Path | None, typer.Option(help="Write-up template (Markdown) that opens results.md.")
     ] = None,

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, replace
 
 from fastcxr.findings import STUDY_FINDINGS
 
+THRESHOLD_METHODS = ("youden", "sensitivity", "specificity")
+SELECT_CHOICES = ("best", "last")
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -53,6 +56,30 @@ class TrainConfig:
     compile_backend: str = "inductor"
     preset: str = "paper"
     max_train_images: int | None = None
+    # Decisions (accuracy, sensitivity, confusion, predict's 0/1) use a threshold per finding
+    # chosen on the validation predictions: youden | sensitivity | specificity (with target).
+    threshold: str = "youden"
+    threshold_target: float | None = None
+    # The model a run reports and saves: the stage with the lowest validation loss ("best")
+    # or the schedule's last stage ("last").
+    select: str = "best"
+
+    def __post_init__(self):
+        if self.threshold not in THRESHOLD_METHODS:
+            raise ValueError(
+                f"--threshold must be one of {', '.join(THRESHOLD_METHODS)}, not {self.threshold!r}"
+            )
+        if self.threshold != "youden":
+            t = self.threshold_target
+            if t is None or not 0 < t < 1:
+                raise ValueError(
+                    f"--threshold {self.threshold} needs --target X with 0 < X < 1 "
+                    f"(the {self.threshold} to reach on the validation split), not {t!r}"
+                )
+        if self.select not in SELECT_CHOICES:
+            raise ValueError(
+                f"--select must be one of {', '.join(SELECT_CHOICES)}, not {self.select!r}"
+            )
 
     def replace(self, **changes) -> TrainConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -112,6 +139,8 @@ __all__ = [
     "PAPER",
     "PAPER_STAGES",
     "PRESETS",
+    "SELECT_CHOICES",
+    "THRESHOLD_METHODS",
     "Stage",
     "TrainConfig",
     "get_preset",

@@ -9,35 +9,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from fastai.data.block import DataBlock
+from fastai.data.block import DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
-from fastai.data.transforms import ColReader, ColSplitter, Normalize
-from fastai.vision.augment import Resize, aug_transforms
+from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize, Transform
+from fastai.vision.augment import aug_transforms
 from fastai.vision.core import PILImageBW
-from fastai.vision.data import ImageBlock
 from PIL import Image
 
 from fastcxr.config import TrainConfig
-from fastcxr.dicom import read_dicom
-from fastcxr.fastpath import AUGMENT, GRAY_MEAN, GRAY_STD, Speed, cache_loaders, resolve_speed
+from fastcxr.fastpath import AUGMENT, Speed, cache_loaders, resolve_speed
 from fastcxr.findings import LabelPolicy
 from fastcxr.formulations import Formulation, Network
+from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, Preprocessing
 
 
 class DataError(ValueError):
     """Data that cannot be trained on (empty split, one-class label, …)."""
 
 
-class CXRImage(PILImageBW):
-    """A grayscale radiograph from a cached PNG/JPG or straight from a DICOM file."""
+class LoadCXR(Transform):
+    """Image path → `PILImageBW` through the run's `Preprocessing` (the same function the fast
+    loader and `predict` use, so every path sees the same pixels)."""
 
-    intensity = "voi"
+    def __init__(self, prep: Preprocessing):
+        super().__init__()
+        self.prep = prep
 
-    @classmethod
-    def create(cls, fn, **kwargs):
-        if isinstance(fn, (str, Path)) and Path(fn).suffix.lower() in (".dcm", ".dicom"):
-            return cls(Image.fromarray(read_dicom(fn, mode=cls.intensity)))
-        return super().create(fn, **kwargs)
+    def encodes(self, fn: str | Path) -> PILImageBW:
+        return PILImageBW(Image.fromarray(self.prep.load(Path(fn))))
 
 
 @dataclass
@@ -49,18 +48,49 @@ class NetworkData:
     test: pd.DataFrame
     y_train: np.ndarray  # (n, k) 0/1 labels of the network's findings
     speed: Speed
+    preprocessing: Preprocessing | None = None
+
+
+def scored(finding: str) -> str:
+    """Column of a finding's label as scored: 0/1 where the raw label is 0 or 1, else NaN."""
+    return f"_scored_{finding}"
+
+
+def certain_labels(raw: pd.Series) -> np.ndarray:
+    """Raw labels → float 0/1 where certain (1 or 0), NaN for uncertain (-1) and blank."""
+    v = pd.to_numeric(raw, errors="coerce").to_numpy(float)
+    return np.where(np.isin(v, (0.0, 1.0)), v, np.nan)
 
 
 def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataFrame:
-    """Rows usable under the run's label policy, findings as 0/1, split sizes checked."""
-    df = LabelPolicy.parse(cfg.uncertain, cfg.blank).apply(manifest, findings)
-    for split in ("train", "valid", "test"):
-        if not (df["split"] == split).any():
+    """Train and valid rows under the run's label policy (findings as 0/1), and the test rows
+    that are scored; split sizes and classes checked.
+
+    The policy shapes training and the validation loss only. The test set does not depend on
+    it: a test image is scored for a finding when its raw label for that finding is 0 or 1,
+    the same images for every policy, formulation and seed. Test rows hold NaN for a finding
+    they are not scored on. Every row also carries `scored(f)`: its certain label (or NaN),
+    which thresholds (validation) and metrics (test) use.
+    """
+    policy = LabelPolicy.parse(cfg.uncertain, cfg.blank)
+    policy.apply(manifest.iloc[:0], findings)  # the columns exist
+    raw = manifest.copy()
+    for f in findings:
+        raw[scored(f)] = certain_labels(raw[f])
+    tv = policy.apply(raw[raw["split"].isin(["train", "valid"])], findings)
+    test = raw[raw["split"] == "test"]
+    test = test[test[[scored(f) for f in findings]].notna().any(axis=1)].copy()
+    for f in findings:
+        test[f] = test[scored(f)]
+    train, valid = tv[tv["split"] == "train"], tv[tv["split"] == "valid"]
+    for split, rows in (("train", train), ("valid", valid)):
+        if rows.empty:
             raise DataError(
                 f"the {split!r} split is empty under the label policy "
                 f"(uncertain={cfg.uncertain}, blank={cfg.blank})"
             )
-    train = df[df["split"] == "train"]
+    if test.empty:
+        raise DataError(f"the 'test' split has no image labelled 0 or 1 for {list(findings)}")
     for f in findings:
         classes = np.unique(train[f])
         if len(classes) < 2:
@@ -68,7 +98,16 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
                 f"finding {f!r} has only class {classes.tolist()} in the training "
                 "split: nothing to learn"
             )
-    return df
+        v = valid[scored(f)].dropna().unique()
+        if len(v) < 2:
+            has = f"only class {v.astype(int).tolist()}" if len(v) else "no label 0 or 1"
+            raise DataError(
+                f"finding {f!r} has {has} in the validation split: no decision threshold "
+                "can be chosen on it"
+            )
+        if test[f].isna().all():
+            raise DataError(f"finding {f!r} has no test image labelled 0 or 1: nothing to score")
+    return pd.concat([tv, test.reset_index(drop=True)], ignore_index=True)
 
 
 def network_data(
@@ -79,12 +118,16 @@ def network_data(
     cfg: TrainConfig,
     device=None,
     speed: Speed | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> NetworkData:
     """DataLoaders (train/valid) and a labelled test DataLoader for `net`: the fast cache
     loader (`fastcxr.fastpath`) or fastai's DataBlock, as `speed` (resolved from `cfg`) says."""
     speed = speed or resolve_speed(cfg, device)
+    prep = preprocessing or Preprocessing(cfg.size)
     df = df.copy()
-    y = df[list(net.findings)].to_numpy(np.int64)
+    # test rows may hold NaN (a finding they are not scored on): their loader targets are
+    # placeholders, never read; metrics use the `scored` columns
+    y = df[list(net.findings)].fillna(0).to_numpy(np.int64)
     targets = form.targets(y)
     df["_y"] = list(targets) if targets.ndim == 2 else targets.tolist()
     df["_is_valid"] = df["split"] == "valid"
@@ -103,24 +146,19 @@ def network_data(
         ]
         train_dl, valid_dl, test_dl = cache_loaders(
             *parts, size=cfg.size, batch_size=cfg.batch_size, augment=cfg.augment,
-            speed=speed, device=device,
+            speed=speed, device=device, mode=prep.intensity,
         )  # fmt: skip
         dls = DataLoaders(train_dl, valid_dl, device=device)
-        return NetworkData(dls, test_dl, train_rows, valid_rows, test, y_train, speed)
-    first = Path(root) / tv["image"].iloc[0]
-    item_tfms = []
-    if first.suffix.lower() in (".dcm", ".dicom") or Image.open(first).size != (cfg.size,) * 2:
-        item_tfms = [Resize(cfg.size, method="squish")]
+        return NetworkData(dls, test_dl, train_rows, valid_rows, test, y_train, speed, prep)
     batch_tfms = []
     if cfg.augment:  # no flips: the heart's side is anatomy, not noise
         batch_tfms += aug_transforms(do_flip=False, max_warp=0.0, size=cfg.size, **AUGMENT)
     batch_tfms.append(Normalize.from_stats([GRAY_MEAN], [GRAY_STD]))
     block = DataBlock(
-        blocks=(ImageBlock(cls=CXRImage), form.block(net)),
+        blocks=(TransformBlock([LoadCXR(prep)], batch_tfms=IntToFloatTensor), form.block(net)),
         get_x=ColReader("image", pref=f"{Path(root).resolve()}{os.sep}"),
         get_y=ColReader("_y"),
         splitter=ColSplitter("_is_valid"),
-        item_tfms=item_tfms,
         batch_tfms=batch_tfms,
     )
     workers = speed.workers
@@ -128,4 +166,4 @@ def network_data(
         tv, bs=cfg.batch_size, num_workers=workers, device=device, persistent_workers=workers > 0
     )
     test_dl = dls.test_dl(test, with_labels=True)
-    return NetworkData(dls, test_dl, train_rows, valid_rows, test, y_train, speed)
+    return NetworkData(dls, test_dl, train_rows, valid_rows, test, y_train, speed, prep)

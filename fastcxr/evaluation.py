@@ -7,6 +7,7 @@ Works on a run record's `predictions.csv` (columns `split`, `image`, `patient_id
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,12 +19,29 @@ from fastcxr import stats
 
 @dataclass(frozen=True)
 class EvalConfig:
-    ci: str = "bootstrap"  # "bootstrap" (patients resampled) or "delong"
+    ci: str = "bootstrap"  # "bootstrap" (patients resampled) or "delong" (clustered by patient)
     n_boot: int = 2000
     level: float = 0.95
-    threshold: str = "youden"  # chosen on validation: youden | sensitivity | specificity
+    # chosen on validation: youden | sensitivity | specificity; None: what the run recorded
+    threshold: str | None = None
     target: float | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        if self.ci not in CI_METHODS:
+            raise ValueError(f"--ci must be one of {', '.join(CI_METHODS)}, not {self.ci!r}")
+
+    def rule(self, recorded: Mapping | None) -> tuple[str, float | None]:
+        """The threshold method and target: this config's, else the run's, else Youden."""
+        if self.threshold is not None:
+            return self.threshold, self.target
+        if recorded:
+            return recorded.get("method", "youden"), recorded.get("target")
+        return "youden", None
+
+
+CI_METHODS = ("bootstrap", "delong")
+CLUSTERED = "DeLong variance clustered by patient (Obuchowski 1997)"
 
 
 def _split(pred: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -32,67 +50,92 @@ def _split(pred: pd.DataFrame, split: str) -> pd.DataFrame:
     return pred[pred["split"] == split]
 
 
-def finding_report(pred: pd.DataFrame, finding: str, cfg: EvalConfig = EvalConfig()) -> dict:
-    """Everything about one finding on the test split; threshold chosen on validation."""
-    test, valid = _split(pred, "test"), _split(pred, "valid")
+def _scored(rows: pd.DataFrame, finding: str) -> pd.DataFrame:
+    """The rows a finding is scored on: its label is 0 or 1 (a blank label is not scored)."""
+    return rows[rows[f"y_{finding}"].notna()]
+
+
+def finding_report(
+    pred: pd.DataFrame, finding: str, cfg: EvalConfig = EvalConfig(), recorded=None
+) -> dict:
+    """Everything about one finding on the test split; threshold chosen on validation
+    (`recorded`: the run's threshold rule, used unless `cfg` names one)."""
+    test, valid = _scored(_split(pred, "test"), finding), _scored(_split(pred, "valid"), finding)
     y, s = test[f"y_{finding}"].to_numpy(int), test[f"p_{finding}"].to_numpy(float)
-    groups = test["patient_id"].to_numpy()
+    groups = test["patient_id"].astype(str).to_numpy()
     auc = stats.auc_rank(y, s)
     if cfg.ci == "delong":
-        auc_ci = stats.delong_ci(y, s, cfg.level)
-        method = "DeLong variance (images independent)"
+        d = stats.auc_ci_delong(y, s, cfg.level, groups=groups)
+        auc_ci, ci_reason, method = d["ci"], d["reason"], CLUSTERED
     else:
         auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level)
+        ci_reason = None if auc_ci else _bootstrap_reason(y)
         method = f"percentile bootstrap over patients ({cfg.n_boot} resamples)"
     pr_ci = stats.patient_bootstrap(
         y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level
     )
-    if len(valid):
-        t = stats.choose_threshold(
-            valid[f"y_{finding}"], valid[f"p_{finding}"], cfg.threshold, cfg.target
-        )
+    how, target = cfg.rule(recorded)
+    t = stats.choose_threshold(
+        valid[f"y_{finding}"].to_numpy(int), valid[f"p_{finding}"].to_numpy(float), how, target
+    )
+    chosen = {"method": how, "target": target, "chosen_on": "valid"}
+    if t is None:
+        chosen["reason"] = "the validation split has one class: no threshold can be chosen"
     else:
-        t = 0.5
+        chosen.update(stats.at_threshold(y, s, t))
     return {
-        "n": int(len(y)), "positives": int(y.sum()), "auc": auc, "auc_ci": auc_ci,
-        "auc_ci_method": method, "pr_auc": stats.pr_auc(y, s), "pr_auc_ci": pr_ci,
-        "at_0.5": stats.at_threshold(y, s, 0.5),
-        "chosen_threshold": {"method": cfg.threshold, "target": cfg.target,
-                             "chosen_on": "valid" if len(valid) else "default 0.5",
-                             **stats.at_threshold(y, s, t)},
-        "brier": stats.brier(y, s), "ece": stats.ece(y, s),
+        "n": int(len(y)), "positives": int(y.sum()), "patients": int(len(set(groups))),
+        "auc": auc, "auc_ci": auc_ci, "auc_ci_method": method, "auc_ci_reason": ci_reason,
+        "pr_auc": stats.pr_auc(y, s), "pr_auc_ci": pr_ci,
+        "at_0.5": stats.at_threshold(y, s, 0.5), "chosen_threshold": chosen,
+        "brier": stats.brier(y, s) if len(y) else None, "ece": stats.ece(y, s) if len(y) else None,
         "calibration": stats.calibration_bins(y, s),
         "undefined": None if auc is not None else "one class in the test set: AUC undefined",
     }  # fmt: skip
 
 
+def _bootstrap_reason(y: np.ndarray) -> str:
+    if len(np.unique(y)) < 2:
+        return "one class in the test set"
+    return "fewer than half of the patient resamples hold both classes"
+
+
 def evaluate(
-    pred: pd.DataFrame, findings: Sequence[str], cfg: EvalConfig = EvalConfig()
+    pred: pd.DataFrame, findings: Sequence[str], cfg: EvalConfig = EvalConfig(), recorded=None
 ) -> dict[str, dict]:
-    return {f: finding_report(pred, f, cfg) for f in findings}
+    return {f: finding_report(pred, f, cfg, recorded) for f in findings}
 
 
 def pairwise(preds: Mapping[str, pd.DataFrame], findings: Sequence[str]) -> list[dict]:
-    """DeLong's test for every pair of runs and every finding, on their common test images."""
+    """DeLong's test, clustered by patient (Obuchowski 1997), for every pair of runs and every
+    finding, on their common scored test images."""
     out = []
     for (a, pa), (b, pb) in itertools.combinations(preds.items(), 2):
         ta, tb = _split(pa, "test"), _split(pb, "test")
         m = ta.merge(tb, on="image", suffixes=("_a", "_b"))
         for f in findings:
-            if not (m[f"y_{f}_a"] == m[f"y_{f}_b"]).all():
+            ya, yb = m[f"y_{f}_a"], m[f"y_{f}_b"]
+            if not ya.isna().equals(yb.isna()) or not (ya.dropna() == yb.dropna()).all():
                 raise ValueError(f"{a} and {b} disagree on the labels of {f}: not the same data")
+            mf = m[ya.notna()]
             r = stats.delong_test(
-                m[f"y_{f}_a"].to_numpy(int),
-                m[f"p_{f}_a"].to_numpy(float),
-                m[f"p_{f}_b"].to_numpy(float),
+                mf[f"y_{f}_a"].to_numpy(int),
+                mf[f"p_{f}_a"].to_numpy(float),
+                mf[f"p_{f}_b"].to_numpy(float),
+                groups=mf["patient_id_a"].astype(str).to_numpy(),
             )
-            out.append({"a": a, "b": b, "finding": f, "n": int(len(m)), "method": "DeLong", **r})
+            out.append({"a": a, "b": b, "finding": f, **r})
     return out
 
 
+def _defined(p) -> bool:
+    return p is not None and not (isinstance(p, float) and math.isnan(p))
+
+
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
-    """Holm–Bonferroni adjusted p-values (family-wise error), `None` kept in place."""
-    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    """Holm–Bonferroni adjusted p-values (family-wise error). Undefined entries (`None` or
+    NaN) are left out of the family and stay `None`."""
+    idx = [i for i, p in enumerate(pvalues) if _defined(p)]
     order = sorted(idx, key=lambda i: pvalues[i])
     adj: list[float | None] = [None] * len(pvalues)
     running = 0.0
@@ -102,12 +145,23 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     return adj
 
 
+def with_holm(pairs: list[dict]) -> list[dict]:
+    """`pairs` with `p_holm` over the defined p-values; undefined ones say why."""
+    for pr, adj in zip(pairs, holm([p["p_value"] for p in pairs])):
+        pr["p_holm"] = adj
+        if adj is None:
+            pr["p_holm_reason"] = pr.get("reason") or "p-value undefined"
+    return pairs
+
+
 def table(evals: Mapping[str, Mapping[str, dict]]) -> pd.DataFrame:
     """One row per (run, finding): the headline numbers, for tables and results.md."""
     rows = []
     for run, by_f in evals.items():
         for f, e in by_f.items():
             ch = e["chosen_threshold"]
+            ch = {k: ch.get(k) for k in ("threshold", "accuracy", "sensitivity", "specificity",
+                                          "ppv", "npv", "f1")}  # fmt: skip
             rows.append({
                 "run": run, "finding": f, "n": e["n"], "auc": e["auc"],
                 "auc_lo": (e["auc_ci"] or (np.nan, np.nan))[0],

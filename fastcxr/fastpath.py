@@ -39,8 +39,8 @@ from fastai.optimizer import OptimWrapper, set_item_pg
 from fastcore.basics import chunked
 
 from fastcxr.prepare.cache import load_source
+from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD
 
-GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet RGB statistics averaged: a summed 1-channel stem
 # Training augmentation, shared by the fast path and fastai's `aug_transforms` (no flips: the
 # heart's side is anatomy, not noise; no warp).
 AUGMENT = {"max_rotate": 5.0, "max_zoom": 1.1, "max_lighting": 0.2}

@@ -17,8 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from fastcxr import stats  # noqa: E402
-from fastcxr.evaluation import EvalConfig, evaluate, pairwise, table  # noqa: E402
+from fastcxr.evaluation import EvalConfig, evaluate, pairwise, table, with_holm  # noqa: E402
 from fastcxr.runs import RunError, is_complete, load_run  # noqa: E402
 
 COLORS = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c"]
@@ -28,17 +27,22 @@ def _test(pred: pd.DataFrame) -> pd.DataFrame:
     return pred[pred["split"] == "test"] if "split" in pred.columns else pred
 
 
-def confusion_figure(preds: Mapping[str, pd.DataFrame], findings) -> Figure:
-    """Confusion matrices at threshold 0.5, one per formulation (rows) and finding (columns)."""
+def confusion_figure(evals: Mapping[str, Mapping[str, dict]], findings) -> Figure:
+    """Confusion matrices at each finding's threshold chosen on validation, one per
+    formulation (rows) and finding (columns)."""
     fig, axes = plt.subplots(
-        len(preds), len(findings), squeeze=False, figsize=(3.3 * len(findings), 3.0 * len(preds))
+        len(evals), len(findings), squeeze=False, figsize=(3.3 * len(findings), 3.0 * len(evals))
     )
-    for r, (name, pred) in enumerate(preds.items()):
-        t = _test(pred)
+    for r, (name, by_f) in enumerate(evals.items()):
         for c, f in enumerate(findings):
-            k = stats.at_threshold(t[f"y_{f}"], t[f"p_{f}"], 0.5)["confusion"]
-            cm = np.array([[k["tn"], k["fp"]], [k["fn"], k["tp"]]])
             ax = axes[r, c]
+            ch = by_f[f]["chosen_threshold"]
+            if "confusion" not in ch:
+                ax.text(0.5, 0.5, f"undefined\n({ch.get('reason')})", ha="center", fontsize=8)
+                ax.axis("off")
+                continue
+            k = ch["confusion"]
+            cm = np.array([[k["tn"], k["fp"]], [k["fn"], k["tp"]]])
             ax.imshow(cm, cmap="Blues", vmin=0)
             for (i, j), v in np.ndenumerate(cm):
                 ax.text(
@@ -52,22 +56,23 @@ def confusion_figure(preds: Mapping[str, pd.DataFrame], findings) -> Figure:
                 )
             ax.set_xticks([0, 1], ["pred 0", "pred 1"])
             ax.set_yticks([0, 1], ["true 0", "true 1"])
-            ax.set_title(f"{name} — {f}", fontsize=10)
+            ax.set_title(f"{name} — {f}\nt = {ch['threshold']:.3f} ({ch['method']})", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def accuracy_figure(evals: Mapping[str, Mapping[str, dict]], findings) -> Figure:
-    """Accuracy at 0.5 per finding, one bar per formulation."""
+    """Accuracy at each finding's validation-chosen threshold, one bar per formulation."""
     fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(findings), 3.6))
     width = 0.8 / len(evals)
     for i, (name, by_f) in enumerate(evals.items()):
-        vals = [by_f[f]["at_0.5"]["accuracy"] or 0 for f in findings]
+        vals = [by_f[f]["chosen_threshold"].get("accuracy") or np.nan for f in findings]
         xs = np.arange(len(findings)) + (i - (len(evals) - 1) / 2) * width
         bars = ax.bar(xs, vals, width, label=name, color=COLORS[i % len(COLORS)])
         ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
     ax.set_xticks(np.arange(len(findings)), findings)
-    ax.set_ylabel("accuracy (threshold 0.5)")
+    method = next(iter(next(iter(evals.values())).values()))["chosen_threshold"]["method"]
+    ax.set_ylabel(f"accuracy (threshold: {method} on valid)")
     ax.set_ylim(0, 1.22)
     ax.legend(loc="upper center", ncol=len(evals), fontsize=8, frameon=False)
     fig.tight_layout()
@@ -82,7 +87,8 @@ def roc_figure(preds: Mapping[str, pd.DataFrame], evals, finding: str) -> Figure
         e = evals[name][finding]
         if e["auc"] is None:
             continue
-        fpr, tpr, _ = roc_curve(t[f"y_{finding}"], t[f"p_{finding}"])
+        t = t[t[f"y_{finding}"].notna()]  # scored images only
+        fpr, tpr, _ = roc_curve(t[f"y_{finding}"].astype(int), t[f"p_{finding}"])
         ci = e["auc_ci"]
         label = f"{name}: AUC {e['auc']:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
         ax.plot(fpr, tpr, color=COLORS[i % len(COLORS)], lw=1.8, label=label)
@@ -237,11 +243,14 @@ def build_report(
 
     recs = {n: load_run(p) for n, p in runs.items()}
     findings = next(iter(recs.values()))["config"]["train"]["findings"] if recs else []
-    evals = {n: evaluate(r["predictions"], findings, eval_cfg) for n, r in recs.items()}
+    evals = {
+        n: evaluate(r["predictions"], findings, eval_cfg, r["config"].get("thresholds"))
+        for n, r in recs.items()
+    }
     if recs:
         preds = {n: r["predictions"] for n, r in recs.items()}
         summaries = {n: r["record"] for n, r in recs.items()}
-        save(confusion_figure(preds, findings), "confusion.png")
+        save(confusion_figure(evals, findings), "confusion.png")
         save(accuracy_figure(evals, findings), "accuracy.png")
         for f in findings:
             slug = f.lower().replace(" ", "_")
@@ -260,7 +269,9 @@ def build_report(
         evals,
         findings,
         ablations,
-        pairwise({n: r["predictions"] for n, r in recs.items()}, findings) if len(recs) > 1 else [],
+        with_holm(pairwise({n: r["predictions"] for n, r in recs.items()}, findings))
+        if len(recs) > 1
+        else [],
         [p.name for p in written],
     )
     (out / "results.md").write_text(md)
@@ -268,8 +279,22 @@ def build_report(
     return written
 
 
-def _f(v, d=3) -> str:
-    return "undefined" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"
+def _f(v, d=3, why: str | None = None) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return f"undefined ({why})" if why else "undefined"
+    return f"{v:.{d}f}"
+
+
+def _rule(by_f: Mapping[str, dict]) -> str:
+    ch = next(iter(by_f.values()))["chosen_threshold"]
+    return ch["method"] + (f" {ch['target']:g}" if ch.get("target") is not None else "")
+
+
+def _selected(record: dict) -> str:
+    sel = record.get("selected_stage")
+    if isinstance(sel, dict):
+        return ", ".join(f"{k}: {v}" for k, v in sel.items())
+    return str(sel) if sel else "last (record predates stage selection)"
 
 
 def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) -> str:
@@ -294,7 +319,17 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) ->
                                              if v),
                   "", "## Per finding (test set)", "",
                   "AUC CI: " + next(iter(next(iter(evals.values())).values()))["auc_ci_method"]
-                  + "; threshold t chosen on the validation split and applied to test.",
+                  + f"; threshold t per finding chosen on the validation split "
+                  f"({_rule(next(iter(evals.values())))}) and applied to test. "
+                  "Each finding is scored on the test images labelled 0 or 1 for it, the same "
+                  "images for every label policy and formulation.",
+                  "",
+                  "| run | selected stage (lowest validation loss) | thresholds |",
+                  "|---|---|---|",
+                  *[f"| {n} | {_selected(r['record'])} | "
+                    + ", ".join(f"{f} {_f(e['chosen_threshold'].get('threshold'))}"
+                                for f, e in evals[n].items()) + " |"
+                    for n, r in recs.items()],
                   ""]  # fmt: skip
         t = table(evals)
         cols = [
@@ -338,35 +373,45 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) ->
     if pairs:
         lines += [
             "",
-            "## Paired comparisons (DeLong's test, same test images)",
+            "## Paired comparisons (DeLong's test clustered by patient, Obuchowski 1997; "
+            "same test images)",
             "",
-            "| a | b | finding | AUC a | AUC b | diff | 95% CI | p |",
-            "|---|---|---|---|---|---|---|---|",
+            "p (Holm): Holm-adjusted over every defined p-value of the table; an undefined p "
+            "is left out of the family.",
+            "",
+            "| a | b | finding | patients | AUC a | AUC b | diff | 95% CI | p | p (Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in pairs:
-            ci = p["diff_ci"]
+            ci, why = p["diff_ci"], p.get("reason")
             lines.append(
-                f"| {p['a']} | {p['b']} | {p['finding']} | {_f(p['auc_a'])} | "
-                f"{_f(p['auc_b'])} | {_f(p['auc_diff'])} | "
-                f"{_f(ci[0]) if ci else '–'} to {_f(ci[1]) if ci else '–'} | "
-                f"{_f(p['p_value'], 4)} |"
+                f"| {p['a']} | {p['b']} | {p['finding']} | {p.get('patients', '')} | "
+                f"{_f(p['auc_a'])} | {_f(p['auc_b'])} | {_f(p['auc_diff'], 3, why)} | "
+                + (f"{_f(ci[0])} to {_f(ci[1])}" if ci else _f(None, 3, why))
+                + f" | {_f(p['p_value'], 4, why)} | "
+                + f"{_f(p.get('p_holm'), 4, p.get('p_holm_reason'))} |"
             )
     for d, abl in ablations:
         lines += [
             "",
             f"## Experiment I — progressive unfreezing ({d.name})",
             "",
+            f"★ lowest validation loss; the run's model: {_selected(abl)}. Accuracy at each "
+            "stage's own validation-chosen threshold.",
+            "",
             "| stage | unfrozen groups | trainable params | epochs | valid loss | "
-            + " | ".join(f"{f} AUC" for f in abl["stages"][0]["findings"])
+            + " | ".join(f"{f} acc @ t | {f} AUC" for f in abl["stages"][0]["findings"])
             + " |",
-            "|---|---|---|---|---|" + "---|" * len(abl["stages"][0]["findings"]),
+            "|---|---|---|---|---|" + "---|---|" * len(abl["stages"][0]["findings"]),
         ]
         for s in abl["stages"]:
             star = " ★" if s["name"] == abl["best_stage"] else ""
             lines.append(
                 f"| {s['name']}{star} | {len(s['unfrozen'])} | {s['trainable_params']:,} "
                 f"| {s['epochs']} | {s['valid_loss']:.4f} | "
-                + " | ".join(_f(m["auc"]) for m in s["findings"].values())
+                + " | ".join(
+                    f"{_f(m.get('accuracy'))} | {_f(m['auc'])}" for m in s["findings"].values()
+                )
                 + " |"
             )
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]

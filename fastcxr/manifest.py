@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 REQUIRED = ("image", "patient_id", "split")
@@ -39,6 +40,14 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ManifestError(f"{source}: missing column(s) {missing}; has {list(df.columns)}")
+    blank = blank_patient_rows(df)
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (" …" if len(blank) > 10 else "")
+        raise ManifestError(
+            f"{source}: {len(blank)} row(s) have a blank patient_id (rows {shown}); every image "
+            "needs its patient, or the leakage check and the patient-level statistics cannot "
+            "group it"
+        )
     bad = sorted(set(df["split"].astype(str)) - set(SPLITS))
     if bad:
         raise ManifestError(f"{source}: unknown split value(s) {bad}; expected {SPLITS}")
@@ -56,6 +65,14 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
                 f"{source}: row {i + 2}, column 'image': path {p!r} leaves the "
                 "dataset folder (absolute or '..')"
             )
+
+
+def blank_patient_rows(df: pd.DataFrame) -> list[int]:
+    """CSV row numbers (header = row 1) whose patient_id is missing, NaN or only spaces."""
+    pid = df["patient_id"]
+    text = pid.astype(str).str.strip()
+    blank = pid.isna().to_numpy() | text.isin(["", "nan", "NaN", "None"]).to_numpy()
+    return [int(i) + 2 for i in np.flatnonzero(blank)]
 
 
 def patients_in_several_splits(df: pd.DataFrame) -> list[str]:

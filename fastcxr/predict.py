@@ -19,7 +19,7 @@ from torch import nn
 from fastcxr.dicom import DicomError
 from fastcxr.formulations import powerset_bits
 from fastcxr.models import build_model, load_state_dict
-from fastcxr.prepare.cache import load_source
+from fastcxr.preprocessing import Preprocessing
 from fastcxr.runs import RunError, is_complete
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -60,9 +60,8 @@ class Predictor:
     run_dir: Path
     findings: tuple[str, ...]
     networks: list[LoadedNetwork]
-    size: int
-    intensity: str
-    thresholds: dict[str, float]
+    preprocessing: Preprocessing
+    thresholds: dict[str, float | None]
     device: torch.device
     precision: str = "fp32"  # the run's own evaluation precision, so results match its record
 
@@ -75,7 +74,7 @@ class Predictor:
         cfg = json.loads((run_dir / "config.json").read_text())
         findings = tuple(cfg["train"]["findings"])
         nets = []
-        for p in sorted(run_dir.glob("model-*.pth")):
+        for p in _weights_of(run_dir, cfg):
             side = json.loads(p.with_suffix(".json").read_text())
             net = build_model(side["arch"], side["n_out"])
             net.load_state_dict(load_state_dict(p))
@@ -86,20 +85,32 @@ class Predictor:
             nets.append(LoadedNetwork(tuple(side["findings"]), pm.to(device).eval(), side))
         if not nets:
             raise RunError(f"{run_dir}: no model-*.pth weights")
-        pre = nets[0].sidecar["preprocessing"]
-        thresholds = {f: 0.5 for f in findings}
+        preps = {json.dumps(n.sidecar["preprocessing"], sort_keys=True) for n in nets}
+        if len(preps) > 1:
+            raise RunError(f"{run_dir}: its networks were trained on different preprocessing")
+        prep = Preprocessing.from_dict(nets[0].sidecar["preprocessing"])
+        thresholds: dict[str, float | None] = {}
         for n in nets:
             thresholds.update(n.sidecar.get("thresholds", {}))
+        missing = [f for f in findings if f not in thresholds]
+        if missing:
+            raise RunError(f"{run_dir}: no decision threshold recorded for {missing}")
         precision = nets[0].sidecar.get("inference_precision", "fp32")
-        return cls(
-            run_dir, findings, nets, pre["size"], pre.get("intensity", "voi"), thresholds, device,
-            precision,
-        )  # fmt: skip
+        return cls(run_dir, findings, nets, prep, thresholds, device, precision)
+
+    @property
+    def size(self) -> int:
+        return self.preprocessing.size
+
+    @property
+    def intensity(self) -> str:
+        return self.preprocessing.intensity
 
     def load_image(self, path: Path) -> np.ndarray:
-        """A file as the uint8 size x size array the network was trained on."""
+        """A file as the uint8 size x size array the network was trained on: the run's own
+        preprocessing (the cache's intensity mode and size, then the run's size)."""
         try:
-            return load_source(path, self.size, self.intensity)  # as `prepare` made the cache
+            return self.preprocessing.image(Path(path))
         except DicomError:
             raise
         except (OSError, ValueError) as e:
@@ -116,6 +127,17 @@ class Predictor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out[:, cols] = n.model(x).float().cpu().numpy()
         return out
+
+
+def _weights_of(run_dir: Path, cfg: dict) -> list[Path]:
+    """Exactly the weight files of the networks the run record lists; never a leftover."""
+    if "networks" not in cfg:  # a record written before networks were listed
+        return sorted(run_dir.glob("model-*.pth"))
+    paths = [run_dir / f"model-{n}.pth" for n in cfg["networks"]]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise RunError(f"{run_dir}: the record lists networks whose weights are missing: {missing}")
+    return paths
 
 
 def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
@@ -150,8 +172,9 @@ def predict(
             for name, p in zip(names, probs):
                 row = {"file": str(name)}
                 for f, v in zip(pred.findings, p):
+                    t = pred.thresholds[f]
                     row[f"p_{f}"] = float(v)
-                    row[f"pred_{f}"] = int(v >= pred.thresholds[f])
+                    row[f"pred_{f}"] = None if t is None else int(v >= t)
                 rows.append(row)
             batch.clear()
             names.clear()
@@ -260,8 +283,8 @@ def export(pred: Predictor, out: Path) -> list[Path]:
         )
     meta = {"format": "fastcxr-export-1", "findings": list(pred.findings), "networks": nets,
             "input": "float tensor (B, 1, size, size) of 8-bit display values 0..255",
-            "preprocessing": {"size": pred.size, "intensity": pred.intensity,
-                              "resize": "squish, Lanczos", "dicom": "fastcxr.dicom.read_dicom"},
+            "preprocessing": {**pred.preprocessing.to_dict(),
+                              "dicom": "fastcxr.dicom.read_dicom"},
             "thresholds": pred.thresholds}  # fmt: skip
     (out / "export.json").write_text(json.dumps(meta, indent=2))
     return [*written, out / "export.json"]

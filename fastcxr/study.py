@@ -26,9 +26,9 @@ from fastai.torch_basics import default_device, set_seed
 from fastai.vision.learner import vision_learner
 
 from fastcxr.config import Stage, TrainConfig
-from fastcxr.data import NetworkData, apply_policy, network_data
+from fastcxr.data import NetworkData, apply_policy, network_data, scored
 from fastcxr.distributed import barrier, init, is_main, local_view, unwrap, world_size
-from fastcxr.evaluation import EvalConfig, evaluate, holm, pairwise
+from fastcxr.evaluation import CLUSTERED, EvalConfig, evaluate, pairwise, with_holm
 from fastcxr.fastpath import Accelerated, Speed, fused_adamw, resolve_speed
 from fastcxr.formulations import (
     FORMULATIONS,
@@ -39,7 +39,9 @@ from fastcxr.formulations import (
 )
 from fastcxr.manifest import file_sha256, read_manifest
 from fastcxr.metrics import all_metrics
+from fastcxr.metrics import thresholds as thresholds_for
 from fastcxr.models import TorchvisionArch, block_splitter, build_model
+from fastcxr.preprocessing import Preprocessing
 from fastcxr.runs import (
     RunError,
     environment,
@@ -52,6 +54,7 @@ from fastcxr.runs import (
     write_json,
 )
 from fastcxr.schedule import Interrupted, StageResult, plan, run_stage
+from fastcxr.seeds import read_json, run_seeds
 
 Log = Callable[[dict], None]
 
@@ -73,6 +76,10 @@ class Dataset:
         p = Path(manifest)
         p = p / "manifest.csv" if p.is_dir() else p
         return cls(p.resolve(), read_manifest(p), synthetic)
+
+    def preprocessing(self, size: int) -> Preprocessing:
+        """The preprocessing its images were made with (`prepare.json`), trained at `size`."""
+        return Preprocessing.of_dataset(self.manifest, size)
 
     def describe(self) -> dict:
         return {
@@ -139,7 +146,10 @@ def _stage_dict(r: StageResult) -> dict:
     }
 
 
-def _sidecar(cfg: TrainConfig, form: Formulation, net: Network, nd: NetworkData) -> dict:
+def _sidecar(
+    cfg: TrainConfig, form: Formulation, net: Network, nd: NetworkData, selected: str,
+    thresholds: dict[str, float | None],
+) -> dict:  # fmt: skip
     return {
         "format": "fastcxr-weights-1",
         "arch": cfg.arch,
@@ -148,14 +158,10 @@ def _sidecar(cfg: TrainConfig, form: Formulation, net: Network, nd: NetworkData)
         "n_out": form.n_out(net),
         "n_in": 1,
         "head": "fastai vision_learner head (concat pool, BN, dropout, 2 linear)",
-        "preprocessing": {
-            "size": cfg.size,
-            "resize": "squish",
-            "mean": 0.449,
-            "std": 0.226,
-            "intensity": "voi",
-        },
-        "thresholds": dict.fromkeys(net.findings, 0.5),
+        "preprocessing": nd.preprocessing.to_dict(),
+        "selected_stage": selected,
+        "thresholds": thresholds,  # chosen on the validation split
+        "threshold_method": {"method": cfg.threshold, "target": cfg.threshold_target},
         "train_images": len(nd.train),
         "inference_precision": nd.speed.precision,  # what the run record's predictions used
     }
@@ -163,6 +169,50 @@ def _sidecar(cfg: TrainConfig, form: Formulation, net: Network, nd: NetworkData)
 
 def _columns(findings: tuple[str, ...], net: Network) -> list[int]:
     return [findings.index(f) for f in net.findings]
+
+
+TEST_SET_RULE = (
+    "each finding is scored on the test images whose raw label for it is 0 or 1: the same "
+    "images for every label policy, formulation and seed (the policy shapes training and the "
+    "validation loss only)"
+)
+
+
+@dataclass
+class Outputs:
+    """Per stage, the probabilities on the test and validation images, (n, k) each; a
+    network fills its findings' columns."""
+
+    test: dict[str, np.ndarray]
+    valid: dict[str, np.ndarray]
+
+    @classmethod
+    def empty(cls, stages, n_test: int, n_valid: int, k: int) -> Outputs:
+        return cls(
+            {s.name: np.full((n_test, k), np.nan) for s in stages},
+            {s.name: np.full((n_valid, k), np.nan) for s in stages},
+        )
+
+    def selected(self, chosen: dict[str, str], nets, findings) -> tuple[np.ndarray, np.ndarray]:
+        """Test and validation probabilities, each network's columns from its chosen stage."""
+        test = np.full_like(next(iter(self.test.values())), np.nan)
+        valid = np.full_like(next(iter(self.valid.values())), np.nan)
+        for net in nets:
+            cols = _columns(findings, net)
+            test[:, cols] = self.test[chosen[net.name]][:, cols]
+            valid[:, cols] = self.valid[chosen[net.name]][:, cols]
+        return test, valid
+
+
+def select_stage(results: list[StageResult], how: str) -> int:
+    """Index of the stage a run reports and saves: lowest validation loss (`best`, the
+    earliest on a tie) or the last one (`last`). Chosen without the test set."""
+    if how == "last":
+        return len(results) - 1
+    losses = np.array([r.valid_loss for r in results], float)
+    if np.isnan(losses).all():
+        return len(results) - 1
+    return int(np.nanargmin(losses))
 
 
 def train_formulation(
@@ -181,8 +231,10 @@ def train_formulation(
     Setting `STOP` (the CLI does on SIGTERM) ends training with `Interrupted` right after the
     next checkpoint.
 
-    With several networks (the `single` formulation), each is trained in turn and epochs and
-    time are added up, as the study counts two binary networks together.
+    Each network reports and saves the stage `cfg.select` picks (the lowest validation loss
+    by default). Decisions use per-finding thresholds chosen on the validation predictions
+    (`cfg.threshold`). With several networks (the `single` formulation), each is trained in
+    turn and epochs and time are added up, as the study counts two binary networks together.
     """
     run_dir = Path(run_dir)
     init()
@@ -191,131 +243,53 @@ def train_formulation(
     stages = stages or cfg.stages
     df = apply_policy(data.df, cfg, findings)
     speed = resolve_speed(cfg, default_device())
+    prep = data.preprocessing(cfg.size)
     test = df[df["split"] == "test"].reset_index(drop=True)
     valid = df[df["split"] == "valid"].reset_index(drop=True)
-    y_test = test[list(findings)].to_numpy(int)
-    valid_probs = np.full((len(valid), len(findings)), np.nan)
-    stage_probs: dict[str, np.ndarray] = {s.name: np.full(y_test.shape, np.nan) for s in stages}
+    y_test = test[[scored(f) for f in findings]].to_numpy(float)
+    y_valid = valid[[scored(f) for f in findings]].to_numpy(float)
+    outs = Outputs.empty(stages, len(test), len(valid), len(findings))
+    job = Job(data, df, prep, form, cfg, stages, speed, outs, y_valid, run_dir, log, resume)
     history, networks = [], []
     t_start = time.perf_counter()
-    for net in form.networks(findings):
-        cols = _columns(findings, net)
-        ckpt = run_dir / "checkpoints" / f"{net.name}.pt"
-        state = _load_checkpoint(ckpt) if resume else None
-        if state and state["complete"]:
-            _restore_network(state, stage_probs, valid_probs, cols)
-            history += state["history"]
-            networks.append(state["summary"])
-            if log:
-                log(
-                    {
-                        "event": "skip",
-                        "formulation": form.name,
-                        "reason": f"network {net.name} finished before the interruption",
-                    }
-                )
-            continue
-        if log:
-            log({"event": "network", "formulation": form.name, "network": net.name})
-        seed_everything(cfg.seed, speed)
-        nd = network_data(df, data.root, form, net, cfg, speed=speed)
-        learn = make_learner(nd, form, net, cfg)
-        results, net_hist = [], []
-        first = 0
-        if state:
-            first = state["stage_index"]
-            learn.model.load_state_dict(state["model"])
-            _restore_network(state, stage_probs, valid_probs, cols)
-            results = [
-                StageResult(**{**r, "stage": stages[i]}) for i, r in enumerate(state["results"])
-            ]
-            net_hist = list(state["history"])
-            _set_rng(state["rng"])
-            if log:
-                log(
-                    {
-                        "event": "resume",
-                        "formulation": form.name,
-                        "network": net.name,
-                        "stage": stages[min(first, len(stages) - 1)].name,
-                        "epochs_done": len(net_hist),
-                    }
-                )
-        checkpoint = NetworkCheckpoint(
-            ckpt, learn, results, net_hist, stage_probs, valid_probs, cols
-        )
-        for si in range(first, len(stages)):
-            st = stages[si]
-
-            def on_epoch(stage_state: dict, si: int = si, checkpoint=checkpoint) -> None:
-                checkpoint.save(si, stage_state)
-                if STOP.is_set():
-                    raise Interrupted(
-                        f"stopped by request after epoch "
-                        f"{stage_state['epochs_done']} of stage {stages[si].name}"
-                    )
-
-            resume_stage = None
-            if state and si == first and state.get("stage"):
-                resume_stage = {**state["stage"], "opt": state["opt"]}
-            results.append(run_stage(learn, st, cfg, net_hist, log, resume_stage, on_epoch))
-            with local_view():
-                preds, _ = learn.get_preds(dl=nd.test_dl)
-            stage_probs[st.name][:, cols] = form.probabilities(net, preds)
-            checkpoint.save(si + 1)
-        with local_view():
-            preds, _ = learn.get_preds(dl=nd.dls.valid)  # for thresholds chosen on validation
-        valid_probs[:, cols] = form.probabilities(net, preds)
-        if is_main():
-            save_weights(
-                run_dir / f"model-{net.name}.pth", learn.model, _sidecar(cfg, form, net, nd)
-            )
-        summary_net = {
-            "network": net.name,
-            "findings": list(net.findings),
-            "stages": [_stage_dict(r) for r in results],
-            "epochs": sum(r.epochs for r in results),
-            "train_seconds": sum(r.seconds for r in results),
-            "compile_seconds": sum(r.compile_seconds for r in results),
-        }
-        net_rows = [{"network": net.name, **row} for row in net_hist]
+    nets = form.networks(findings)
+    for net in nets:
+        summary_net, rows = _train_network(job, net)
         networks.append(summary_net)
-        history += net_rows
-        checkpoint.save(len(stages), complete=True, summary=summary_net, hist=net_rows)
-    probs = stage_probs[stages[-1].name]
+        history += rows
+    chosen = {n["network"]: n["selected_stage"] for n in networks}
+    probs, valid_probs = outs.selected(chosen, nets, findings)
+    thresholds = all_thresholds(y_valid, valid_probs, findings, cfg)
+    metrics = all_metrics(y_test, probs, findings, thresholds)
+    per_stage = {}
+    for s in stages:
+        t_s = all_thresholds(y_valid, outs.valid[s.name], findings, cfg)
+        per_stage[s.name] = all_metrics(y_test, outs.test[s.name], findings, t_s)
     epochs = sum(n["epochs"] for n in networks)
     train_seconds = sum(n["train_seconds"] for n in networks)
-    metrics = all_metrics(y_test, probs, findings)
     summary = {
         "formulation": form.name, "description": form.description,
-        "findings": {f: {"accuracy": m["accuracy"], "auc": m["auc"]} for f, m in metrics.items()},
+        "findings": {f: _headline(m) for f, m in metrics.items()},
+        "thresholds": {"method": cfg.threshold, "target": cfg.threshold_target,
+                       "chosen_on": "valid", "values": thresholds},
+        "select": cfg.select, "selected_stage": chosen,
         "epochs": epochs, "seconds_per_epoch": train_seconds / max(epochs, 1),
         "train_seconds": train_seconds, "networks": networks,
         "compile_seconds": sum(n.get("compile_seconds", 0.0) for n in networks),
         "split_sizes": df["split"].value_counts().to_dict(),
+        "test_images_scored": {f: int((~np.isnan(y_test[:, i])).sum())
+                               for i, f in enumerate(findings)},
         "wall_seconds": time.perf_counter() - t_start,
     }  # fmt: skip
-    per_stage = {s.name: all_metrics(y_test, stage_probs[s.name], findings) for s in stages}
-    pred_df = pd.concat(
-        [
-            _predictions(test, probs, findings, "test"),
-            _predictions(valid, valid_probs, findings, "valid"),
-        ],
-        ignore_index=True,
-    )
-    if is_main():  # one writer; the other processes wait for the record
-        write_json(
-            run_dir / "config.json",
-            {
-                "train": cfg.to_dict(),
-                "formulation": form.name,
-                "stages": [s.__dict__ for s in stages],
-                "data": data.describe(),
-                "environment": {**environment(), "processes": world_size()},
-                "speed": speed.to_dict(),
-            },
+    if is_main():
+        _write_record(run_dir, cfg, form, stages, data, prep, speed, thresholds, nets, history)
+        pred_df = pd.concat(
+            [
+                _predictions(test, probs, findings, "test"),
+                _predictions(valid, valid_probs, findings, "valid"),
+            ],
+            ignore_index=True,
         )
-        write_csv(run_dir / "history.csv", pd.DataFrame(history))
         write_csv(run_dir / "predictions.csv", pred_df)
         write_json(
             run_dir / "metrics.json",
@@ -329,6 +303,144 @@ def train_formulation(
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the record is complete
     barrier()
     return summary
+
+
+def all_thresholds(y_valid, p_valid, findings, cfg: TrainConfig) -> dict[str, float | None]:
+    return thresholds_for(y_valid, p_valid, findings, cfg.threshold, cfg.threshold_target)
+
+
+def _headline(m: dict) -> dict:
+    keys = ("accuracy", "auc", "threshold", "accuracy_at_0.5", "sensitivity", "specificity",
+            "n", "positives", "reason")  # fmt: skip
+    return {k: m[k] for k in keys}
+
+
+def _write_record(run_dir, cfg, form, stages, data, prep, speed, thresholds, nets, history):
+    write_json(
+        run_dir / "config.json",
+        {
+            "train": cfg.to_dict(),
+            "formulation": form.name,
+            "networks": [n.name for n in nets],
+            "stages": [s.__dict__ for s in stages],
+            "data": data.describe(),
+            "preprocessing": prep.to_dict(),
+            "test_set": TEST_SET_RULE,
+            "label_policy": {"uncertain": cfg.uncertain, "blank": cfg.blank,
+                             "applies_to": ["train", "valid"]},
+            "thresholds": {"method": cfg.threshold, "target": cfg.threshold_target,
+                           "chosen_on": "valid", "values": thresholds},
+            "environment": {**environment(), "processes": world_size()},
+            "speed": speed.to_dict(),
+        },
+    )  # fmt: skip
+    write_csv(run_dir / "history.csv", pd.DataFrame(history))
+
+
+@dataclass
+class Job:
+    """What every network of one formulation run shares."""
+
+    data: Dataset
+    df: pd.DataFrame  # `apply_policy`'s rows
+    prep: Preprocessing
+    form: Formulation
+    cfg: TrainConfig
+    stages: tuple[Stage, ...]
+    speed: Speed
+    outs: Outputs
+    y_valid: np.ndarray  # (n_valid, k) certain labels, NaN where not scored
+    run_dir: Path
+    log: Log | None
+    resume: bool
+
+
+def _train_network(job: Job, net: Network) -> tuple[dict, list[dict]]:
+    """Train one network through the stages (or restore it from its checkpoint); fill its
+    columns of `job.outs`, save its selected stage's weights with the thresholds chosen on
+    validation; returns (summary, history rows)."""
+    data, df, prep, form, cfg, stages = job.data, job.df, job.prep, job.form, job.cfg, job.stages
+    speed, outs, run_dir, log = job.speed, job.outs, job.run_dir, job.log
+    cols = _columns(cfg.findings, net)
+    ckpt = run_dir / "checkpoints" / f"{net.name}.pt"
+    state = _load_checkpoint(ckpt) if job.resume else None
+    if state and state["complete"]:
+        _restore_network(state, outs, cols)
+        if log:
+            log({"event": "skip", "formulation": form.name,
+                 "reason": f"network {net.name} finished before the interruption"})  # fmt: skip
+        return state["summary"], state["history"]
+    if log:
+        log({"event": "network", "formulation": form.name, "network": net.name})
+    seed_everything(cfg.seed, speed)
+    nd = network_data(df, data.root, form, net, cfg, speed=speed, preprocessing=prep)
+    learn = make_learner(nd, form, net, cfg)
+    results, net_hist, first = [], [], 0
+    if state:
+        first = state["stage_index"]
+        learn.model.load_state_dict(state["model"])
+        _restore_network(state, outs, cols)
+        results = [StageResult(**{**r, "stage": stages[i]}) for i, r in enumerate(state["results"])]
+        net_hist = list(state["history"])
+        _set_rng(state["rng"])
+        if log:
+            log({"event": "resume", "formulation": form.name, "network": net.name,
+                 "stage": stages[min(first, len(stages) - 1)].name,
+                 "epochs_done": len(net_hist)})  # fmt: skip
+    checkpoint = NetworkCheckpoint(ckpt, learn, results, net_hist, outs, cols)
+    best_file = ckpt.with_name(f"{net.name}.selected.pt")  # survives an interruption
+    best_state = None
+    for si in range(first, len(stages)):
+
+        def on_epoch(stage_state: dict, si: int = si) -> None:
+            checkpoint.save(si, stage_state)
+            if STOP.is_set():
+                raise Interrupted(
+                    f"stopped by request after epoch "
+                    f"{stage_state['epochs_done']} of stage {stages[si].name}"
+                )
+
+        resume_stage = None
+        if state and si == first and state.get("stage"):
+            resume_stage = {**state["stage"], "opt": state["opt"]}
+        results.append(run_stage(learn, stages[si], cfg, net_hist, log, resume_stage, on_epoch))
+        with local_view():
+            test_preds, _ = learn.get_preds(dl=nd.test_dl)
+            valid_preds, _ = learn.get_preds(dl=nd.dls.valid)  # thresholds, chosen on valid
+        outs.test[stages[si].name][:, cols] = form.probabilities(net, test_preds)
+        outs.valid[stages[si].name][:, cols] = form.probabilities(net, valid_preds)
+        if cfg.select == "best" and select_stage(results, "best") == si:
+            best_state = _cpu_state(learn.model)
+            if is_main():
+                save_torch(best_file, {"stage_index": si, "model": best_state})
+        checkpoint.save(si + 1)
+    sel = select_stage(results, cfg.select)
+    if sel != len(stages) - 1:  # an earlier stage was better: its weights are the model
+        if best_state is None:  # selected before an interruption
+            best_state = torch.load(best_file, weights_only=True)["model"]
+        unwrap(learn.model).load_state_dict(best_state)
+    t = all_thresholds(
+        job.y_valid[:, cols], outs.valid[stages[sel].name][:, cols], net.findings, cfg
+    )
+    if is_main():
+        side = _sidecar(cfg, form, net, nd, stages[sel].name, t)
+        save_weights(run_dir / f"model-{net.name}.pth", unwrap(learn.model), side)
+    summary_net = {
+        "network": net.name,
+        "findings": list(net.findings),
+        "stages": [_stage_dict(r) for r in results],
+        "selected_stage": stages[sel].name,
+        "epochs": sum(r.epochs for r in results),
+        "train_seconds": sum(r.seconds for r in results),
+        "compile_seconds": sum(r.compile_seconds for r in results),
+    }
+    net_rows = [{"network": net.name, **row} for row in net_hist]
+    checkpoint.save(len(stages), complete=True, summary=summary_net, hist=net_rows)
+    return summary_net, net_rows
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -378,8 +490,7 @@ class NetworkCheckpoint:
     learn: Learner
     results: list[StageResult]
     hist: list[dict]
-    stage_probs: dict
-    valid_probs: np.ndarray
+    outs: Outputs
     cols: list[int]
 
     def save(
@@ -416,25 +527,28 @@ class NetworkCheckpoint:
                                     for r in self.results],
             "history": self.hist if hist is None else hist, "summary": summary,
             "rng": _get_rng(),
-            "valid_probs": torch.from_numpy(self.valid_probs[:, self.cols].copy()),
+            "valid_probs": {k: torch.from_numpy(v[:, self.cols].copy())
+                            for k, v in self.outs.valid.items()},
             "stage_probs": {k: torch.from_numpy(v[:, self.cols].copy())
-                            for k, v in self.stage_probs.items()},
+                            for k, v in self.outs.test.items()},
         }  # fmt: skip
         save_torch(self.path, payload)
 
 
-def _restore_network(state: dict, stage_probs: dict, valid_probs: np.ndarray, cols) -> None:
-    for k, t in state["stage_probs"].items():
-        if k in stage_probs:
-            stage_probs[k][:, cols] = t.numpy()
-    valid_probs[:, cols] = state["valid_probs"].numpy()
+def _restore_network(state: dict, outs: Outputs, cols) -> None:
+    for saved, into in ((state["stage_probs"], outs.test), (state["valid_probs"], outs.valid)):
+        for k, t in saved.items():
+            if k in into:
+                into[k][:, cols] = t.numpy()
 
 
 def _predictions(rows: pd.DataFrame, probs: np.ndarray, findings, split: str) -> pd.DataFrame:
+    """Per image: its certain label per finding (blank where it is not scored on it) and the
+    selected model's probability."""
     out = rows[["image", "patient_id"]].copy()
     out.insert(0, "split", split)
     for i, f in enumerate(findings):
-        out[f"y_{f}"] = rows[f].to_numpy(int)
+        out[f"y_{f}"] = pd.array(rows[scored(f)].to_numpy(float), dtype="Int64")
         out[f"p_{f}"] = probs[:, i]
     return out
 
@@ -465,19 +579,31 @@ def compare(
                 log({"event": "skip", "formulation": name, "reason": "complete run found"})
             continue
         out[name] = train_formulation(data, name, cfg, sub, log, resume=resume)
-    preds = {name: load_run(run_dir / name)["predictions"] for name in formulations}
-    evals = {name: evaluate(p, cfg.findings, eval_cfg) for name, p in preds.items()}
+    runs = {name: load_run(run_dir / name) for name in formulations}
+    preds = {name: r["predictions"] for name, r in runs.items()}
+    evals = {
+        name: evaluate(r["predictions"], cfg.findings, eval_cfg, r["config"].get("thresholds"))
+        for name, r in runs.items()
+    }
     for name, by_f in evals.items():
         for f, e in by_f.items():
-            out[name]["findings"][f].update(auc_ci=e["auc_ci"], pr_auc=e["pr_auc"])
-    pairs = pairwise(preds, cfg.findings)
-    for pr, adj in zip(pairs, holm([p["p_value"] for p in pairs])):
-        pr["p_holm"] = adj
+            out[name]["findings"][f].update(
+                auc_ci=e["auc_ci"], auc_ci_reason=e["auc_ci_reason"], pr_auc=e["pr_auc"]
+            )
+    pairs = with_holm(pairwise(preds, cfg.findings))
     result = {
         "formulations": out,
         "pairs": pairs,
         "findings": list(cfg.findings),
         "auc_ci_method": next(iter(next(iter(evals.values())).values()))["auc_ci_method"],
+        "pairs_method": CLUSTERED,
+        "thresholds": {
+            "method": cfg.threshold,
+            "target": cfg.threshold_target,
+            "chosen_on": "valid",
+        },
+        "select": cfg.select,
+        "test_set": TEST_SET_RULE,
         "run_dir": str(run_dir),
         "synthetic": data.synthetic,
         "preset": cfg.preset,
@@ -516,23 +642,101 @@ def unfreeze_ablation(
             "epochs": sum(s["epochs"] for s in per_net),
             "valid_loss": float(np.mean([s["valid_loss"] for s in per_net])),
             "train_seconds": sum(s["train_seconds"] for s in per_net),
-            "findings": {f: {"accuracy": m["accuracy"], "auc": m["auc"]}
-                         for f, m in metrics[st.name].items()},
+            "findings": {f: _headline(m) for f, m in metrics[st.name].items()},
         })  # fmt: skip
-    best = min(stages, key=lambda s: s["valid_loss"])["name"]
+    best = stages[int(np.nanargmin([s["valid_loss"] for s in stages]))]["name"]
     result = {
         "stages": stages,
         "best_stage": best,
+        "selected_stage": summary["selected_stage"],
+        "select": cfg.select,
+        "thresholds": summary["thresholds"],
         "formulation": formulation,
         "run_dir": str(run_dir),
         "synthetic": data.synthetic,
         "preset": cfg.preset,
         "arch": cfg.arch,
         "freeze_style": cfg.freeze_style,
+        "findings": summary["findings"],  # the selected model's
+        "train_seconds": summary["train_seconds"],
     }
     if is_main():
         write_json(Path(run_dir) / "ablation.json", result)
     return result
+
+
+def compare_seeds(
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    seeds: tuple[int, ...],
+    formulations: tuple[str, ...] = tuple(FORMULATIONS),
+    log: Log | None = None,
+    eval_cfg: EvalConfig = EvalConfig(),
+    resume: bool = False,
+) -> dict:
+    """`compare` once per seed (RUN/seed-K), with the spread of AUC and accuracy across seeds.
+    A seed whose compare.json exists is read back (`compare` reads back finished runs too)."""
+
+    def one(c: TrainConfig, sub: Path) -> dict:
+        return compare(data, c, sub, formulations, log, eval_cfg, resume)
+
+    r = run_seeds(
+        seeds, cfg, run_dir, one, lambda sub: read_json(sub / "compare.json"),
+        lambda res: {k: v["findings"] for k, v in res["formulations"].items()}, log,
+    )  # fmt: skip
+    return {**r, **_about(data, cfg), "formulations": list(formulations)}
+
+
+def train_seeds(
+    data: Dataset,
+    formulation: str,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    seeds: tuple[int, ...],
+    log: Log | None = None,
+    resume: bool = False,
+) -> dict:
+    """`train_formulation` once per seed (RUN/seed-K); with `resume`, finished seeds are read
+    back."""
+
+    def one(c: TrainConfig, sub: Path) -> dict:
+        return train_formulation(data, formulation, c, sub, log, resume=resume)
+
+    def done(sub: Path) -> dict | None:
+        return load_run(sub)["record"] if resume and is_complete(sub) else None
+
+    r = run_seeds(seeds, cfg, run_dir, one, done, lambda res: {formulation: res["findings"]}, log)
+    return {**r, **_about(data, cfg), "formulation": formulation}
+
+
+def ablation_seeds(
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    seeds: tuple[int, ...],
+    formulation: str = "multilabel",
+    log: Log | None = None,
+    resume: bool = False,
+) -> dict:
+    """`unfreeze_ablation` once per seed (RUN/seed-K); the aggregate is keyed by stage."""
+
+    def one(c: TrainConfig, sub: Path) -> dict:
+        return unfreeze_ablation(data, c, sub, formulation, log, resume)
+
+    def done(sub: Path) -> dict | None:
+        return read_json(sub / "ablation.json") if resume else None
+
+    r = run_seeds(
+        seeds, cfg, run_dir, one, done,
+        lambda res: {s["name"]: s["findings"] for s in res["stages"]}, log,
+    )  # fmt: skip
+    return {**r, **_about(data, cfg), "formulation": formulation}
+
+
+def _about(data: Dataset, cfg: TrainConfig) -> dict:
+    return {"synthetic": data.synthetic, "preset": cfg.preset, "arch": cfg.arch,
+            "size": cfg.size, "findings": list(cfg.findings)}  # fmt: skip
 
 
 def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
