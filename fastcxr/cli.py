@@ -375,9 +375,15 @@ def _spread(a: dict, digits=3) -> str:
     return f"{a['mean']:.{digits}f}{sd}\n[{a['min']:.{digits}f}–{a['max']:.{digits}f}]"
 
 
+_SELECT_TEXT = {
+    "best": "the stage with the lowest validation loss",
+    "last": "the schedule's last stage (--select last)",
+}
+
+
 def _threshold_label(cfg) -> str:
     t = cfg.threshold + (f" {cfg.threshold_target:g}" if cfg.threshold != "youden" else "")
-    return f"acc @ t ({t}, on valid)"
+    return f"acc @ t\n({t})"
 
 
 def _seeds(seeds: str | None, seed: int | None) -> tuple[int, ...] | None:
@@ -504,14 +510,18 @@ def compare_cmd(
             )
             acc = _fmt(m["accuracy"], why=m.get("reason"))
             if m.get("threshold") is not None:
-                acc += f"\nt={m['threshold']:.3f}; @0.5 {_fmt(m.get('accuracy_at_0.5'))}"
+                acc += f"\nt={m['threshold']:.3f}"
             cells += [acc, auc]
         cells += [str(r["epochs"]), f"{r['seconds_per_epoch']:.1f}", f"{r['train_seconds']:.0f}"]
         t.add_row(*cells)
     out.print(t)
     out.print(
-        f"AUC 95% CI: {result.get('auc_ci_method', '')}. Model: the stage with the lowest "
-        f"validation loss ({cfg.select}); selected: "
+        f"acc @ t: accuracy at each finding's threshold t, chosen ({cfg.threshold}) on the "
+        "validation predictions; accuracy at 0.5 is in --json and `fastcxr report`."
+    )
+    out.print(
+        f"AUC 95% CI: {result.get('auc_ci_method', '')}. Model reported and saved: "
+        f"{_SELECT_TEXT[cfg.select]}: "
         + "; ".join(
             f"{k}: {_stages(r['selected_stage'])}" for k, r in result["formulations"].items()
         )

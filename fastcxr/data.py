@@ -98,6 +98,16 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
                 f"finding {f!r} has only class {classes.tolist()} in the training "
                 "split: nothing to learn"
             )
+        if test[f].isna().all():
+            raise DataError(f"finding {f!r} has no test image labelled 0 or 1: nothing to score")
+    return pd.concat([tv, test.reset_index(drop=True)], ignore_index=True)
+
+
+def require_thresholds(df: pd.DataFrame, findings) -> None:
+    """Every finding needs both classes among its validation images labelled 0 or 1: its
+    decision threshold is chosen there."""
+    valid = df[df["split"] == "valid"]
+    for f in findings:
         v = valid[scored(f)].dropna().unique()
         if len(v) < 2:
             has = f"only class {v.astype(int).tolist()}" if len(v) else "no label 0 or 1"
@@ -105,9 +115,6 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
                 f"finding {f!r} has {has} in the validation split: no decision threshold "
                 "can be chosen on it"
             )
-        if test[f].isna().all():
-            raise DataError(f"finding {f!r} has no test image labelled 0 or 1: nothing to score")
-    return pd.concat([tv, test.reset_index(drop=True)], ignore_index=True)
 
 
 def network_data(

@@ -310,7 +310,8 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) ->
                   f"- manifest: `{data['manifest']}` (sha256 `{data['sha256'][:12]}…`)"
                   + (" — **synthetic data**" if data.get("synthetic") else ""),
                   f"- label policy: uncertain={tc['uncertain']}, blank={tc['blank']}",
-                  f"- split sizes (images after policy): {first['record'].get('split_sizes')}",
+                  "- split sizes (train and valid after the label policy; test: images scored for "
+                  f"at least one finding): {first['record'].get('split_sizes')}",
                   f"- arch {tc['arch']}, {tc['size']}x{tc['size']}, batch {tc['batch_size']}, "
                   f"pretrained={tc['pretrained']}, freeze style {tc['freeze_style']}, "
                   f"seed {tc['seed']}",

@@ -26,7 +26,7 @@ from fastai.torch_basics import default_device, set_seed
 from fastai.vision.learner import vision_learner
 
 from fastcxr.config import Stage, TrainConfig
-from fastcxr.data import NetworkData, apply_policy, network_data, scored
+from fastcxr.data import NetworkData, apply_policy, network_data, require_thresholds, scored
 from fastcxr.distributed import barrier, init, is_main, local_view, unwrap, world_size
 from fastcxr.evaluation import CLUSTERED, EvalConfig, evaluate, pairwise, with_holm
 from fastcxr.fastpath import Accelerated, Speed, fused_adamw, resolve_speed
@@ -242,6 +242,7 @@ def train_formulation(
     findings = cfg.findings
     stages = stages or cfg.stages
     df = apply_policy(data.df, cfg, findings)
+    require_thresholds(df, findings)
     speed = resolve_speed(cfg, default_device())
     prep = data.preprocessing(cfg.size)
     test = df[df["split"] == "test"].reset_index(drop=True)

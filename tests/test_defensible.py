@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fastcxr.cli import app
 from fastcxr.config import DEMO, Stage
-from fastcxr.data import DataError, apply_policy, scored
+from fastcxr.data import DataError, apply_policy, require_thresholds, scored
 from fastcxr.evaluation import holm, pairwise, with_holm
 from fastcxr.manifest import ManifestError, read_manifest
 from fastcxr.predict import Predictor
@@ -106,8 +106,8 @@ def test_label_policy_leaves_the_test_images_unchanged(prepared):
 def test_valid_with_one_class_is_refused(prepared):
     raw = read_manifest(prepared / "manifest.csv")
     raw.loc[raw["split"] == "valid", "Edema"] = 0
-    with pytest.raises(DataError, match="validation split"):
-        apply_policy(raw, CFG, FINDINGS)
+    with pytest.raises(DataError, match="only class \\[0\\] in the validation split"):
+        require_thresholds(apply_policy(raw, CFG, FINDINGS), FINDINGS)
 
 
 def test_runs_with_different_policies_score_the_same_images(prepared, tmp_path):
@@ -294,3 +294,42 @@ def test_compare_over_seeds_aggregates_each_seeds_record(prepared, tmp_path):
     assert json.loads(again.stdout)["aggregate"] == out["aggregate"]
     table = _cli(*args[:-1], "--resume").stdout
     assert "±" in table and "mean ± sd" in table
+
+
+def test_ablation_and_train_over_seeds(prepared, tmp_path):
+    common = [*TINY_TRAIN, "--epochs", "1", "--stages", "head,all", "--no-pretrained",
+              "--runs", tmp_path, "--json"]  # fmt: skip
+    out = json.loads(
+        _cli(
+            "unfreeze-ablation", "--data", prepared, "--seeds", "3,4", "--name", "a", *common
+        ).stdout
+    )
+    assert set(out["aggregate"]) == {"head", "all"} and _no_nan(out)
+    for i, stage in enumerate(("head", "all")):
+        aucs = [
+            json.loads((tmp_path / "a" / f"seed-{k}" / "ablation.json").read_text())["stages"][i][
+                "findings"
+            ]["Edema"]["auc"]
+            for k in (3, 4)
+        ]
+        assert out["aggregate"][stage]["Edema"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    one = json.loads(
+        _cli("train", "--data", prepared, "--seeds", "5", "--name", "t", *common).stdout
+    )
+    agg = one["aggregate"]["multilabel"]["Edema"]["auc"]
+    assert agg["sd"] is None and "one seed" in agg["reason"] and agg["n"] == 1
+    res = runner.invoke(app, ["train", "--seeds", "1,1", "--seed", "2"])
+    assert res.exit_code == 2
+
+
+def test_report_agrees_with_the_run(two_stage_run):
+    from fastcxr.evaluation import EvalConfig, evaluate
+
+    run, summary = two_stage_run
+    cfg = json.loads((run / "config.json").read_text())
+    ev = evaluate(pd.read_csv(run / "predictions.csv"), FINDINGS, EvalConfig(), cfg["thresholds"])
+    for f in FINDINGS:
+        ch = ev[f]["chosen_threshold"]
+        assert ch["threshold"] == pytest.approx(summary["findings"][f]["threshold"], abs=1e-12)
+        assert ch["accuracy"] == pytest.approx(summary["findings"][f]["accuracy"])
+        assert ev[f]["auc"] == pytest.approx(summary["findings"][f]["auc"])
