@@ -19,9 +19,12 @@ from fastcxr.formulations import get_formulation as get_formulation  # noqa: E40
 from fastcxr.manifest import read_manifest as read_manifest  # noqa: E402
 from fastcxr.models import block_splitter as block_splitter  # noqa: E402
 from fastcxr.models import build_model as build_model  # noqa: E402
+from fastcxr.preprocessing import Preprocessing as Preprocessing  # noqa: E402
 from fastcxr.runs import load_run as load_run  # noqa: E402
 from fastcxr.study import Dataset as Dataset  # noqa: E402
 from fastcxr.study import ablation_plan as ablation_plan  # noqa: E402
 from fastcxr.study import compare as compare  # noqa: E402
+from fastcxr.study import compare_seeds as compare_seeds  # noqa: E402
 from fastcxr.study import train_formulation as train_formulation  # noqa: E402
+from fastcxr.study import train_seeds as train_seeds  # noqa: E402
 from fastcxr.study import unfreeze_ablation as unfreeze_ablation  # noqa: E402

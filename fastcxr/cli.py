@@ -144,6 +144,14 @@ Name = Annotated[
     typer.Option(help="Run name (default: command-preset-time). An existing compare run resumes."),
 ]
 Runs = Annotated[Path, typer.Option(help="Folder that holds run records.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace the run --name if it exists (its folder is removed first); without it a "
+        "complete run is never replaced.",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Resume = Annotated[
     bool,
@@ -156,7 +164,10 @@ Resume = Annotated[
 
 
 def _fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}")
+    """One line on stderr (user text is never read as markup), exit status 2."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -357,6 +368,8 @@ def _fmt(v, digits=3, why: str | None = None) -> str:
 
 def _stages(selected) -> str:
     """A run's selected stage(s): one name, or network: name pairs."""
+    if selected is None:
+        return "last (a record from before stage selection)"
     if isinstance(selected, dict):
         vals = set(selected.values())
         return (
@@ -457,6 +470,7 @@ def compare_cmd(
     ] = "single,multilabel,multiclass",
     name: Name = None,
     resume: Resume = False,
+    overwrite: Overwrite = False,
     runs: Runs = Path("runs"),
     json_out: Json = False,
 ) -> None:
@@ -472,9 +486,11 @@ def compare_cmd(
         _check_resume(resume, name)
         run_dir = runs / _run_name(name, "compare", cfg.preset)
         if seed_list:
-            result = compare_seeds(ds, cfg, run_dir, seed_list, forms, log, resume=resume)
+            result = compare_seeds(
+                ds, cfg, run_dir, seed_list, forms, log, resume=resume, overwrite=overwrite
+            )
         else:
-            result = compare(ds, cfg, run_dir, forms, log, resume=resume)
+            result = compare(ds, cfg, run_dir, forms, log, resume=resume, overwrite=overwrite)
     if not _is_main():
         return
     if json_out:
@@ -523,7 +539,7 @@ def compare_cmd(
         f"AUC 95% CI: {result.get('auc_ci_method', '')}. Model reported and saved: "
         f"{_SELECT_TEXT[cfg.select]}: "
         + "; ".join(
-            f"{k}: {_stages(r['selected_stage'])}" for k, r in result["formulations"].items()
+            f"{k}: {_stages(r.get('selected_stage'))}" for k, r in result["formulations"].items()
         )
     )
     if result.get("pairs"):
@@ -580,6 +596,7 @@ def train_cmd(
     compile_backend: CompileBackend = None,
     name: Name = None,
     resume: Resume = False,
+    overwrite: Overwrite = False,
     runs: Runs = Path("runs"),
     json_out: Json = False,
 ) -> None:
@@ -594,9 +611,13 @@ def train_cmd(
         run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
         _check_resume(resume, name)
         if seed_list:
-            result = train_seeds(ds, formulation, cfg, run_dir, seed_list, log, resume=resume)
+            result = train_seeds(
+                ds, formulation, cfg, run_dir, seed_list, log, resume=resume, overwrite=overwrite
+            )
         else:
-            result = train_formulation(ds, formulation, cfg, run_dir, log, resume=resume)
+            result = train_formulation(
+                ds, formulation, cfg, run_dir, log, resume=resume, overwrite=overwrite
+            )
         result["run_dir"], result["synthetic"] = str(run_dir), ds.synthetic
     if not _is_main():
         return
@@ -662,6 +683,7 @@ def ablation_cmd(
     ] = False,
     name: Name = None,
     resume: Resume = False,
+    overwrite: Overwrite = False,
     runs: Runs = Path("runs"),
     json_out: Json = False,
 ) -> None:
@@ -679,9 +701,13 @@ def ablation_cmd(
             run_dir = runs / _run_name(name, "ablation", cfg.preset)
             resume = _check_resume(resume, name)
             if seed_list:
-                result = ablation_seeds(ds, cfg, run_dir, seed_list, formulation, log, resume)
+                result = ablation_seeds(
+                    ds, cfg, run_dir, seed_list, formulation, log, resume, overwrite
+                )
             else:
-                result = unfreeze_ablation(ds, cfg, run_dir, formulation, log, resume=resume)
+                result = unfreeze_ablation(
+                    ds, cfg, run_dir, formulation, log, resume=resume, overwrite=overwrite
+                )
     if not _is_main():
         return
     if json_out:

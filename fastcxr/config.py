@@ -19,6 +19,15 @@ class Stage:
     max_epochs: int = 10
     lr: float = 1e-3
 
+    def __post_init__(self):
+        if not isinstance(self.max_epochs, int) or self.max_epochs < 1:
+            raise ValueError(
+                f"stage {self.name}: --epochs must be at least 1, not {self.max_epochs!r} "
+                "(a run with no epoch would record an untrained network)"
+            )
+        if not self.lr > 0 or self.lr != self.lr or self.lr == float("inf"):
+            raise ValueError(f"stage {self.name}: --lr must be a positive number, not {self.lr!r}")
+
 
 # The study's Experiment I: head; + conv5 block 3; + all of conv5; + last 3 blocks of conv4.
 PAPER_STAGES = (
@@ -65,10 +74,21 @@ class TrainConfig:
     select: str = "best"
 
     def __post_init__(self):
+        for name, low in (("size", 8), ("batch_size", 1), ("patience", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                opt = "--" + name.replace("_", "-")
+                raise ValueError(f"{opt} must be an integer >= {low}, not {v!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, not {self.workers!r}")
+        if not self.lr_ratio >= 1:
+            raise ValueError(f"lr_ratio must be >= 1, not {self.lr_ratio!r}")
         if self.threshold not in THRESHOLD_METHODS:
             raise ValueError(
                 f"--threshold must be one of {', '.join(THRESHOLD_METHODS)}, not {self.threshold!r}"
             )
+        if self.threshold == "youden" and self.threshold_target is not None:
+            raise ValueError("--target needs --threshold sensitivity or specificity")
         if self.threshold != "youden":
             t = self.threshold_target
             if t is None or not 0 < t < 1:

@@ -103,6 +103,17 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
     return pd.concat([tv, test.reset_index(drop=True)], ignore_index=True)
 
 
+def check_files(df: pd.DataFrame, root: str | Path) -> None:
+    """Every image the run will read exists, checked before any training."""
+    root = Path(root)
+    missing = [p for p in df["image"].astype(str) if not (root / p).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise DataError(
+            f"{len(missing)} image(s) named by the manifest do not exist under {root}: {shown}"
+        )
+
+
 def require_thresholds(df: pd.DataFrame, findings) -> None:
     """Every finding needs both classes among its validation images labelled 0 or 1: its
     decision threshold is chosen there."""

@@ -30,6 +30,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.ci not in CI_METHODS:
             raise ValueError(f"--ci must be one of {', '.join(CI_METHODS)}, not {self.ci!r}")
+        if self.target is not None and self.threshold in (None, "youden"):
+            raise ValueError("--target needs --threshold sensitivity or specificity")
 
     def rule(self, recorded: Mapping | None) -> tuple[str, float | None]:
         """The threshold method and target: this config's, else the run's, else Youden."""
@@ -69,7 +71,7 @@ def finding_report(
         auc_ci, ci_reason, method = d["ci"], d["reason"], CLUSTERED
     else:
         auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level)
-        ci_reason = None if auc_ci else _bootstrap_reason(y)
+        ci_reason = None if auc_ci else _bootstrap_reason(y, groups)
         method = f"percentile bootstrap over patients ({cfg.n_boot} resamples)"
     pr_ci = stats.patient_bootstrap(
         y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level
@@ -94,10 +96,10 @@ def finding_report(
     }  # fmt: skip
 
 
-def _bootstrap_reason(y: np.ndarray) -> str:
-    if len(np.unique(y)) < 2:
-        return "one class in the test set"
-    return "fewer than half of the patient resamples hold both classes"
+def _bootstrap_reason(y: np.ndarray, groups) -> str:
+    return stats.bootstrap_reason(y, groups) or (
+        "fewer than half of the patient resamples hold both classes"
+    )
 
 
 def evaluate(
@@ -129,7 +131,7 @@ def pairwise(preds: Mapping[str, pd.DataFrame], findings: Sequence[str]) -> list
 
 
 def _defined(p) -> bool:
-    return p is not None and not (isinstance(p, float) and math.isnan(p))
+    return p is not None and not math.isnan(float(p))
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
@@ -170,5 +172,7 @@ def table(evals: Mapping[str, Mapping[str, dict]]) -> pd.DataFrame:
                 "threshold": ch["threshold"], "acc@t": ch["accuracy"], "sens@t": ch["sensitivity"],
                 "spec@t": ch["specificity"], "ppv@t": ch["ppv"], "npv@t": ch["npv"],
                 "f1@t": ch["f1"], "brier": e["brier"], "ece": e["ece"],
+                "note": "; ".join(r for r in (e["undefined"], e.get("auc_ci_reason"),
+                                              e["chosen_threshold"].get("reason")) if r),
             })  # fmt: skip
     return pd.DataFrame(rows)

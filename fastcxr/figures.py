@@ -325,7 +325,7 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) ->
                   "Each finding is scored on the test images labelled 0 or 1 for it, the same "
                   "images for every label policy and formulation.",
                   "",
-                  "| run | selected stage (lowest validation loss) | thresholds |",
+                  "| run | selected stage (`--select best`: lowest validation loss) | thresholds |",
                   "|---|---|---|",
                   *[f"| {n} | {_selected(r['record'])} | "
                     + ", ".join(f"{f} {_f(e['chosen_threshold'].get('threshold'))}"
@@ -351,12 +351,15 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) ->
             "f1@t",
             "brier",
             "ece",
+            "note",
         ]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for _, r in t.iterrows():
             lines.append(
                 "| "
-                + " | ".join(str(r[c]) if c in ("run", "finding", "n") else _f(r[c]) for c in cols)
+                + " | ".join(
+                    str(r[c]) if c in ("run", "finding", "n", "note") else _f(r[c]) for c in cols
+                )
                 + " |"
             )
         lines += [

@@ -32,6 +32,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype={"image": str, "patient_id": str, "study_id": str})
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{path}: malformed CSV ({e})") from e
+    if "patient_id" in df.columns:  # "123" and "123 " are one patient
+        df["patient_id"] = df["patient_id"].str.strip()
     validate_manifest(df, path)
     return df
 
@@ -58,6 +60,17 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
             f"{source}: {len(leaks)} patient(s) appear in more than one split "
             f"(data leakage): {shown}"
         )
+    empty = [i + 2 for i, v in enumerate(df["image"]) if not isinstance(v, str) or not v.strip()]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" …" if len(empty) > 10 else "")
+        raise ManifestError(f"{source}: {len(empty)} row(s) have a blank 'image' (rows {shown})")
+    shared = images_in_several_splits(df)
+    if shared:
+        shown = ", ".join(shared[:5]) + (" …" if len(shared) > 5 else "")
+        raise ManifestError(
+            f"{source}: {len(shared)} image file(s) appear in more than one split "
+            f"(data leakage): {shown}"
+        )
     for i, p in enumerate(df["image"].astype(str)):
         q = Path(p)
         if q.is_absolute() or ".." in q.parts:
@@ -73,6 +86,13 @@ def blank_patient_rows(df: pd.DataFrame) -> list[int]:
     text = pid.astype(str).str.strip()
     blank = pid.isna().to_numpy() | text.isin(["", "nan", "NaN", "None"]).to_numpy()
     return [int(i) + 2 for i in np.flatnonzero(blank)]
+
+
+def images_in_several_splits(df: pd.DataFrame) -> list[str]:
+    """Image files (normalised paths) listed under more than one split."""
+    key = df["image"].astype(str).map(lambda p: Path(p).as_posix())
+    n = df.groupby(key)["split"].nunique()
+    return sorted(n[n > 1].index)
 
 
 def patients_in_several_splits(df: pd.DataFrame) -> list[str]:

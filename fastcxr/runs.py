@@ -125,3 +125,130 @@ def load_run(run_dir: str | Path) -> dict:
         "history": pd.read_csv(run_dir / "history.csv"),
         "predictions": pd.read_csv(run_dir / "predictions.csv"),
     }
+
+
+# -- one run, one folder ------------------------------------------------------------------------
+class RunLock:
+    """Exclusive lock on a run folder while a process writes into it.
+
+    The lock is `flock` on `.NAME.lock` beside the folder (so replacing the folder keeps it):
+    the kernel releases it when its process ends, even by SIGKILL, so a stale lock never
+    blocks a resume. A second process fails at once, naming the holder's pid.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir.parent / f".{self.run_dir.name}.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        writable_folder(self.run_dir.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunError(
+                f"{self.run_dir} is being written by another fastcxr process (pid {holder}); "
+                "wait for it to finish, or choose another --name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def writable_folder(folder: str | Path) -> Path:
+    """`folder`, created if needed, after checking a file can be written there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fastcxr-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise RunError(f"cannot write {folder}: it is a file, not a folder") from None
+    except OSError as e:
+        raise RunError(f"cannot write {folder} ({e.strerror or e})") from None
+    return folder
+
+
+def claim(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict | None:
+    """Make `run_dir` ready for a run (call it holding its `RunLock`).
+
+    A complete run is never replaced unless `overwrite` (then the old folder is moved aside
+    and deleted before anything is written); with `resume` it is returned (nothing to do).
+    An interrupted run is continued only with `resume`. Returns the complete record or None.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    if overwrite:
+        aside = run_dir.with_name(f".{run_dir.name}.removing-{os.getpid()}")
+        os.replace(run_dir, aside)  # readers see the old run or none, never half of one
+        import shutil
+
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
+    if is_complete(run_dir):
+        if resume:
+            return json.loads((run_dir / RECORD).read_text())
+        raise RunError(
+            f"{run_dir} holds a complete run; add --overwrite to replace it, or choose "
+            "another --name"
+        )
+    if not resume:
+        raise RunError(
+            f"{run_dir} holds an interrupted run; add --resume to continue it, or "
+            "--overwrite to start it again"
+        )
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """`key: old → new` for every (nested) setting that differs; a training setting is named
+    by its option (`train.seed` → `seed`)."""
+    a, b = _flat(saved), _flat(current)
+    return [
+        f"{k.removeprefix('train.')}: {a.get(k)!r} → {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def same_config(path: Path, current: dict, what: str) -> None:
+    """Record `current` at `path`, or refuse when the one recorded there differs."""
+    current = json.loads(json.dumps(current, default=_jsonable))
+    if not path.exists():
+        write_json(path, current)
+        return
+    saved = json.loads(path.read_text())
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise RunError(
+            f"{what} was started with another configuration; refusing to mix them ("
+            + "; ".join(diffs)
+            + "). Run it as it was started, or add --overwrite to start it again"
+        )

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
 from fastai.learner import Learner, Recorder
@@ -112,6 +113,26 @@ class ResumableEarlyStopping(EarlyStoppingCallback):
             self.on_epoch_end(stop)
         if stop:
             raise CancelFitException
+
+
+class ContinueSmoothLoss(Callback):
+    """A resumed stage's training loss continues fastai's smoothed average (Recorder resets
+    it when a fit starts) from where the interrupted fit left it, so the history is the
+    uninterrupted run's."""
+
+    order = Recorder.order + 1
+
+    def __init__(self, count: int, val: float):
+        self.count, self.val = count, val
+
+    def before_fit(self):
+        sl = self.learn.recorder.smooth_loss
+        sl.count, sl.val = self.count, torch.tensor(self.val)
+
+
+def smooth_loss_state(learn: Learner) -> tuple[int, float]:
+    sl = learn.recorder.smooth_loss
+    return int(sl.count), float(sl.val)
 
 
 class History(Callback):
@@ -211,6 +232,7 @@ def run_stage(
                     "stopping": stopping,
                     "restore": (restore.best, restore.best_epoch, restore.best_state),
                     "early_stop": (early.best, early.wait),
+                    "smooth_loss": smooth_loss_state(learn),
                 }
             )
 
@@ -218,6 +240,8 @@ def run_stage(
         cfg.patience, resume["early_stop"] if resume else None, on_epoch_end
     )
     cbs = [restore, early, hist]
+    if resume and resume.get("smooth_loss"):
+        cbs.append(ContinueSmoothLoss(*resume["smooth_loss"]))
     if cfg.freeze_style == "keras":
         cbs.append(FrozenBNEval())
     lrs = stage_lrs(learn, len(unfrozen), stage.lr, cfg.lr_ratio)

@@ -264,9 +264,10 @@ def patient_bootstrap(
     level: float = 0.95,
 ) -> tuple[float, float] | None:
     """Percentile CI of the ROC AUC (`stat="auc"`) or PR AUC (`"pr_auc"`), resampling
-    patients with replacement; resamples with one class are skipped."""
+    patients with replacement; resamples with one class are skipped. `None` when it is
+    undefined (`bootstrap_reason` says why)."""
     y, s = np.asarray(y).astype(int), np.asarray(s, float)
-    if not _two_classes(y):
+    if bootstrap_reason(y, groups) is not None:
         return None
     w = bootstrap_weights(groups, n_boot, seed)
     if stat == "auc":
@@ -285,6 +286,20 @@ def patient_bootstrap(
         return None
     a = (1 - level) / 2
     return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def bootstrap_reason(y: np.ndarray, groups: Sequence) -> str | None:
+    """Why a patient bootstrap CI is undefined: resampling one patient's images says nothing
+    about how the AUC varies across patients."""
+    y = np.asarray(y).astype(bool)
+    if not _two_classes(y):
+        return "one class in the test set"
+    g = np.asarray(groups).astype(str)
+    if len(set(g[y])) < 2:
+        return "only one patient with a positive image: CI undefined"
+    if len(set(g[~y])) < 2:
+        return "only one patient with a negative image: CI undefined"
+    return None
 
 
 def pr_auc(y: np.ndarray, s: np.ndarray) -> float | None:

@@ -6,6 +6,8 @@ print. `log` receives one dict per event (epoch finished, network started) for p
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import shutil
@@ -26,7 +28,14 @@ from fastai.torch_basics import default_device, set_seed
 from fastai.vision.learner import vision_learner
 
 from fastcxr.config import Stage, TrainConfig
-from fastcxr.data import NetworkData, apply_policy, network_data, require_thresholds, scored
+from fastcxr.data import (
+    NetworkData,
+    apply_policy,
+    check_files,
+    network_data,
+    require_thresholds,
+    scored,
+)
 from fastcxr.distributed import barrier, init, is_main, local_view, unwrap, world_size
 from fastcxr.evaluation import CLUSTERED, EvalConfig, evaluate, pairwise, with_holm
 from fastcxr.fastpath import Accelerated, Speed, fused_adamw, resolve_speed
@@ -44,10 +53,14 @@ from fastcxr.models import TorchvisionArch, block_splitter, build_model
 from fastcxr.preprocessing import Preprocessing
 from fastcxr.runs import (
     RunError,
+    RunLock,
+    claim,
+    config_differences,
     environment,
     is_complete,
     load_run,
     mark_complete,
+    same_config,
     save_torch,
     save_weights,
     write_csv,
@@ -173,8 +186,9 @@ def _columns(findings: tuple[str, ...], net: Network) -> list[int]:
 
 TEST_SET_RULE = (
     "each finding is scored on the test images whose raw label for it is 0 or 1: the same "
-    "images for every label policy, formulation and seed (the policy shapes training and the "
-    "validation loss only)"
+    "images for every label policy, formulation and seed (the policy chooses the training "
+    "and validation images and their targets; thresholds are chosen on the validation images "
+    "labelled 0 or 1)"
 )
 
 
@@ -223,8 +237,13 @@ def train_formulation(
     log: Log | None = None,
     stages: tuple[Stage, ...] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train `formulation` through the schedule; write its run record; return its summary.
+
+    The run folder is locked while training; a complete run in it is never replaced unless
+    `overwrite` (with `resume` its record is returned), an interrupted one is continued only
+    with `resume`, and a resume with another configuration or data is refused.
 
     A checkpoint is written after every epoch and stage; with `resume` an interrupted run
     continues from its last one (finished networks, stages and epochs are not repeated).
@@ -239,10 +258,60 @@ def train_formulation(
     run_dir = Path(run_dir)
     init()
     form = get_formulation(formulation)
-    findings = cfg.findings
     stages = stages or cfg.stages
-    df = apply_policy(data.df, cfg, findings)
-    require_thresholds(df, findings)
+    df = apply_policy(data.df, cfg, cfg.findings)
+    require_thresholds(df, cfg.findings)
+    check_files(df, data.root)
+    with main_lock(run_dir):
+        prior = claim(run_dir, resume, overwrite) if is_main() else None
+        barrier()
+        if prior is None and resume and not is_main() and is_complete(run_dir):
+            prior = load_run(run_dir)["record"]
+        if prior is not None:
+            check_recorded(run_dir, data, form, cfg, stages)
+            if log:
+                log({"event": "skip", "formulation": form.name, "reason": "complete run found"})
+            return {k: v for k, v in prior.items() if k != "complete"}
+        if is_main():
+            same_config(run_dir / "checkpoints" / "run.json",
+                        _resume_key(data, form, cfg, stages), str(run_dir))  # fmt: skip
+        return _train(data, df, form, cfg, stages, run_dir, log, resume)
+
+
+def _resume_key(data: Dataset, form: Formulation, cfg: TrainConfig, stages) -> dict:
+    """What a resumed run must share with the run it continues (the worker count is free)."""
+    train = {
+        k: v for k, v in cfg.to_dict().items() if k not in ("workers", "stages", "ablation_stages")
+    }
+    return {"formulation": form.name, "train": train, "stages": [s.__dict__ for s in stages],
+            "data_sha256": file_sha256(data.manifest)}  # fmt: skip
+
+
+def check_recorded(run_dir: Path, data: Dataset, form: Formulation, cfg: TrainConfig, stages):
+    """A complete run read back instead of trained must be the run asked for: same
+    formulation, configuration, schedule and data; else the differences are listed."""
+    rec = json.loads((run_dir / "config.json").read_text())
+    train = {k: v for k, v in rec.get("train", {}).items()
+             if k not in ("workers", "stages", "ablation_stages")}  # fmt: skip
+    saved = {
+        "formulation": rec.get("formulation"),
+        "train": train,
+        "stages": rec.get("stages"),
+        "data_sha256": rec.get("data", {}).get("sha256"),
+    }
+    current = json.loads(json.dumps(_resume_key(data, form, cfg, stages)))
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise RunError(
+            f"{run_dir} holds a complete run with another configuration ("
+            + "; ".join(diffs)
+            + "); choose another --name, or add --overwrite to replace it"
+        )
+
+
+def _train(data, df, form, cfg, stages, run_dir, log, resume) -> dict:
+    """`train_formulation` once its folder is claimed: every network, then the record."""
+    findings = cfg.findings
     speed = resolve_speed(cfg, default_device())
     prep = data.preprocessing(cfg.size)
     test = df[df["split"] == "test"].reset_index(drop=True)
@@ -383,7 +452,7 @@ def _train_network(job: Job, net: Network) -> tuple[dict, list[dict]]:
         _restore_network(state, outs, cols)
         results = [StageResult(**{**r, "stage": stages[i]}) for i, r in enumerate(state["results"])]
         net_hist = list(state["history"])
-        _set_rng(state["rng"])
+        _set_rng(state["rng"], learn)
         if log:
             log({"event": "resume", "formulation": form.name, "network": net.name,
                  "stage": stages[min(first, len(stages) - 1)].name,
@@ -444,6 +513,16 @@ def _cpu_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
+@contextlib.contextmanager
+def main_lock(run_dir: Path):
+    """`RunLock` on the main process; the other processes of a multi-GPU run follow it."""
+    if not is_main():
+        yield None
+        return
+    with RunLock(run_dir) as lock:
+        yield lock
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 STOP = threading.Event()  # set to stop training cleanly after the next checkpoint
 
@@ -460,9 +539,11 @@ def _load_checkpoint(path: Path) -> dict | None:
         ) from e
 
 
-def _get_rng() -> dict:
+def _get_rng(learn: Learner | None = None) -> dict:
+    """Every RNG training draws from: torch (CPU and CUDA), Python, NumPy, and the training
+    loader's own `random.Random` (fastai's DataLoader shuffles with it, not the global one)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    out = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": [
@@ -473,10 +554,20 @@ def _get_rng() -> dict:
             float(cached),
         ],
     }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    if learn is not None:
+        out["train_loader"] = learn.dls.train.rng.getstate()
+    return out
 
 
-def _set_rng(rng: dict) -> None:
+def _set_rng(rng: dict, learn: Learner | None = None) -> None:
     torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if learn is not None and "train_loader" in rng:
+        v, state, gauss = rng["train_loader"]
+        learn.dls.train.rng.setstate((v, tuple(state), gauss))
     v, state, gauss = rng["python"]
     random.setstate((v, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = rng["numpy"]
@@ -513,6 +604,7 @@ class NetworkCheckpoint:
                 **stage_state,
                 "restore": (float(best), best_epoch, best_state),
                 "early_stop": (float(es_best), int(wait)),
+                "smooth_loss": tuple(stage_state.get("smooth_loss", (0, 0.0))),
             }
         opt = None
         if isinstance(self.learn.opt, OptimWrapper):  # the fast path's torch AdamW
@@ -527,7 +619,7 @@ class NetworkCheckpoint:
             "opt": opt, "results": [{k: v for k, v in r.__dict__.items() if k != "stage"}
                                     for r in self.results],
             "history": self.hist if hist is None else hist, "summary": summary,
-            "rng": _get_rng(),
+            "rng": _get_rng(self.learn),
             "valid_probs": {k: torch.from_numpy(v[:, self.cols].copy())
                             for k, v in self.outs.valid.items()},
             "stage_probs": {k: torch.from_numpy(v[:, self.cols].copy())
@@ -562,18 +654,46 @@ def compare(
     log: Log | None = None,
     eval_cfg: EvalConfig = EvalConfig(),
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Experiment II: every formulation with the same data, split, seed and schedule.
 
-    Formulations whose run record is already complete are read back, not retrained. The
-    result carries AUC CIs per finding and DeLong's test for every pair of formulations
-    (p-values also Holm-adjusted over all pairs and findings).
+    Formulations whose run record is already complete are read back, not retrained (an
+    interrupted one continues with `resume`); the folder must hold a comparison with the
+    same configuration and data, unless `overwrite` replaces it. The result carries AUC CIs
+    per finding and DeLong's test for every pair of formulations (p-values also
+    Holm-adjusted over all pairs and findings).
     """
     run_dir = Path(run_dir)
+    with main_lock(run_dir):
+        if is_main():
+            _fresh_if(run_dir, overwrite)
+            same_config(run_dir / "plan.json", _plan_key(data, cfg), str(run_dir))
+        barrier()
+        return _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume)
+
+
+def _plan_key(data: Dataset, cfg: TrainConfig, without: tuple[str, ...] = ()) -> dict:
+    """What every run of a comparison (or of a seed series, `without` the seed) shares."""
+    key = _resume_key(data, get_formulation("multilabel"), cfg, cfg.stages)
+    key.pop("formulation")
+    for k in without:
+        key["train"].pop(k, None)
+    return key
+
+
+def _fresh_if(run_dir: Path, overwrite: bool) -> None:
+    """With `overwrite`, the old folder is moved aside and removed before anything is written."""
+    if overwrite and run_dir.exists():
+        claim(run_dir, overwrite=True)
+
+
+def _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume) -> dict:
     out = {}
     for name in formulations:
         sub = run_dir / name
         if is_complete(sub):
+            check_recorded(sub, data, get_formulation(name), cfg, cfg.stages)
             out[name] = load_run(sub)["record"]
             out[name].pop("complete", None)
             if log:
@@ -624,14 +744,16 @@ def unfreeze_ablation(
     formulation: str = "multilabel",
     log: Log | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Experiment I: the ablation stages in sequence, test metrics after each stage.
 
     The best stage is the one with the lowest validation loss (chosen without the test set).
     """
     summary = train_formulation(
-        data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages, resume=resume
-    )
+        data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages, resume=resume,
+        overwrite=overwrite,
+    )  # fmt: skip
     metrics = load_run(run_dir)["metrics"]["per_stage"]
     stages = []
     for i, st in enumerate(cfg.ablation_stages):
@@ -675,6 +797,7 @@ def compare_seeds(
     log: Log | None = None,
     eval_cfg: EvalConfig = EvalConfig(),
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """`compare` once per seed (RUN/seed-K), with the spread of AUC and accuracy across seeds.
     A seed whose compare.json exists is read back (`compare` reads back finished runs too)."""
@@ -682,7 +805,7 @@ def compare_seeds(
     def one(c: TrainConfig, sub: Path) -> dict:
         return compare(data, c, sub, formulations, log, eval_cfg, resume)
 
-    r = run_seeds(
+    r = _seeded(data, cfg, run_dir, overwrite)(
         seeds, cfg, run_dir, one, lambda sub: read_json(sub / "compare.json"),
         lambda res: {k: v["findings"] for k, v in res["formulations"].items()}, log,
     )  # fmt: skip
@@ -697,6 +820,7 @@ def train_seeds(
     seeds: tuple[int, ...],
     log: Log | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """`train_formulation` once per seed (RUN/seed-K); with `resume`, finished seeds are read
     back."""
@@ -707,7 +831,9 @@ def train_seeds(
     def done(sub: Path) -> dict | None:
         return load_run(sub)["record"] if resume and is_complete(sub) else None
 
-    r = run_seeds(seeds, cfg, run_dir, one, done, lambda res: {formulation: res["findings"]}, log)
+    r = _seeded(data, cfg, run_dir, overwrite)(
+        seeds, cfg, run_dir, one, done, lambda res: {formulation: res["findings"]}, log
+    )
     return {**r, **_about(data, cfg), "formulation": formulation}
 
 
@@ -719,6 +845,7 @@ def ablation_seeds(
     formulation: str = "multilabel",
     log: Log | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """`unfreeze_ablation` once per seed (RUN/seed-K); the aggregate is keyed by stage."""
 
@@ -728,11 +855,28 @@ def ablation_seeds(
     def done(sub: Path) -> dict | None:
         return read_json(sub / "ablation.json") if resume else None
 
-    r = run_seeds(
+    r = _seeded(data, cfg, run_dir, overwrite)(
         seeds, cfg, run_dir, one, done,
         lambda res: {s["name"]: s["findings"] for s in res["stages"]}, log,
     )  # fmt: skip
     return {**r, **_about(data, cfg), "formulation": formulation}
+
+
+def _seeded(data: Dataset, cfg: TrainConfig, run_dir: str | Path, overwrite: bool):
+    """`run_seeds`, holding the series' lock, after checking it is the same series (the seed
+    aside) as the one already in `run_dir`."""
+    run_dir = Path(run_dir)
+
+    def run(*args, **kwargs) -> dict:
+        with main_lock(run_dir):
+            if is_main():
+                _fresh_if(run_dir, overwrite)
+                key = _plan_key(data, cfg, without=("seed",))
+                same_config(run_dir / "plan.json", key, str(run_dir))
+            barrier()
+            return run_seeds(*args, **kwargs)
+
+    return run
 
 
 def _about(data: Dataset, cfg: TrainConfig) -> dict:

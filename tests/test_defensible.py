@@ -333,3 +333,47 @@ def test_report_agrees_with_the_run(two_stage_run):
         assert ch["threshold"] == pytest.approx(summary["findings"][f]["threshold"], abs=1e-12)
         assert ch["accuracy"] == pytest.approx(summary["findings"][f]["accuracy"])
         assert ev[f]["auc"] == pytest.approx(summary["findings"][f]["auc"])
+
+
+def test_undefined_bootstrap_and_numpy_nan():
+    from fastcxr import stats
+
+    y = np.array([0, 0, 1, 1, 0, 0, 1, 0])
+    s = np.linspace(0, 1, 8)
+    one_patient_pos = ["a", "b", "c", "c", "d", "e", "c", "f"]  # every positive is patient c
+    assert stats.patient_bootstrap(y, s, one_patient_pos) is None
+    assert "one patient with a positive" in stats.bootstrap_reason(y, one_patient_pos)
+    got = holm([np.float32(0.001), np.float32("nan"), 0.01])
+    assert got[1] is None and got[0] == pytest.approx(0.002) and got[2] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="--target needs --threshold"):
+        CFG.replace(threshold_target=0.9)
+
+
+def test_compare_never_reads_back_runs_of_another_configuration(prepared, tmp_path):
+    args = [
+        "compare",
+        "--data",
+        prepared,
+        *TINY_TRAIN,
+        "--epochs",
+        "1",
+        "--stages",
+        "all",
+        "--no-pretrained",
+        "--formulations",
+        "multilabel",
+        "--runs",
+        tmp_path,
+        "--name",
+        "c",
+    ]
+    _cli(*args)
+    for change in (["--threshold", "specificity", "--target", "0.9"], ["--select", "last"],
+                   ["--lr", "0.01"]):  # fmt: skip
+        res = runner.invoke(app, [str(a) for a in [*args, *change]])
+        assert res.exit_code == 2, res.output
+        assert "another configuration" in res.stderr
+    plan = tmp_path / "c" / "plan.json"
+    plan.unlink()  # a folder from before plan.json: the runs' own records are checked
+    res = runner.invoke(app, [str(a) for a in [*args, "--select", "last"]])
+    assert res.exit_code == 2 and "select: 'best' → 'last'" in res.stderr, res.output
