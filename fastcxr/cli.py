@@ -289,20 +289,23 @@ def _library_errors():
     from fastcxr.dicom import DicomError
     from fastcxr.manifest import ManifestError
     from fastcxr.runs import RunError
-    from fastcxr.schedule import Interrupted
-    from fastcxr.study import STOP
+    from fastcxr.stopping import STOP, Interrupted
 
-    def on_sigterm(signum, frame):  # clusters send SIGTERM before they kill a job
-        err.print("[yellow]SIGTERM: stopping after the next checkpoint…[/]")
+    def on_signal(signum, frame):  # clusters send SIGTERM before they kill a job
+        if STOP.is_set() and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        err.print(f"[yellow]{signal.Signals(signum).name}: stopping cleanly…[/]")
         STOP.set()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     except Interrupted as e:
-        err.print(f"[yellow]{e}; continue with the same --name and --resume[/]")
+        from rich.markup import escape
+
+        err.print(f"[yellow]{escape(str(e))}[/]", soft_wrap=True)
         raise typer.Exit(143) from None
     except torch.cuda.OutOfMemoryError:
         _fail(
@@ -320,7 +323,9 @@ def _library_errors():
     ) as e:
         _fail(str(e).strip("'\""))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        STOP.clear()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _progress():

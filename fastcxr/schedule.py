@@ -30,6 +30,7 @@ from torch import nn
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.distributed import unwrap
 from fastcxr.models import count_params, group_names, resolve_unfreeze
+from fastcxr.stopping import Interrupted as Interrupted  # re-exported: training stops with it
 
 FREEZE_STYLES = ("keras", "fastai")
 
@@ -79,10 +80,6 @@ class RestoreBest(TrackerCallback):
     def after_fit(self):
         if self.best_state is not None:
             unwrap(self.learn.model).load_state_dict(self.best_state)
-
-
-class Interrupted(Exception):
-    """Training stopped on request (SIGTERM) after writing a checkpoint."""
 
 
 class ResumableEarlyStopping(EarlyStoppingCallback):

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from fastcxr.runs import (
 )
 from fastcxr.schedule import Interrupted, StageResult, plan, run_stage
 from fastcxr.seeds import read_json, run_seeds
+from fastcxr.stopping import STOP
 
 Log = Callable[[dict], None]
 
@@ -466,8 +466,8 @@ def _train_network(job: Job, net: Network) -> tuple[dict, list[dict]]:
             checkpoint.save(si, stage_state)
             if STOP.is_set():
                 raise Interrupted(
-                    f"stopped by request after epoch "
-                    f"{stage_state['epochs_done']} of stage {stages[si].name}"
+                    f"stopped by request after epoch {stage_state['epochs_done']} of stage "
+                    f"{stages[si].name}; continue with the same --name and --resume"
                 )
 
         resume_stage = None
@@ -524,7 +524,6 @@ def main_lock(run_dir: Path):
 
 
 # -- checkpoints ----------------------------------------------------------------------------
-STOP = threading.Event()  # set to stop training cleanly after the next checkpoint
 
 
 def _load_checkpoint(path: Path) -> dict | None:
