@@ -28,8 +28,18 @@ prepare_app = typer.Typer(
 app.add_typer(prepare_app, name="prepare")
 
 # Tables stay readable when piped or logged (rich would otherwise fall back to 80 columns).
-out = Console(width=None if sys.stdout.isatty() else 120)
+# Results on stdout are never read as markup (they hold user text: paths, stage names);
+# stderr's colours are written with `_e` around every user-supplied value.
+out = Console(width=None if sys.stdout.isatty() else 120, markup=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+def _e(value) -> str:
+    """A value shown inside stderr's markup, escaped so that `[red]` or `[/]` stay text."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
 
 # -- shared options -------------------------------------------------------------------------
 Data = Annotated[
@@ -165,9 +175,10 @@ Resume = Annotated[
 
 def _fail(msg: str) -> None:
     """One line on stderr (user text is never read as markup), exit status 2."""
-    from rich.markup import escape
-
-    err.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+    if "Original Traceback" in msg:  # raised in a DataLoader worker: torch adds its traceback
+        msg = msg.strip().splitlines()[-1].partition(": ")[2] or msg
+    msg = " ".join(msg.split())
+    err.print(f"[bold red]error:[/] {_e(msg)}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -260,20 +271,21 @@ def _logger(quiet: bool):
             return
         if "epoch" in ev:
             err.print(
-                f"  [dim]{ev['stage']:>14} epoch {ev['epoch']:>2}[/]  train {ev['train_loss']:.4f}"
+                f"  [dim]{_e(str(ev['stage']).rjust(14))} epoch {ev['epoch']:>2}[/]  train "
+                f"{ev['train_loss']:.4f}"
                 f"  valid {ev['valid_loss']:.4f}  {ev['seconds']:.1f}s"
             )
         elif ev.get("event") == "network":
-            err.print(f"[bold]{ev['formulation']}[/]: training network {ev['network']}")
+            err.print(f"[bold]{_e(ev['formulation'])}[/]: training network {_e(ev['network'])}")
         elif ev.get("event") == "resume":
             err.print(
-                f"[bold]{ev['formulation']}[/]: resuming network {ev['network']} at stage "
-                f"{ev['stage']} ({ev['epochs_done']} epochs already done)"
+                f"[bold]{_e(ev['formulation'])}[/]: resuming network {_e(ev['network'])} at "
+                f"stage {_e(ev['stage'])} ({ev['epochs_done']} epochs already done)"
             )
         elif ev.get("event") == "skip":
-            err.print(f"[bold]{ev['formulation']}[/]: skipped ({ev['reason']})")
+            err.print(f"[bold]{_e(ev['formulation'])}[/]: skipped ({_e(ev['reason'])})")
         elif ev.get("event") == "data":
-            err.print(ev["message"])
+            err.print(_e(ev["message"]))
 
     return log
 
@@ -303,9 +315,7 @@ def _library_errors():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     except Interrupted as e:
-        from rich.markup import escape
-
-        err.print(f"[yellow]{escape(str(e))}[/]", soft_wrap=True)
+        err.print(f"[yellow]{_e(e)}[/]", soft_wrap=True)
         raise typer.Exit(143) from None
     except torch.cuda.OutOfMemoryError:
         _fail(
@@ -900,7 +910,7 @@ def bench_cmd(
         r = bench_train(
             cfg, parse_stages(stages), styles, warmup, steps, images, cache,
             defaults=not no_defaults, formulation=formulation, project_images=project_images,
-            log=None if json_out else (lambda m: err.print(f"[dim]{m}[/]")),
+            log=None if json_out else (lambda m: err.print(f"[dim]{_e(m)}[/]")),
         )  # fmt: skip
     if json_out:
         print(json.dumps(r, indent=2))
@@ -1026,7 +1036,7 @@ def predict_cmd(
         return
     out.print(f"predicted {len(df)} image(s) on {pred.device} → {out_csv}")
     for r in summary["failures"]:
-        err.print(f"[yellow]could not read[/] {r['file']}: {r['reason']}")
+        err.print(f"[yellow]could not read[/] {_e(r['file'])}: {_e(r['reason'])}")
     if cams:
         out.print(f"wrote {len(cams)} Grad-CAM overlays to {cam}")
     if exported:
@@ -1103,7 +1113,8 @@ def _run_prepare(fn, json_out: bool, out_dir: Path, **kwargs) -> None:
     out.print(t)
     if report.failures:
         err.print(
-            f"[yellow]{report.failures} file(s) could not be read: see {out_dir}/failures*.csv[/]"
+            f"[yellow]{report.failures} file(s) could not be read: see "
+            f"{_e(out_dir)}/failures*.csv[/]"
         )
     if report.manifest is None:
         err.print("shard done; run again without --shard to write the manifest")

@@ -39,7 +39,7 @@ from fastai.optimizer import OptimWrapper, set_item_pg
 from fastcore.basics import chunked
 
 from fastcxr.prepare.cache import load_source
-from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD
+from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, read_cached
 
 # Training augmentation, shared by the fast path and fastai's `aug_transforms` (no flips: the
 # heart's side is anatomy, not noise; no warp).
@@ -156,8 +156,11 @@ class _CacheBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def _load(self, path: Path) -> np.ndarray:
+        return load_source(path, self.size, self.mode)
+
     def __getitem__(self, idxs):
-        x = np.stack([load_source(Path(self.files[i]), self.size, self.mode) for i in idxs])
+        x = np.stack([read_cached(Path(self.files[i]), self._load) for i in idxs])
         return torch.from_numpy(x[:, None]), torch.from_numpy(self.targets[list(idxs)])
 
 

@@ -62,7 +62,7 @@ class TorchvisionArch:
         build = ARCHS[self.name]
         if self.weights_file is not None:
             model = build(weights=None)
-            model.load_state_dict(load_state_dict(self.weights_file))
+            load_into(model, load_state_dict(self.weights_file), self.weights_file, self.name)
             return model
         return build(weights="DEFAULT" if pretrained else None)
 
@@ -83,6 +83,41 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a dict of tensors (a state dict)")
     return sd
+
+
+def _shapes(sd: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def looks_like(sd: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision architecture whose parameters have exactly these names and shapes
+    (a classifier of another size allowed), or None. Built on the meta device: no memory."""
+    want = _shapes(sd)
+    head = ("fc.", "classifier.")
+    trunk = {k: v for k, v in want.items() if not k.startswith(head)}
+    for name, build in ARCHS.items():
+        with torch.device("meta"):
+            have = _shapes(build(weights=None).state_dict())
+        if trunk == {k: v for k, v in have.items() if not k.startswith(head)}:
+            return name
+    return None
+
+
+def load_into(model: nn.Module, sd: dict, source, arch: str) -> None:
+    """`model.load_state_dict(sd)`, or a one-line error saying what `sd` looks like."""
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError:
+        theirs, ours = _shapes(sd), _shapes(model.state_dict())
+        missing = len(set(ours) - set(theirs))
+        unexpected = len(set(theirs) - set(ours))
+        wrong = sum(1 for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+        guess = looks_like(sd)
+        what = f"the weights of a {guess}" if guess else "weights of no known architecture"
+        raise ValueError(
+            f"{source}: {what}, not of {arch} ({missing} missing, {unexpected} unexpected, "
+            f"{wrong} mis-shaped parameters)"
+        ) from None
 
 
 def build_model(

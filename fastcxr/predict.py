@@ -76,8 +76,17 @@ class Predictor:
         nets = []
         for p in _weights_of(run_dir, cfg):
             side = json.loads(p.with_suffix(".json").read_text())
-            net = build_model(side["arch"], side["n_out"])
-            net.load_state_dict(load_state_dict(p))
+            try:
+                net = build_model(side["arch"], side["n_out"])
+            except (KeyError, ValueError) as e:
+                raise RunError(f"{p.with_suffix('.json')}: unusable sidecar ({e})") from None
+            try:
+                net.load_state_dict(load_state_dict(p))
+            except RuntimeError:
+                raise RunError(
+                    f"{p}: the weights do not fit the sidecar's arch {side['arch']!r} with "
+                    f"{side['n_out']} outputs: the sidecar was edited or belongs to other weights"
+                ) from None
             pre = side["preprocessing"]
             pm = ProbabilityModel(
                 net, side["formulation"], len(side["findings"]), pre["mean"], pre["std"]

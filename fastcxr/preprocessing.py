@@ -24,6 +24,25 @@ DICOM_SUFFIXES = (".dcm", ".dicom", "")
 GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet RGB statistics averaged: a summed 1-channel stem
 
 
+class CacheError(ValueError):
+    """A cached image that cannot be read while training; the message names the file."""
+
+
+def read_cached(path: Path, read) -> np.ndarray:
+    """`read(path)`, with any failure to decode the image reported as a `CacheError` naming
+    the file and the fix."""
+    try:
+        return read(path)
+    except CacheError:
+        raise
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's and fastcxr.dicom's errors
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise CacheError(
+            f"{path}: unreadable image ({why}); run the same `fastcxr prepare` again to "
+            "rebuild the cache (it reconverts what does not verify)"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Source image → the uint8 `size` x `size` array a network takes (before normalisation).
@@ -86,9 +105,13 @@ class Preprocessing:
         by the manifest."""
         path = Path(path)
         if path.suffix.lower() in DICOM_SUFFIXES:
-            return self.image(path)
-        with Image.open(path) as im:
-            return self.from_cache(np.asarray(im.convert("L")))
+            return read_cached(path, self.image)
+        return self.from_cache(read_cached(path, _gray))
 
 
-__all__ = ["GRAY_MEAN", "GRAY_STD", "Preprocessing"]
+def _gray(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))
+
+
+__all__ = ["GRAY_MEAN", "GRAY_STD", "CacheError", "Preprocessing", "read_cached"]

@@ -32,11 +32,38 @@ class RunError(ValueError):
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` beside `path`, then rename: readers see the old file or the new, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """`write(tmp)` beside `path`, then rename: readers see the old file or the new, whole.
+
+    A write that fails (full disk, read-only folder) leaves no partial file and raises a
+    `RunError` that names the folder."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path.parent, e) from None
     tmp = path.with_name(f".{path.name}.part")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+            raise
+        raise write_error(path.parent, e) from None
+
+
+def write_error(folder: Path, e: Exception) -> RunError:
+    """The one-line error for a failed write: full disk, or a folder that cannot be written."""
+    import errno
+    import shutil
+
+    code = getattr(e, "errno", None)
+    try:
+        full = shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        full = False
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and full):
+        return RunError(f"no space left on {folder}: free some space, then add --resume")
+    return RunError(f"cannot write {folder} ({getattr(e, 'strerror', None) or e})")
 
 
 def write_json(path: Path, obj: Any) -> None:

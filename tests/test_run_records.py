@@ -34,8 +34,9 @@ def _train(prepared, runs, name, *extra):
 
 def _one_line_error(res, *words):
     assert res.exit_code == 2, res.output
-    msg = res.stderr.strip()
-    assert msg.startswith("error:") and "Traceback" not in msg, msg
+    assert "Traceback" not in res.stderr, res.stderr
+    msg = res.stderr.strip().splitlines()[-1]  # progress lines may come before it
+    assert msg.startswith("error:"), res.stderr
     for w in words:
         assert w in msg, msg
 
@@ -237,3 +238,56 @@ def test_resume_after_sigterm_equals_the_uninterrupted_run(prepared, tmp_path, u
     pd.testing.assert_frame_equal(h, uninterrupted[0])
     pd.testing.assert_frame_equal(p, uninterrupted[1])
     assert m == uninterrupted[2]
+
+
+# -- clear one-line errors ----------------------------------------------------------------------
+def test_weights_of_another_architecture_say_what_they_are(prepared, tmp_path):
+    import torchvision
+
+    w = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), w)
+    res = _train(prepared, tmp_path, "w", "--weights", w)  # TINY trains a resnet10
+    _one_line_error(res, "weights of a resnet18, not of resnet10")
+
+
+def test_user_text_is_never_markup(prepared, tmp_path):
+    _one_line_error(_train(prepared, tmp_path, "f", "--findings", "[/]"), "'[/]'")
+    res = _train(prepared, tmp_path, "g", "--findings", "Edema,[red]Effusion")
+    _one_line_error(res, "[red]Effusion")
+
+
+def test_a_corrupt_cached_image_during_training_names_the_file(prepared, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    df = pd.read_csv(data / "manifest.csv")
+    bad = df.loc[df["split"] == "train", "image"].iloc[3]
+    (data / bad).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    res = _train(data, tmp_path, "c")
+    _one_line_error(res, bad, "fastcxr prepare")
+
+
+def test_an_edited_sidecar_arch_is_refused(prepared, tmp_path):
+    assert _train(prepared, tmp_path, "s").exit_code == 0
+    side = tmp_path / "s" / "model-edema+pleural_effusion.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "arch": "resnet18"}))
+    res = runner.invoke(app, ["predict", str(tmp_path / "s"), str(prepared / "images")])
+    _one_line_error(res, "model-edema+pleural_effusion.pth", "resnet18")
+
+
+def test_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from fastcxr.runs import RunError, save_torch
+
+    def full(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"x" * 1000)  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(RunError, match=f"no space left on {tmp_path}"):
+        save_torch(tmp_path / "model.pth", {"a": torch.zeros(3)})
+    assert list(tmp_path.iterdir()) == []
