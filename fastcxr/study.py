@@ -555,18 +555,33 @@ def _get_rng(learn: Learner | None = None) -> dict:
     }
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
-    if learn is not None:
-        out["train_loader"] = learn.dls.train.rng.getstate()
+    rng = _loader_rng(learn)
+    if rng is not None:
+        out["train_loader"] = rng.getstate()
     return out
+
+
+def _loader_rng(learn: Learner | None) -> random.Random | None:
+    """The training loader's shuffling RNG (under DDP, the wrapped loader's)."""
+    dl = learn.dls.train if learn is not None else None
+    for _ in range(3):
+        if dl is None:
+            return None
+        rng = dl.__dict__.get("rng")
+        if isinstance(rng, random.Random):
+            return rng
+        dl = dl.__dict__.get("dl")
+    return None
 
 
 def _set_rng(rng: dict, learn: Learner | None = None) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    if learn is not None and "train_loader" in rng:
+    loader_rng = _loader_rng(learn)
+    if loader_rng is not None and "train_loader" in rng:
         v, state, gauss = rng["train_loader"]
-        learn.dls.train.rng.setstate((v, tuple(state), gauss))
+        loader_rng.setstate((v, tuple(state), gauss))
     v, state, gauss = rng["python"]
     random.setstate((v, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = rng["numpy"]
