@@ -1089,6 +1089,12 @@ def _views(views: str) -> tuple[str, ...] | None:
     return None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(","))
 
 
+def _modalities(text: str) -> tuple[str, ...] | None:
+    if text.strip().lower() == "all":
+        return None
+    return tuple(m.strip().upper() for m in text.split(",") if m.strip())
+
+
 def _run_prepare(fn, json_out: bool, out_dir: Path, **kwargs) -> None:
     from dataclasses import asdict
 
@@ -1113,8 +1119,8 @@ def _run_prepare(fn, json_out: bool, out_dir: Path, **kwargs) -> None:
     out.print(t)
     if report.failures:
         err.print(
-            f"[yellow]{report.failures} file(s) could not be read: see "
-            f"{_e(out_dir)}/failures*.csv[/]"
+            f"[yellow]{report.failures} file(s) could not be read or were skipped (e.g. not "
+            f"a radiograph modality): see {_e(out_dir)}/failures*.csv[/]"
         )
     if report.manifest is None:
         err.print("shard done; run again without --shard to write the manifest")
@@ -1142,6 +1148,14 @@ def prepare_mimic_cmd(
     ] = None,
     shard: Shard = None,
     manifest_only: ManifestOnly = False,
+    modalities: Annotated[
+        str,
+        typer.Option(
+            help="DICOM Modality values to keep (comma-separated; 'all' keeps every file). "
+            "Others (CT, MR, US, …) are skipped and listed in failures.csv; a file without "
+            "a Modality tag is kept."
+        ),
+    ] = "CR,DX,DR",
     json_out: Json = False,
 ) -> None:
     """MIMIC-CXR (DICOM or JPG release): join the label files to the images; write
@@ -1161,6 +1175,7 @@ def prepare_mimic_cmd(
         shard=shard,
         manifest_only=manifest_only,
         list_files=list_files,
+        modalities=_modalities(modalities),
     )
 
 

@@ -4,52 +4,103 @@ Two intensity modes, recorded with every prepared dataset and model:
 
 * ``voi`` — the DICOM display pipeline (PS3.3 C.11): stored values with unused high bits
   removed (BitsStored), Modality LUT (RescaleSlope/Intercept or a LUT sequence), VOI LUT or
-  WindowCenter/WindowWidth, MONOCHROME1 inverted so that dense tissue is bright.
+  WindowCenter/WindowWidth, then shown so that dense tissue is bright: MONOCHROME1 or a
+  Presentation LUT Shape of INVERSE is inverted.
 * ``mimic-jpg`` — how MIMIC-CXR-JPG was made from the DICOMs (MIT-LCP/mimic-cxr issue #16):
   raw ``pixel_array`` min-max scaled to 0..255, MONOCHROME1 inverted, then histogram
   equalisation (OpenCV's ``equalizeHist``). No VOI LUT. A model trained on the JPG release
   sees the same images when fed DICOMs in this mode.
+
+Reading is defensive, because a prepared dataset is a batch of hundreds of thousands of files
+from many sources: the header is read and checked first (modality, frames, photometric
+interpretation, declared size, decoder) and only then the pixel data, so that a file that
+declares a huge image — a deflated "decompression bomb", an oversized element, a compressed
+codestream larger than its header says — is refused before it is inflated or decoded. Every
+refusal is a `DicomError` whose message is one line, naming the file and the reason.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.dataset import FileDataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial, read_preamble
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 INTENSITY_MODES = ("voi", "mimic-jpg")
 MAX_SIDE = 16384  # largest accepted Rows/Columns; radiographs are ~3000, this bounds memory
 MAX_PIXELS = 8192 * 8192
+# The dataset before the pixel data, inflated: a radiograph's header is tens of KB.
+MAX_HEADER_BYTES = 16 << 20
+# Room for what may follow the pixel data (padding, signatures, private elements).
+TRAILER_BYTES = 16 << 20
+# Projection radiography: Computed Radiography, Digital X-Ray, and the retired DR.
+RADIOGRAPH_MODALITIES = ("CR", "DX", "DR")
 
-# What to install for each family of compressed transfer syntax (pydicom's plugins).
+# Pixel Data, Float Pixel Data, Double Float Pixel Data: where a header ends.
+_PIXEL_TAGS = {0x7FE00010: "pixel data", 0x7FE00008: "float pixel data"} | {
+    0x7FE00009: "float pixel data"
+}
+_UNDEFINED = 0xFFFFFFFF
+
+# What to install for each family of compressed transfer syntax (pydicom's plugins). The
+# first key found in the transfer syntax's name wins, so JPEG 2000 and JPEG-LS come first.
 _CODEC_HINTS = {
-    "JPEG 2000": "pip install pylibjpeg pylibjpeg-openjpeg  (or: pip install 'fastcxr[codecs]')",
-    "JPEG-LS": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install pyjpegls)",
-    "JPEG": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install 'fastcxr[codecs]')",
+    "JPEG 2000": "pip install 'fastcxr[codecs]' (pylibjpeg + pylibjpeg-openjpeg)",
+    "JPEG-LS": "pip install 'fastcxr[codecs]' (pylibjpeg + pylibjpeg-libjpeg), or pyjpegls",
+    "JPEG": "pip install 'fastcxr[codecs]' (pylibjpeg + pylibjpeg-libjpeg)",
     "RLE": "pip install pylibjpeg pylibjpeg-rle",
 }
+_UNSUPPORTED = re.compile(r"does ?n[o']t support|not supported|unsupported|no .*support", re.I)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 class DicomError(ValueError):
-    """A DICOM file fastcxr cannot turn into a radiograph; the message says why."""
+    """A DICOM file fastcxr cannot turn into a radiograph; the one-line message says why."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(_one_line(str(message)), *args)
 
 
-def read_dicom(path: str | Path, *, mode: str = "voi", size: int | None = None) -> np.ndarray:
-    """Read `path` as a uint8 (H, W) display image, resized to `size` x `size` if given."""
-    ds = _read_dataset(path)
-    try:
-        check_supported(ds, path)
-    except DicomError:
-        raise
-    except Exception as e:  # a header value of the wrong type or form
-        raise DicomError(f"{path}: malformed header ({type(e).__name__}: {e})") from e
-    arr = _decode(ds, path)
+class NotARadiograph(DicomError):
+    """A DICOM file of another modality (CT, MR, US, …) where a projection radiograph is
+    expected; refused from its header alone."""
+
+
+class DicomFileNotFound(DicomError, FileNotFoundError):
+    """No file at the path (also a `FileNotFoundError`, for callers that catch that)."""
+
+
+def read_dicom(
+    path: str | Path,
+    *,
+    mode: str = "voi",
+    size: int | None = None,
+    modalities: tuple[str, ...] | None = None,
+) -> np.ndarray:
+    """Read `path` as a uint8 (H, W) display image, resized to `size` x `size` if given.
+
+    With `modalities` (e.g. `RADIOGRAPH_MODALITIES`) a file whose Modality tag is set to
+    anything else raises `NotARadiograph` before its pixel data is read; a file without a
+    Modality tag is kept.
+    """
     if mode not in INTENSITY_MODES:
         raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
+    ds = _read_dataset(path, modalities)
+    arr = _decode(ds, path)
     try:
         img = to_display(arr, ds, mode)
     except Exception as e:  # e.g. a VOI LUT or window tag that cannot be applied
@@ -57,21 +108,261 @@ def read_dicom(path: str | Path, *, mode: str = "voi", size: int | None = None) 
     return resize_u8(img, size) if size else img
 
 
-def _read_dataset(path: str | Path) -> pydicom.Dataset:
+def read_header(path: str | Path) -> pydicom.FileDataset:
+    """The dataset up to (not including) the pixel data: no pixel data is read or inflated."""
+    with _open(path) as f:
+        return _Reader(f, path).header()
+
+
+def read_modality(path: str | Path) -> str:
+    """The file's Modality tag (upper case, '' when absent), from its header alone."""
+    return _modality(read_header(path))
+
+
+def not_a_radiograph_reason(modality: str, modalities: tuple[str, ...]) -> str:
+    return (
+        f"modality {modality} is not a projection radiograph "
+        f"(--modalities {','.join(modalities)} to change)"
+    )
+
+
+def _modality(ds: pydicom.Dataset) -> str:
+    return str(ds.get("Modality", "") or "").strip().upper()
+
+
+# --- reading: header first, then the pixel data --------------------------------------------
+
+
+def _open(path: str | Path):
     try:
-        return pydicom.dcmread(str(path))
-    except InvalidDicomError as e:
-        raise DicomError(f"{path}: not a DICOM file ({e})") from e
+        return open(path, "rb")
     except FileNotFoundError:
+        raise DicomFileNotFound(f"no such file: {path}") from None
+    except OSError as e:
+        raise DicomError(f"{path}: cannot open ({e.strerror or e})") from e
+
+
+class _Tracked:
+    """A file wrapper that notes a read cut short by the end of the file (a truncated file)."""
+
+    def __init__(self, f, name: str) -> None:
+        self._f, self.name, self.short = f, name, False
+
+    def read(self, n: int | None = -1) -> bytes:
+        b = self._f.read(n)
+        if n is not None and n > 0 and 0 < len(b) < n:
+            self.short = True
+        return b
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Inflated(_Tracked):
+    """A deflated dataset (PS3.5 A.5) as a seekable stream, inflated only as far as it is
+    read and never past `limit` bytes — pydicom itself inflates the whole file at once."""
+
+    def __init__(self, raw, name: str, limit: int) -> None:
+        super().__init__(raw, name)
+        self.limit, self.over, self.cut = limit, False, False
+        self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buf = bytearray()
+        self._pos = 0
+        self._ended = False
+
+    def _fill(self, n: int) -> None:
+        target = min(n, self.limit + 1)
+        while len(self._buf) < target and not self._ended:
+            src = self._z.unconsumed_tail or self._f.read(1 << 16)
+            if not src:  # the compressed input is used up
+                self._buf += self._z.flush()
+                self._ended, self.cut = True, not self._z.eof
+                break
+            self._buf += self._z.decompress(src, max(1, min(target - len(self._buf), 1 << 24)))
+            self._ended = self._z.eof
+        if len(self._buf) > self.limit:
+            self.over = True
+            raise _TooLarge
+
+    def read(self, n: int | None = -1) -> bytes:
+        self._fill(self.limit + 1 if n is None or n < 0 else self._pos + n)
+        end = len(self._buf) if n is None or n < 0 else min(self._pos + n, len(self._buf))
+        with memoryview(self._buf) as view:
+            out = bytes(view[self._pos : end])
+        if n is not None and n > 0 and 0 < len(out) < n:
+            self.short = True
+        self._pos = max(self._pos, end)
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            self._fill(self.limit + 1)
+        base = (0, self._pos, len(self._buf))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _PixelStop:
+    """`stop_when` for pydicom: stop at the top-level pixel data element; remember it."""
+
+    def __init__(self) -> None:
+        self.tag: int | None = None
+        self.length = 0
+
+    def __call__(self, tag, vr, length) -> bool:
+        if int(tag) in _PIXEL_TAGS:
+            self.tag, self.length = int(tag), int(length)
+            return True
+        return False
+
+
+class _Reader:
+    def __init__(self, f, path: str | Path) -> None:
+        self.f, self.path, self.name = f, path, str(path)
+        self.stop = _PixelStop()
+        self.fp: _Tracked | None = None
+        self.deflated = False
+        self.pixel_offset = 0
+
+    def header(self) -> FileDataset:
+        """Read up to the pixel data element and stop there (`self.stop` says which)."""
+        path = self.path
+        try:
+            preamble = read_preamble(self.f, False)
+            file_meta = _read_file_meta_info(self.f)
+            self.deflated = file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            if self.deflated:
+                self.fp = _Inflated(self.f, self.name, MAX_HEADER_BYTES)
+                dataset = read_dataset(self.fp, False, True, stop_when=self.stop)
+                ds = FileDataset(self.name, dataset, preamble, file_meta, False, True)
+                ds.set_original_encoding(False, True, dataset.original_character_set)
+            else:
+                self.f.seek(0)
+                self.fp = _Tracked(self.f, self.name)
+                ds = read_partial(self.fp, stop_when=self.stop)  # type: ignore[arg-type]
+        except InvalidDicomError as e:
+            raise DicomError(f"{path}: not a DICOM file ({e})") from e
+        except _TooLarge:
+            raise DicomError(
+                f"{path}: the deflated header inflates past {MAX_HEADER_BYTES >> 20} MB "
+                "before any pixel data; refused (a decompression bomb, or not a radiograph)"
+            ) from None
+        except Exception as e:  # truncated headers raise a variety of errors inside pydicom
+            if self._cut():
+                raise DicomError(f"{path}: truncated file (it ends inside the header)") from e
+            raise DicomError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from e
+        if self.stop.tag is None and self._cut():
+            raise DicomError(f"{path}: truncated file (it ends inside the header)")
+        self.pixel_offset = self.fp.tell()
+        return ds
+
+    def _cut(self) -> bool:
+        fp = self.fp
+        return fp is not None and (fp.short or getattr(fp, "cut", False))
+
+    def rest(self, ds: FileDataset, expected: int) -> None:
+        """Read the pixel data (and anything after it) into `ds`, at most what a declared
+        image of `expected` bytes can need."""
+        assert self.fp is not None
+        if isinstance(self.fp, _Inflated):  # element header (12 bytes) + pixels + trailer
+            self.fp.limit = self.pixel_offset + 12 + expected + TRAILER_BYTES
+        else:
+            size = os.fstat(self.f.fileno()).st_size
+            if size - self.pixel_offset > 2 * expected + TRAILER_BYTES:
+                raise DicomError(
+                    f"{self.path}: {size - self.pixel_offset} bytes follow the header, far more "
+                    f"than the declared {_geometry(ds)} image needs ({expected} bytes); refused"
+                )
+        self.fp.seek(self.pixel_offset)
+        implicit, little = ds.original_encoding
+        try:
+            rest = read_dataset(
+                self.fp, bool(implicit), bool(little), parent_encoding=ds.original_character_set
+            )
+        except _TooLarge:
+            limit = getattr(self.fp, "limit", 0)
+            raise DicomError(
+                f"{self.path}: the deflated data inflates past {limit} bytes, more than "
+                f"the declared {_geometry(ds)} image needs ({expected} bytes); refused "
+                "(a decompression bomb)"
+            ) from None
+        except Exception as e:
+            if self.fp.short or getattr(self.fp, "cut", False):
+                return  # the pixel data is missing or short; reported by the caller
+            raise DicomError(f"{self.path}: unreadable pixel data ({type(e).__name__}: {e})") from e
+        ds.update(rest)
+
+
+def _read_dataset(path: str | Path, modalities: tuple[str, ...] | None = None) -> FileDataset:
+    with _open(path) as f:
+        reader = _Reader(f, path)
+        ds = reader.header()
+        try:
+            _check_header(ds, path, reader.stop.tag, reader.stop.length, modalities)
+            expected = _expected_bytes(ds)
+        except DicomError:
+            raise
+        except Exception as e:  # a header value of the wrong type or form
+            raise DicomError(f"{path}: malformed header ({type(e).__name__}: {e})") from e
+        reader.rest(ds, expected)
+    try:
+        _check_pixels(ds, path)
+    except DicomError:
         raise
-    except Exception as e:  # truncated headers raise a variety of errors inside pydicom
-        raise DicomError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise DicomError(f"{path}: malformed pixel data ({type(e).__name__}: {e})") from e
+    return ds
 
 
-def check_supported(ds: pydicom.Dataset, path: str | Path = "<dataset>") -> None:
-    """Raise `DicomError` unless `ds` is a single-frame grayscale image we can decode."""
-    if "PixelData" not in ds:
-        kind = "float pixel data" if "FloatPixelData" in ds else "no pixel data"
+def _geometry(ds: pydicom.Dataset) -> str:
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    return f"{rows}x{cols} {int(ds.get('BitsAllocated', 16) or 16)}-bit"
+
+
+def _expected_bytes(ds: pydicom.Dataset) -> int:
+    """Bytes of uncompressed pixel data the header declares (PS3.5 8.1.1)."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    return (rows * cols * frames * spp * bits + 7) // 8
+
+
+def _transfer_syntax(ds: pydicom.Dataset):
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _short_name(ts) -> str:
+    return str(ts.name).split(" (")[0]
+
+
+def _codec_hint(ts) -> str | None:
+    return next((h for k, h in _CODEC_HINTS.items() if k in ts.name), None)
+
+
+def _check_header(
+    ds: pydicom.Dataset,
+    path: str | Path,
+    pixel_tag: int | None,
+    pixel_length: int,
+    modalities: tuple[str, ...] | None = None,
+) -> None:
+    """Everything that can be refused from the header alone, before any pixel data is read."""
+    modality = _modality(ds)
+    if modalities is not None and modality and modality not in {m.upper() for m in modalities}:
+        raise NotARadiograph(f"{path}: {not_a_radiograph_reason(modality, tuple(modalities))}")
+    if pixel_tag != 0x7FE00010:
+        kind = _PIXEL_TAGS.get(pixel_tag or 0, "no pixel data")
         raise DicomError(f"{path}: {kind} (not an image, or a structured report / presentation)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -85,27 +376,157 @@ def check_supported(ds: pydicom.Dataset, path: str | Path = "<dataset>") -> None
         )
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE) or rows * cols > MAX_PIXELS:
-        raise DicomError(f"{path}: implausible image size {rows}x{cols} (limit {MAX_SIDE} a side)")
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise DicomError(
+            f"{path}: implausible image size {rows}x{cols} declared (limit {MAX_SIDE} a side, "
+            f"{MAX_PIXELS} pixels); refused before reading the pixel data"
+        )
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if bits not in (1, 8, 16, 32):
+        raise DicomError(f"{path}: unsupported BitsAllocated {bits} (expected 1, 8, 16 or 32)")
+    expected = _expected_bytes(ds)
+    ts = _transfer_syntax(ds)
     if ts is not None and ts.is_compressed:
         decoder = get_decoder(ts)
         if not decoder.is_available:
-            hint = next((h for k, h in _CODEC_HINTS.items() if k in ts.name), None)
-            hint = hint or "; ".join(decoder.missing_dependencies)
-            raise DicomError(f"{path}: no decoder installed for {ts.name} ({ts}); {hint}")
-    elif ts is not None or "BitsAllocated" in ds:
-        expected = rows * cols * int(ds.get("BitsAllocated", 16)) // 8
+            hint = _codec_hint(ts) or "; ".join(decoder.missing_dependencies)
+            raise DicomError(f"{path}: no decoder installed for {ts.name} ({ts}); try {hint}")
+    elif pixel_length != _UNDEFINED:
+        if pixel_length < expected:
+            raise DicomError(f"{path}: truncated pixel data ({pixel_length} of {expected} bytes)")
+        if pixel_length > expected + TRAILER_BYTES:
+            raise DicomError(
+                f"{path}: the pixel data element declares {pixel_length} bytes; the declared "
+                f"{_geometry(ds)} image needs {expected}; refused"
+            )
+
+
+def _first_frame(ds: pydicom.Dataset) -> bytes | None:
+    try:
+        return next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:
+        return None  # malformed encapsulation: the decoder will say so
+
+
+def _codestream_geometry(frame: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, precision) from a JPEG / JPEG-LS frame header (SOFn) or a
+    JPEG 2000 SIZ marker, without decoding; None when not found."""
+    if frame[:2] == b"\xff\xd8":  # JPEG family: walk the marker segments to the frame header
+        i = 2
+        while i + 4 <= len(frame):
+            if frame[i] != 0xFF:
+                return None
+            m = frame[i + 1]
+            if m == 0xFF:  # fill byte
+                i += 1
+                continue
+            if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+                i += 2
+                continue
+            if (0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC)) or m == 0xF7:  # SOFn, SOF55
+                if i + 10 > len(frame):
+                    return None
+                p, y = frame[i + 4], int.from_bytes(frame[i + 5 : i + 7], "big")
+                x, nf = int.from_bytes(frame[i + 7 : i + 9], "big"), frame[i + 9]
+                return (y, x, nf, p) if y else None  # y = 0: height set later by DNL
+            if m == 0xDA:  # a scan before any frame header
+                return None
+            i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+        return None
+    k = frame.find(b"\xff\x4f\xff\x51", 0, 1 << 16)  # JPEG 2000: SOC then SIZ
+    if k < 0 or k + 43 > len(frame):
+        return None
+    j = k + 2
+
+    def u32(o: int) -> int:
+        return int.from_bytes(frame[j + o : j + o + 4], "big")
+
+    cols, rows = u32(6) - u32(14), u32(10) - u32(18)  # Xsiz - XOsiz, Ysiz - YOsiz
+    comps = int.from_bytes(frame[j + 38 : j + 40], "big")
+    return rows, cols, comps, (frame[j + 40] & 0x7F) + 1
+
+
+def _has_end_marker(frame: bytes) -> bool:
+    """JPEG's EOI and JPEG 2000's EOC are both FFD9, found only as the last marker (allowing
+    for a few padding bytes after it)."""
+    return b"\xff\xd9" in frame[-64:]
+
+
+def _check_pixels(ds: pydicom.Dataset, path: str | Path) -> None:
+    """What needs the pixel data itself: present, long enough, codestream as declared."""
+    ts = _transfer_syntax(ds)
+    encapsulated = ts is not None and ts.is_compressed
+    what = f"{_short_name(ts)} " if encapsulated else ""
+    if "PixelData" not in ds:
+        raise DicomError(f"{path}: truncated file (it ends inside the {what}pixel data)")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if not encapsulated:
+        expected = _expected_bytes(ds)
         if len(ds.PixelData) < expected:
             raise DicomError(
                 f"{path}: truncated pixel data ({len(ds.PixelData)} of {expected} bytes)"
             )
+        return
+    frame = _first_frame(ds)
+    if not frame:
+        return
+    geo = _codestream_geometry(frame)
+    if geo is not None:
+        r, c, n, _ = geo
+        if r > MAX_SIDE or c > MAX_SIDE or r * c * n > rows * cols * int(ds.SamplesPerPixel):
+            raise DicomError(
+                f"{path}: the {_short_name(ts)} codestream declares a {r}x{c} image with {n} "
+                f"component(s), larger than the header's {rows}x{cols}; refused before decoding"
+            )
+    if "JPEG 2000" in ts.name and not _has_end_marker(frame):
+        raise DicomError(
+            f"{path}: truncated JPEG 2000 data (the codestream has no end-of-codestream "
+            f"marker; {len(frame)} bytes)"
+        )
+
+
+def check_supported(ds: pydicom.Dataset, path: str | Path = "<dataset>") -> None:
+    """Raise `DicomError` unless the (fully read) `ds` is a single-frame grayscale image we can
+    decode."""
+    pixel = next((t for t in _PIXEL_TAGS if t in ds), None)
+    length = _UNDEFINED
+    if pixel == 0x7FE00010 and not ds["PixelData"].is_undefined_length:
+        length = len(ds.PixelData)
+    _check_header(ds, path, pixel, length)
+    _check_pixels(ds, path)
+
+
+def _decoder_failure(ds: pydicom.Dataset, path: str | Path, e: Exception) -> DicomError:
+    """One line for pydicom's per-plugin decode failures (a multi-line message)."""
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    ts = _transfer_syntax(ds)
+    if not (ts is not None and ts.is_compressed):
+        return DicomError(f"{path}: cannot decode pixel data ({type(e).__name__}: {text})")
+    tried = lines[1:] if len(lines) > 1 and "plugins" in lines[0] else lines
+    summary = "; ".join(tried)[:300] or type(e).__name__
+    frame = _first_frame(ds)
+    geo = _codestream_geometry(frame) if frame else None
+    bits = geo[3] if geo else int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    name = f"{bits}-bit {_short_name(ts)} ({ts})"
+    if tried and all(_UNSUPPORTED.search(t) for t in tried):
+        hint = _codec_hint(ts) or "pip install 'fastcxr[codecs]'"
+        return DicomError(
+            f"{path}: {name}: no installed decoder supports it (tried {summary}); try {hint}"
+        )
+    if frame and not _has_end_marker(frame):
+        return DicomError(f"{path}: truncated {name} data: the codestream has no end marker")
+    return DicomError(f"{path}: cannot decode {name} pixel data ({summary})")
 
 
 def _decode(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as e:
-        raise DicomError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from e
+        try:
+            err = _decoder_failure(ds, path, e)
+        except Exception:
+            err = DicomError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})")
+        raise err from e
     if arr.ndim != 2:
         raise DicomError(f"{path}: expected a 2-D image, decoded shape {arr.shape}")
     try:
@@ -131,24 +552,7 @@ def stored_values(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return v.astype(np.int32)
 
 
-def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
-    """The value range pydicom's `apply_voi_lut` maps onto, or None when it does nothing."""
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        desc = ds.VOILUTSequence[0].LUTDescriptor
-        return 0.0, float(2 ** int(desc[2]) - 1)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        # pydicom's apply_windowing rescales onto the stored range, passed through the rescale.
-        bits = int(ds.get("BitsStored", 16))
-        lo, hi = (
-            (0, 2**bits - 1)
-            if int(ds.get("PixelRepresentation", 0)) == 0
-            else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        )
-        slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-        if slope is not None and icpt is not None:
-            lo, hi = lo * float(slope) + float(icpt), hi * float(slope) + float(icpt)
-        return float(lo), float(hi)
-    return None
+# --- display ------------------------------------------------------------------------------
 
 
 def to_display(arr: np.ndarray, ds: pydicom.Dataset, mode: str = "voi") -> np.ndarray:
@@ -179,18 +583,62 @@ def _mimic_scale(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return img
 
 
+def _first_number(value) -> float | None:
+    """A DS/IS value, or the first of several (VM > 1); None when empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple, MultiValue)):
+        return float(value[0]) if len(value) else None
+    return float(value)
+
+
+def window01(values: np.ndarray, center: float, width: float, function: str = "LINEAR"):
+    """The VOI window (PS3.3 C.11.2.1.2) onto 0..1, whatever range the Modality LUT output
+    spans: LINEAR (C.11.2.1.2.1), LINEAR_EXACT (C.11.2.1.3.2) or SIGMOID (C.11.2.1.3.1)."""
+    x = np.asarray(values, np.float64)
+    if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"Window Width {width} must be > 0 for SIGMOID")
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"Window Width {width} must be > 0 for LINEAR_EXACT")
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    if function != "LINEAR":
+        raise ValueError(f"unknown VOI LUT Function {function!r}")
+    if width < 1:
+        raise ValueError(f"Window Width {width} must be >= 1 for LINEAR")
+    if width == 1:
+        return (x > center - 0.5).astype(np.float64)
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _inverted(ds: pydicom.Dataset) -> bool:
+    """Whether low values are shown bright. MONOCHROME1 says so, and so does a Presentation
+    LUT Shape of INVERSE; the standard pairs the two (PS3.3 C.7.6.1.1 / C.8.11.7: INVERSE
+    "shall be used if Photometric Interpretation is MONOCHROME1"), so together they are one
+    inversion, not two."""
+    mono1 = str(ds.PhotometricInterpretation).strip() == "MONOCHROME1"
+    inverse = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+    return mono1 or inverse
+
+
 def display_voi(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    """Stored values → uint8 via Modality LUT, VOI LUT/window and MONOCHROME1 inversion."""
+    """Stored values → uint8 via Modality LUT, VOI LUT/window and inversion (MONOCHROME1 or
+    Presentation LUT Shape INVERSE)."""
     values = apply_modality_lut(arr, ds)
-    out_range = _voi_output_range(ds)
-    if out_range is not None:
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        lo, hi = out_range
+    center = _first_number(ds.get("WindowCenter"))
+    width = _first_number(ds.get("WindowWidth"))
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        img = _scale01(apply_voi_lut(values, ds, index=0, prefer_lut=True), 0.0, 2.0**bits - 1)
+    elif center is not None and width is not None:
+        function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+        img = window01(values, center, width, function).astype(np.float32)
     else:  # no VOI information: the full range of this image
-        lo, hi = float(values.min()), float(values.max())
-    img = _scale01(values, lo, hi)
-    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
-        img = 1.0 - img  # MONOCHROME1: low values are bright; flip so dense tissue is bright
+        img = _scale01(values, float(values.min()), float(values.max()))
+    if _inverted(ds):
+        img = 1.0 - img  # low values are bright; flip so that dense tissue is bright
     return np.rint(img * 255).astype(np.uint8)
 
 

@@ -5,17 +5,29 @@ study_id, 14 findings); images are joined to them through `-metadata.csv.gz` (di
 subject_id, study_id, ViewPosition, …) and `-split.csv.gz` (dicom_id, …, split ∈
 train/validate/test). The official split is kept ("validate" becomes "valid"). Which release
 is on disk (files/…/*.dcm or *.jpg) is detected.
+
+Each DICOM's Modality is read from its header (no pixel data) into the manifest's `modality`
+column, and by default only projection radiographs (CR, DX, DR) are kept: a CT, MR or
+ultrasound file that found its way into the tree goes to failures.csv with the reason. A file
+without a Modality tag, a file that is not there (yet), and the JPG release keep a blank
+modality and are not filtered.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
+from fastcxr.dicom import RADIOGRAPH_MODALITIES, DicomError, not_a_radiograph_reason, read_modality
 from fastcxr.findings import CHEXPERT_FINDINGS
-from fastcxr.prepare.common import PrepareReport, finish, read_label_file
+from fastcxr.prepare.common import PrepareReport, finish, parse_shard, read_label_file
+from fastcxr.runs import write_atomic, write_csv
 
 FRONTAL_VIEWS = ("PA", "AP")
 LABELERS = ("chexpert", "negbio")
@@ -80,6 +92,43 @@ def mimic_table(
     return out.sort_values(["patient_id", "study_id", "image"]).reset_index(drop=True)
 
 
+def _modality_or_blank(path: str) -> str:
+    try:
+        return read_modality(path)
+    except (DicomError, OSError, ValueError):
+        return ""  # missing or unreadable: the conversion reports it
+
+
+def read_modalities(paths: Sequence[Path], workers: int | None = None) -> list[str]:
+    """Each DICOM's Modality tag from its header alone ('' when absent or unreadable)."""
+    jobs = [str(p) for p in paths]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) < 64:
+        return [_modality_or_blank(p) for p in jobs]
+    with ProcessPoolExecutor(workers) as ex:
+        return list(ex.map(_modality_or_blank, jobs, chunksize=64))
+
+
+def _record_skipped(
+    out: Path, report: PrepareReport, skipped: pd.DataFrame, shard: str | None
+) -> PrepareReport:
+    """Add the modality-skipped files to the failures.csv that `finish` wrote (and to the
+    counts in the report and prepare.json)."""
+    sh = parse_shard(shard)
+    path = out / ("failures.csv" if sh is None else f"failures.shard-{sh[0]}-of-{sh[1]}.csv")
+    failures = pd.read_csv(path, dtype=str) if path.exists() else pd.DataFrame()
+    failures = pd.concat([failures, skipped], ignore_index=True)[["file", "reason"]]
+    write_csv(path, failures)
+    report = dataclasses.replace(report, failures=len(failures))
+    info_path = out / "prepare.json"
+    if sh is None and info_path.exists():
+        info = json.loads(info_path.read_text())
+        info["failures"] = report.failures
+        text = json.dumps(info, indent=2)
+        write_atomic(info_path, lambda t: t.write_text(text))
+    return report
+
+
 def prepare_mimic(
     root: str | Path,
     out: str | Path,
@@ -92,17 +141,49 @@ def prepare_mimic(
     shard: str | None = None,
     manifest_only: bool = False,
     list_files: str | Path | None = None,
+    modalities: tuple[str, ...] | None = RADIOGRAPH_MODALITIES,
 ) -> PrepareReport:
     """Write `out/manifest.csv`, `out/images/*.png` and `out/failures.csv` from a download.
 
     `list_files` writes the image files this subset needs (paths relative to the dataset
     root), so only those are downloaded instead of the whole 4.7 TB bucket.
+
+    `modalities`: the DICOM Modality values to keep (None keeps every file); a DICOM of
+    another modality is left out of the manifest and listed in failures.csv. The Modality of
+    each DICOM on disk is read from its header (also with `manifest_only` or `shard`, so that
+    every run agrees on the table) and recorded in the manifest's `modality` column.
     """
     root, out = Path(root).resolve(), Path(out)
     table = mimic_table(root, views, labels)
     if list_files:
         Path(list_files).write_text("\n".join(table["source"]) + "\n")
-    return finish(
+    modality = pd.Series("", index=table.index, dtype=object)
+    dicom = table["source"].str.lower().str.endswith(".dcm")
+    if dicom.any():
+        on_disk = {i: root / s for i, s in table.loc[dicom, "source"].items()}
+        on_disk = {i: p for i, p in on_disk.items() if p.exists()}
+        modality[list(on_disk)] = read_modalities(list(on_disk.values()), workers)
+    table.insert(table.columns.get_loc("view") + 1, "modality", modality)
+    skip = pd.Series(False, index=table.index)
+    if modalities is not None:
+        keep = {m.strip().upper() for m in modalities}
+        skip = (table["modality"] != "") & ~table["modality"].isin(keep)
+    kept = tuple(modalities or ())
+    skipped = pd.DataFrame({
+        "file": [str(root / s) for s in table.loc[skip, "source"]],
+        "reason": [not_a_radiograph_reason(m, kept) for m in table.loc[skip, "modality"]],
+    })  # fmt: skip
+    sh = parse_shard(shard)
+    if sh is not None:  # each shard lists the skipped files of its own slice of the table
+        skipped = skipped[[i % sh[1] == sh[0] for i in range(len(table)) if skip.iloc[i]]]
+    if skip.all():
+        found = ", ".join(sorted(set(table["modality"])))
+        raise ValueError(
+            f"{root}: every image was skipped by --modalities {','.join(kept)} "
+            f"(found: {found}); pass --modalities to keep them"
+        )
+    table = table[~skip].reset_index(drop=True)
+    report = finish(
         table,
         root,
         out,
@@ -113,5 +194,10 @@ def prepare_mimic(
         shard,
         manifest_only,
         progress,
-        extra={"dataset": "mimic-cxr", "labels": labels},
+        extra={
+            "dataset": "mimic-cxr",
+            "labels": labels,
+            "modalities": list(modalities) if modalities is not None else None,
+        },
     )
+    return _record_skipped(out, report, skipped, shard) if len(skipped) else report
