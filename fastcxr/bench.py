@@ -15,8 +15,12 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from fastcxr.formulations import powerset_bits
-from fastcxr.prepare.cache import _convert_one
+from fastcxr.prepare.cache import _convert_one, map_stoppable
 from fastcxr.prepare.synthetic import _encode, render_frontal
+from fastcxr.stopping import Interrupted, check
+
+# Every measurement loop checks `fastcxr.stopping.STOP` (set by the CLI on SIGTERM/SIGINT)
+# between steps and raises `Interrupted`: a stopped benchmark records nothing.
 
 MIMIC_IMAGES = 377_110  # DICOMs in MIMIC-CXR v2.0.0
 
@@ -25,6 +29,7 @@ def write_mimic_sized(folder: Path, n: int, rows: int = 3050, cols: int = 2539) 
     """`n` radiograph-like 12-bit DICOMs of MIMIC-CXR's typical size."""
     paths = []
     for i in range(n):
+        check("bench-prepare (writing its DICOMs)")
         rng = np.random.default_rng(i)
         small = render_frontal(rng, rows // 8, cols // 8, 0.5, (0.4, 0.0))
         big = np.asarray(Image.fromarray(small).resize((cols, rows), Image.Resampling.BILINEAR))
@@ -73,6 +78,7 @@ def bench_prepare(
                     o.unlink(missing_ok=True)
                 t0 = time.perf_counter()
                 for s, o in zip(srcs, outs):
+                    check("bench-prepare")
                     fn(s, o)
                 best = min(best, time.perf_counter() - t0)
             return n / best
@@ -97,8 +103,6 @@ BENCH_STAGES = "head,conv5_block3=conv5_block-1,conv5,conv4_last3=conv4_block-3,
 def write_bench_cache(folder: Path, n: int, size: int, workers: int | None = None) -> Path:
     """`n` synthetic radiographs as a `size` x `size` 8-bit PNG cache + manifest (reused when
     one with the same n and size is complete). Returns the manifest path."""
-    from concurrent.futures import ProcessPoolExecutor
-
     import pandas as pd
 
     from fastcxr.runs import write_csv
@@ -112,8 +116,18 @@ def write_bench_cache(folder: Path, n: int, size: int, workers: int | None = Non
     rng = np.random.default_rng(0)
     edema, effusion = rng.random(n) < 0.5, rng.random(n) < 0.5
     jobs = [(folder, i, size, bool(edema[i]), bool(effusion[i])) for i in range(n)]
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as ex:
-        list(ex.map(_bench_image, jobs, chunksize=8))
+    done = [0]
+
+    def count(i: int, result) -> None:
+        done[0] += 1
+
+    def stopped() -> Interrupted:
+        return Interrupted(
+            f"stopped by request while writing the bench cache ({done[0]} of {n} images "
+            f"written to {folder}); nothing was measured"
+        )
+
+    map_stoppable(_bench_image, jobs, workers or os.cpu_count() or 1, count, stopped)
     split = np.where(
         np.arange(n) % 10 == 8, "valid", np.where(np.arange(n) % 10 == 9, "test", "train")
     )
@@ -144,20 +158,23 @@ def _bench_image(job) -> None:
 
 class Throughput(Callback):
     """Times `steps` training batches after `warmup` ones (across epochs if needed), skipping
-    validation; the fit is cancelled once they are done."""
+    validation; the fit is cancelled once they are done, and stopped (`Interrupted`) between
+    batches when a stop is requested."""
 
     order = 100
 
-    def __init__(self, warmup: int, steps: int, sync):
-        self.warmup, self.steps, self.sync = warmup, steps, sync
+    def __init__(self, warmup: int, steps: int, sync, what: str = "bench"):
+        self.warmup, self.steps, self.sync, self.what = warmup, steps, sync, what
         self.seen, self.images, self.t0, self.seconds = 0, 0, None, None
 
     def before_batch(self):
+        check(self.what)
         if self.seen == self.warmup:
             self.sync()
             self.t0 = time.perf_counter()
 
     def after_batch(self):
+        check(self.what)
         self.seen += 1
         if self.seen > self.warmup:
             self.images += int(self.xb[0].shape[0])
@@ -241,8 +258,10 @@ def _limit(cfg, speed, form, net, stages, warmup, steps, device) -> list[dict]:
         model.train()
         if cfg.freeze_style == "keras":
             frozen_bn_eval(model)
+        what = f"bench (model-only limit, stage {st.name}, {cfg.freeze_style} freezing)"
         compiling = 0.0
         for _ in range(max(warmup, 1)):  # steps that compiled graphs count as compile time
+            check(what)
             sync()
             t0, graphs = time.perf_counter(), compiled_graphs()
             step()
@@ -251,6 +270,7 @@ def _limit(cfg, speed, form, net, stages, warmup, steps, device) -> list[dict]:
                 compiling += time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(steps):
+            check(what)
             step()
         sync()
         rows.append({"img_s": steps * bs / (time.perf_counter() - t0), "compile_s": compiling})
@@ -274,7 +294,8 @@ def _fastcxr(ds, cfg, speed, form, net, stages, warmup, steps, device) -> tuple[
     rows = []
     for st in stages:
         unfrozen = apply_stage(learn, st)
-        tp = Throughput(warmup, steps, sync)
+        what = f"bench (fastcxr, stage {st.name}, {cfg.freeze_style} freezing)"
+        tp = Throughput(warmup, steps, sync, what)
         cbs = [tp] + ([FrozenBNEval()] if cfg.freeze_style == "keras" else [])
         before = learn.accelerated.compile_seconds
         lrs = stage_lrs(learn, len(unfrozen), st.lr, cfg.lr_ratio)
@@ -283,8 +304,10 @@ def _fastcxr(ds, cfg, speed, form, net, stages, warmup, steps, device) -> tuple[
             "img_s": tp.images / tp.seconds,
             "compile_s": learn.accelerated.compile_seconds - before,
         })  # fmt: skip
+    check("bench (evaluation)")
     learn.get_preds(dl=nd.dls.valid)  # warm the evaluation path (and its compiled graph)
     sync()
+    check("bench (evaluation)")
     t0 = time.perf_counter()
     learn.get_preds(dl=nd.dls.valid)
     sync()
@@ -338,7 +361,7 @@ def _defaults(ds, cfg, form, net, stages, warmup, steps, device) -> list[dict]:
     rows = []
     for st in stages:
         unfrozen = apply_stage(learn, st)
-        tp = Throughput(warmup, steps, sync)
+        tp = Throughput(warmup, steps, sync, f"bench (fastai defaults, stage {st.name})")
         learn.fit(10_000, lr=stage_lrs(learn, len(unfrozen), st.lr, cfg.lr_ratio), cbs=[tp])
         rows.append({"img_s": tp.images / tp.seconds})
     return rows

@@ -21,6 +21,7 @@ from fastcxr.formulations import powerset_bits
 from fastcxr.models import build_model, load_state_dict
 from fastcxr.preprocessing import Preprocessing
 from fastcxr.runs import RunError, is_complete
+from fastcxr.stopping import check
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 
@@ -117,11 +118,17 @@ class Predictor:
 
     def load_image(self, path: Path) -> np.ndarray:
         """A file as the uint8 size x size array the network was trained on: the run's own
-        preprocessing (the cache's intensity mode and size, then the run's size)."""
+        preprocessing (the cache's intensity mode and size, then the run's size). A file
+        that cannot be read (or declares an implausible size) raises `DicomError` or
+        `ImageError`, both ValueErrors naming the file."""
+        from fastcxr.prepare.cache import ImageError
+
         try:
             return self.preprocessing.image(Path(path))
-        except DicomError:
+        except (DicomError, ImageError):
             raise
+        except MemoryError:
+            raise DicomError(f"{path}: out of memory reading the image") from None
         except (OSError, ValueError) as e:
             raise DicomError(f"{path}: cannot read image ({e})") from e
 
@@ -189,6 +196,7 @@ def predict(
             names.clear()
 
     for i, f in enumerate(files, 1):
+        check(f"predict ({i - 1} of {len(files)} images done; nothing was written)")
         try:
             batch.append(pred.load_image(f))
             names.append(f)

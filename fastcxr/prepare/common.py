@@ -3,6 +3,7 @@ image table into manifest.csv + cache + failures.csv."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -12,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from fastcxr.manifest import validate_manifest
-from fastcxr.prepare.cache import build_cache
-from fastcxr.runs import write_csv
+from fastcxr.prepare.cache import CacheWriteError, build_cache, check_size, describe_write_error
+from fastcxr.runs import write_atomic, write_csv
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,10 @@ def finish(
 
     With `shard` only every N-th image (offset I) is converted and no manifest is written: run
     once more without it to verify the shards' work and write the manifest. With
-    `manifest_only` nothing is converted.
+    `manifest_only` nothing is converted. A `size` outside [8, 4096] is refused before anything
+    is read or written; a full or read-only disk stops with a one-line `CacheWriteError`.
     """
+    size = check_size(size)
     if table.empty:
         raise ValueError(f"{root}: no images left after reading the label files (views={views})")
     validate_manifest(table, out / "manifest.csv")
@@ -109,14 +112,14 @@ def finish(
         )
         converted, skipped, failures = res.converted, res.skipped, res.failures
     suffix = "" if sh is None else f".shard-{sh[0]}-of-{sh[1]}"
-    write_csv(out / f"failures{suffix}.csv", failures)
+    _write(out / f"failures{suffix}.csv", lambda p: write_csv(p, failures))
     failed = set(failures["file"])
     manifest = table[[str(root / s) not in failed for s in table["source"]]]
     manifest = manifest.reset_index(drop=True)
     path = None
     if sh is None:
         path = out / "manifest.csv"
-        write_csv(path, manifest)
+        _write(path, lambda p: write_csv(p, manifest))
     report = PrepareReport(
         manifest=str(path) if path else None, images=len(manifest), converted=converted,
         skipped=skipped, failures=len(failures), size=size, intensity=intensity,
@@ -125,5 +128,17 @@ def finish(
     )  # fmt: skip
     if sh is None:
         info = {**asdict(report), "root": str(root), **(extra or {})}
-        (out / "prepare.json").write_text(json.dumps(info, indent=2))
+        text = json.dumps(info, indent=2)
+        _write(out / "prepare.json", lambda p: write_atomic(p, lambda t: t.write_text(text)))
     return report
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(path)` (an atomic writer); a full or read-only disk becomes `CacheWriteError`,
+    with the writer's partial `.NAME.part` file removed."""
+    try:
+        write(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.with_name(f".{path.name}.part").unlink(missing_ok=True)
+        raise CacheWriteError(describe_write_error(e, path.parent)) from None
