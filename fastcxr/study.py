@@ -278,11 +278,15 @@ def train_formulation(
         return _train(data, df, form, cfg, stages, run_dir, log, resume)
 
 
+def _comparable(train: dict) -> dict:
+    """The training settings two runs must share: all but the worker count (which changes no
+    number) and the stage lists (compared as the schedule actually run)."""
+    return {k: v for k, v in train.items() if k not in ("workers", "stages", "ablation_stages")}
+
+
 def _resume_key(data: Dataset, form: Formulation, cfg: TrainConfig, stages) -> dict:
     """What a resumed run must share with the run it continues (the worker count is free)."""
-    train = {
-        k: v for k, v in cfg.to_dict().items() if k not in ("workers", "stages", "ablation_stages")
-    }
+    train = _comparable(cfg.to_dict())
     return {"formulation": form.name, "train": train, "stages": [s.__dict__ for s in stages],
             "data_sha256": file_sha256(data.manifest)}  # fmt: skip
 
@@ -291,8 +295,7 @@ def check_recorded(run_dir: Path, data: Dataset, form: Formulation, cfg: TrainCo
     """A complete run read back instead of trained must be the run asked for: same
     formulation, configuration, schedule and data; else the differences are listed."""
     rec = json.loads((run_dir / "config.json").read_text())
-    train = {k: v for k, v in rec.get("train", {}).items()
-             if k not in ("workers", "stages", "ablation_stages")}  # fmt: skip
+    train = _comparable(rec.get("train", {}))
     saved = {
         "formulation": rec.get("formulation"),
         "train": train,
