@@ -230,10 +230,10 @@ def _config(preset: str, **overrides):
         overrides["weights"] = str(overrides["weights"])
     if "target" in overrides:
         overrides["threshold_target"] = overrides.pop("target")
-    if findings:
+    if findings is not None:
         overrides["findings"] = canonical_findings(findings.split(","))
     cfg = cfg.replace(**overrides)
-    if stages:
+    if stages is not None:
         cfg = cfg.replace(
             stages=parse_stages(stages, epochs, lr),
             ablation_stages=parse_stages(stages, epochs, lr),
@@ -372,6 +372,11 @@ def _check_resume(resume: bool, name: str | None) -> bool:
 
 
 def _run_name(name: str | None, command: str, preset: str) -> str:
+    """--name, a plain folder name inside --runs (never a path: --overwrite deletes it)."""
+    if name is not None and (
+        not name.strip() or name != Path(name).name or name in (".", "..") or name.startswith(".")
+    ):
+        raise ValueError(f"--name must be a plain folder name inside --runs, not {name!r}")
     return name or f"{command}-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 

@@ -150,7 +150,10 @@ def parse_stages(
             )
         )
     if not out:
-        raise ValueError("empty stage list")
+        raise ValueError("--stages is empty")
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--stages repeats a stage name: {text!r} (give each NAME=SPEC)")
     return tuple(out)
 
 

@@ -68,8 +68,8 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
     if shared:
         shown = ", ".join(shared[:5]) + (" …" if len(shared) > 5 else "")
         raise ManifestError(
-            f"{source}: {len(shared)} image file(s) appear in more than one split "
-            f"(data leakage): {shown}"
+            f"{source}: {len(shared)} image file(s) are listed more than once (in two splits "
+            f"that is data leakage; in one, the image counts twice): {shown}"
         )
     for i, p in enumerate(df["image"].astype(str)):
         q = Path(p)
@@ -89,9 +89,10 @@ def blank_patient_rows(df: pd.DataFrame) -> list[int]:
 
 
 def images_in_several_splits(df: pd.DataFrame) -> list[str]:
-    """Image files (normalised paths) listed under more than one split."""
+    """Image files (normalised paths) listed more than once: in two splits (leakage) or
+    twice in one (counted twice)."""
     key = df["image"].astype(str).map(lambda p: Path(p).as_posix())
-    n = df.groupby(key)["split"].nunique()
+    n = key.value_counts()
     return sorted(n[n > 1].index)
 
 

@@ -48,7 +48,13 @@ from fastcxr.formulations import (
 from fastcxr.manifest import file_sha256, read_manifest
 from fastcxr.metrics import all_metrics
 from fastcxr.metrics import thresholds as thresholds_for
-from fastcxr.models import TorchvisionArch, block_splitter, build_model
+from fastcxr.models import (
+    TorchvisionArch,
+    block_splitter,
+    build_model,
+    group_names,
+    resolve_unfreeze,
+)
 from fastcxr.preprocessing import Preprocessing
 from fastcxr.runs import (
     RunError,
@@ -262,6 +268,7 @@ def train_formulation(
     df = apply_policy(data.df, cfg, cfg.findings)
     require_thresholds(df, cfg.findings)
     check_files(df, data.root)
+    check_schedule(cfg, stages)
     with main_lock(run_dir):
         prior = claim(run_dir, resume, overwrite) if is_main() else None
         barrier()
@@ -276,6 +283,19 @@ def train_formulation(
             same_config(run_dir / "checkpoints" / "run.json",
                         _resume_key(data, form, cfg, stages), str(run_dir))  # fmt: skip
         return _train(data, df, form, cfg, stages, run_dir, log, resume)
+
+
+def check_schedule(cfg: TrainConfig, stages) -> None:
+    """Architecture, loader, precision and every stage's unfreeze spec checked before any
+    folder is written (the model is built on the meta device: no memory, no weights)."""
+    resolve_speed(cfg, default_device())
+    with torch.device("meta"):
+        names = group_names(build_model(cfg.arch, 1))
+    for st in stages:
+        try:
+            resolve_unfreeze(st.unfreeze, names)
+        except ValueError as e:
+            raise ValueError(f"--stages: stage {st.name}: {e}") from None
 
 
 def _comparable(train: dict) -> dict:

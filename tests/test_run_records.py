@@ -103,7 +103,15 @@ def test_the_same_image_in_two_splits_is_leakage(prepared, tmp_path):
     train_img = df.loc[df["split"] == "train", "image"].iloc[0]
     df.loc[test_row, "image"] = "./" + train_img  # the same file, spelled differently
     df.to_csv(tmp_path / "manifest.csv", index=False)
-    with pytest.raises(ManifestError, match="more than one split"):
+    with pytest.raises(ManifestError, match="listed more than once"):
+        read_manifest(tmp_path / "manifest.csv")
+
+
+def test_the_same_image_twice_in_one_split(prepared, tmp_path):
+    df = pd.read_csv(prepared / "manifest.csv", dtype=str)
+    df = pd.concat([df, df[df["split"] == "train"].iloc[:1]], ignore_index=True)
+    df.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match="listed more than once"):
         read_manifest(tmp_path / "manifest.csv")
 
 
@@ -136,11 +144,24 @@ def test_a_missing_image_is_found_before_training(prepared, tmp_path):
         (["--batch-size", "-4"], ["--batch-size"]),
         (["--workers", "-1"], ["--workers"]),
         (["--size", "0"], ["--size"]),
+        (["--precision", "bogus"], ["precision 'bogus'"]),
+        (["--loader", "bogus"], ["loader 'bogus'"]),
+        (["--arch", "bogus"], ["architecture 'bogus'"]),
+        (["--stages", "bogus"], ["stage bogus", "matches no group"]),
+        (["--stages", ""], ["--stages is empty"]),
+        (["--stages", "all,all"], ["repeats a stage name"]),
+        (["--findings", ""], ["unknown finding ''"]),
     ],
 )
 def test_nonsense_options_are_one_line_errors(prepared, tmp_path, option, words):
     _one_line_error(_train(prepared, tmp_path, "x", *option), *words)
-    assert not (tmp_path / "x" / "record.json").exists()
+    assert not (tmp_path / "x").exists()  # nothing written that would block the name
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", ""])
+def test_a_run_name_is_a_folder_inside_runs(prepared, tmp_path, name):
+    _one_line_error(_train(prepared, tmp_path / "runs", name), "--name must be a plain folder")
+    assert not (tmp_path / "escape").exists()
 
 
 def test_resume_with_another_config_is_refused(prepared, tmp_path):
