@@ -44,7 +44,7 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
         raise ManifestError(f"{source}: missing column(s) {missing}; has {list(df.columns)}")
     blank = blank_patient_rows(df)
     if blank:
-        shown = ", ".join(map(str, blank[:10])) + (" …" if len(blank) > 10 else "")
+        shown = _shown(blank, 10)
         raise ManifestError(
             f"{source}: {len(blank)} row(s) have a blank patient_id (rows {shown}); every image "
             "needs its patient, or the leakage check and the patient-level statistics cannot "
@@ -55,18 +55,18 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
         raise ManifestError(f"{source}: unknown split value(s) {bad}; expected {SPLITS}")
     leaks = patients_in_several_splits(df)
     if leaks:
-        shown = ", ".join(leaks[:10]) + (" …" if len(leaks) > 10 else "")
+        shown = _shown(leaks, 10)
         raise ManifestError(
             f"{source}: {len(leaks)} patient(s) appear in more than one split "
             f"(data leakage): {shown}"
         )
     empty = [i + 2 for i, v in enumerate(df["image"]) if not isinstance(v, str) or not v.strip()]
     if empty:
-        shown = ", ".join(map(str, empty[:10])) + (" …" if len(empty) > 10 else "")
+        shown = _shown(empty, 10)
         raise ManifestError(f"{source}: {len(empty)} row(s) have a blank 'image' (rows {shown})")
     shared = images_in_several_splits(df)
     if shared:
-        shown = ", ".join(shared[:5]) + (" …" if len(shared) > 5 else "")
+        shown = _shown(shared, 5)
         raise ManifestError(
             f"{source}: {len(shared)} image file(s) are listed more than once (in two splits "
             f"that is data leakage; in one, the image counts twice): {shown}"
@@ -78,6 +78,11 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
                 f"{source}: row {i + 2}, column 'image': path {p!r} leaves the "
                 "dataset folder (absolute or '..')"
             )
+
+
+def _shown(items: list, k: int) -> str:
+    """The first `k` items for a message, with an ellipsis when there are more."""
+    return ", ".join(map(str, items[:k])) + (" …" if len(items) > k else "")
 
 
 def blank_patient_rows(df: pd.DataFrame) -> list[int]:

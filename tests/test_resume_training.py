@@ -3,12 +3,10 @@
 import json
 import signal
 import subprocess
-import time
 
 import pandas as pd
 import pytest
-import torch
-from tiny import TINY_TRAIN, fastcxr
+from tiny import TINY_TRAIN, epochs_done, fastcxr, wait_for
 
 ARGS = [
     *TINY_TRAIN,
@@ -19,30 +17,12 @@ ARGS = [
 ]
 
 
-def _epochs_done(ckpt):
-    try:
-        return len(torch.load(ckpt, weights_only=True)["history"])
-    except Exception:  # not written yet
-        return 0
-
-
 def _start(prepared, runs, name, stages, epochs, *extra):
     cmd = fastcxr(
         "train", "--data", prepared, *ARGS, "--stages", stages, "--epochs", epochs,
         "--runs", runs, "--name", name, *extra,
     )  # fmt: skip
     return cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(ckpt, n, proc, timeout=240):
-    """Polls until at least `n` epochs are checkpointed."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if _epochs_done(ckpt) >= n:
-            return
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    raise AssertionError(f"fewer than {n} epochs checkpointed after {timeout} s")
 
 
 def _check_history(run, stages, epochs):
@@ -59,10 +39,10 @@ def test_sigkill_then_resume(prepared, tmp_path, loader):
     run = tmp_path / "k"
     ckpt = run / "checkpoints" / "edema+pleural_effusion.pt"
     cmd, proc = _start(prepared, tmp_path, "k", "head,all", 5, "--loader", loader)
-    _wait_for(ckpt, 6, proc)  # inside the second stage
+    wait_for(ckpt, 6, proc)  # inside the second stage
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = _epochs_done(ckpt)  # what the killed run left behind
+    done = epochs_done(ckpt)  # what the killed run left behind
     assert 6 <= done < 10 and not (run / "record.json").exists()
     res = subprocess.run([*cmd, "--resume", "--json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -78,12 +58,12 @@ def test_sigterm_stops_cleanly_then_resumes(prepared, tmp_path):
     run = tmp_path / "t"
     ckpt = run / "checkpoints" / "edema+pleural_effusion.pt"
     cmd, proc = _start(prepared, tmp_path, "t", "all", 5)
-    _wait_for(ckpt, 1, proc)
+    wait_for(ckpt, 1, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "--resume" in err
-    done = _epochs_done(ckpt)
+    done = epochs_done(ckpt)
     assert 1 <= done < 5
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny import TINY_TRAIN, fastcxr
+from tiny import TINY_TRAIN, fastcxr, wait_for
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
@@ -170,7 +169,7 @@ def test_resume_with_another_config_is_refused(prepared, tmp_path):
     cmd = fastcxr("train", "--data", prepared, *TINY_TRAIN, "--epochs", "3", "--stages", "all",
                   "--patience", "5", "--runs", tmp_path, "--name", "r")  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(run / "checkpoints" / "edema+pleural_effusion.pt", 1, proc)
+    wait_for(run / "checkpoints" / "edema+pleural_effusion.pt", 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     for change in (["--seed", "1"], ["--lr", "0.01"], ["--formulation", "multiclass"]):
@@ -185,23 +184,6 @@ def test_resume_with_another_config_is_refused(prepared, tmp_path):
 # -- resume is invisible ------------------------------------------------------------------------
 RESUME = [*TINY_TRAIN, "--patience", "10", "--formulation", "multilabel", "--stages", "head,all",
           "--epochs", "2"]  # fmt: skip
-
-
-def _epochs_done(ckpt) -> int:
-    try:
-        return len(torch.load(ckpt, weights_only=True)["history"])
-    except Exception:  # not written yet, or being written
-        return 0
-
-
-def _wait_for(ckpt, n, proc, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if _epochs_done(ckpt) >= n:
-            return
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.01)
-    raise AssertionError(f"fewer than {n} epochs checkpointed after {timeout} s")
 
 
 def _record(run):
@@ -234,7 +216,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(
     for i, k in enumerate(kills):
         proc = subprocess.Popen([*base, *(["--resume"] if i else [])], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
-        _wait_for(ckpt, k, proc)
+        wait_for(ckpt, k, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (tmp_path / "k" / "record.json").exists()
@@ -249,7 +231,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(
 def test_resume_after_sigterm_equals_the_uninterrupted_run(prepared, tmp_path, uninterrupted):
     base = fastcxr("train", "--data", prepared, *RESUME, "--runs", tmp_path, "--name", "t")
     proc = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "t" / "checkpoints" / "edema+pleural_effusion.pt", 1, proc)
+    wait_for(tmp_path / "t" / "checkpoints" / "edema+pleural_effusion.pt", 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
