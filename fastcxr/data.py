@@ -17,13 +17,14 @@ from fastai.vision.core import PILImageBW
 from PIL import Image
 
 from fastcxr.config import TrainConfig
+from fastcxr.errors import FastcxrError
 from fastcxr.fastpath import AUGMENT, Speed, cache_loaders, resolve_speed
 from fastcxr.findings import LabelPolicy
 from fastcxr.formulations import Formulation, Network
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, Preprocessing
 
 
-class DataError(ValueError):
+class DataError(FastcxrError, ValueError):
     """Data that cannot be trained on (empty split, one-class label, …)."""
 
 

@@ -37,6 +37,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from fastcxr.errors import FastcxrError
+
 INTENSITY_MODES = ("voi", "mimic-jpg")
 MAX_SIDE = 16384  # largest accepted Rows/Columns; radiographs are ~3000, this bounds memory
 MAX_PIXELS = 8192 * 8192
@@ -68,7 +70,7 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-class DicomError(ValueError):
+class DicomError(FastcxrError, ValueError):
     """A DICOM file fastcxr cannot turn into a radiograph; the one-line message says why."""
 
     def __init__(self, message: object = "", *args: object) -> None:

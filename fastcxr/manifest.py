@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fastcxr.errors import FastcxrError
+
 REQUIRED = ("image", "patient_id", "split")
 SPLITS = ("train", "valid", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(FastcxrError, ValueError):
     """A manifest that cannot be trained on; the message names the problem."""
 
 

@@ -18,13 +18,14 @@ import numpy as np
 from PIL import Image
 
 from fastcxr.dicom import INTENSITY_MODES, resize_u8
+from fastcxr.errors import FastcxrError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 
 GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet RGB statistics averaged: a summed 1-channel stem
 
 
-class CacheError(ValueError):
+class CacheError(FastcxrError, ValueError):
     """A cached image that cannot be read while training; the message names the file."""
 
 

@@ -24,10 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fastcxr.errors import FastcxrError
+
 RECORD = "record.json"
 
 
-class RunError(ValueError):
+class RunError(FastcxrError, ValueError):
     """A run directory that is missing, incomplete or malformed."""
 
 

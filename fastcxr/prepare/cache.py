@@ -39,6 +39,7 @@ import pandas as pd
 from PIL import Image
 
 from fastcxr.dicom import MAX_PIXELS, MAX_SIDE, DicomError, read_dicom, resize_u8
+from fastcxr.errors import FastcxrError
 from fastcxr.stopping import STOP, Interrupted
 
 MIN_SIZE, MAX_SIZE = 8, 4096  # cache image sizes accepted (the study's is 512)
@@ -54,11 +55,11 @@ class CacheResult:
     failures: pd.DataFrame  # columns: file, reason
 
 
-class ImageError(ValueError):
+class ImageError(FastcxrError, ValueError):
     """A PNG/JPG source fastcxr cannot turn into a radiograph; the message names the file."""
 
 
-class CacheWriteError(ValueError):
+class CacheWriteError(FastcxrError, ValueError):
     """The cache cannot be written (no space left, read-only or forbidden folder): not a
     problem of one image, so the whole batch stops."""
 
@@ -202,7 +203,7 @@ _busy = False  # in a worker: whether an item is being worked on
 _exit_after_item = False
 
 
-class WorkerDied(ValueError):
+class WorkerDied(FastcxrError, ValueError):
     """A worker process ended abruptly (killed, or out of memory) while not asked to stop."""
 
 

@@ -1,0 +1,19 @@
+"""The errors fastcxr expects: bad input, a refused run, an unreadable file.
+
+Every one derives from `FastcxrError`; the command line catches that class alone and prints it
+as one line (exit 2). Anything else is a bug and shows its traceback. `UsageError` is a bad
+option or argument value; it is also a `ValueError`, so library callers may catch either.
+"""
+
+from __future__ import annotations
+
+
+class FastcxrError(Exception):
+    """An expected failure, explained in its message (one line, naming what to change)."""
+
+
+class UsageError(FastcxrError, ValueError):
+    """An option, argument or configuration value that cannot be used."""
+
+
+__all__ = ["FastcxrError", "UsageError"]
