@@ -15,8 +15,8 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from fastcxr.formulations import powerset_bits
-from fastcxr.prepare.cache import _convert_one, map_stoppable
-from fastcxr.prepare.synthetic import _encode, render_frontal
+from fastcxr.prepare.cache import convert_one, map_stoppable
+from fastcxr.prepare.synthetic import encode_dicom, render_frontal
 from fastcxr.stopping import Interrupted, check
 
 # Every measurement loop checks `fastcxr.stopping.STOP` (set by the CLI on SIGTERM/SIGINT)
@@ -35,7 +35,7 @@ def write_mimic_sized(folder: Path, n: int, rows: int = 3050, cols: int = 2539) 
         big = np.asarray(Image.fromarray(small).resize((cols, rows), Image.Resampling.BILINEAR))
         big = np.clip(big + rng.normal(0, 0.01, big.shape), 0, 1)
         p = folder / f"img{i:03d}.dcm"
-        _encode(
+        encode_dicom(
             rng,
             big,
             "PA",
@@ -84,7 +84,7 @@ def bench_prepare(
             return n / best
 
         base = timed(lambda s, o: baseline_convert(s, o, size))
-        fast = timed(lambda s, o: _convert_one((str(s), str(o), size, "voi")))
+        fast = timed(lambda s, o: convert_one((str(s), str(o), size, "voi")))
     cores = os.cpu_count() or 1
     return {
         "images": n, "rows": int(shape.Rows), "cols": int(shape.Columns),

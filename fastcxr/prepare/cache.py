@@ -167,7 +167,7 @@ def describe_write_error(e: OSError, folder: Path) -> str:
     return f"cannot write {folder} ({e.strerror or _one_line(e)}){again}"
 
 
-def _convert_one(args: tuple[str, str, int, str]) -> tuple[str, str | None, bool]:
+def convert_one(args: tuple[str, str, int, str]) -> tuple[str, str | None, bool]:
     """(src, dst, size, mode) → (src, reason it could not be read or None, converted?)."""
     src, dst, size, mode = args
     dst_p = Path(dst)
@@ -194,8 +194,8 @@ def _convert_one(args: tuple[str, str, int, str]) -> tuple[str, str | None, bool
 
 
 def _convert_job(args: tuple[str, str, int, str]) -> tuple[str | None, bool]:
-    """`_convert_one` without the source path: results sent back from workers stay small."""
-    return _convert_one(args)[1:]
+    """`convert_one` without the source path: results sent back from workers stay small."""
+    return convert_one(args)[1:]
 
 
 # -- worker processes -----------------------------------------------------------------------
@@ -393,6 +393,7 @@ __all__ = [
     "WorkerDied",
     "build_cache",
     "check_size",
+    "convert_one",
     "load_source",
     "map_stoppable",
 ]

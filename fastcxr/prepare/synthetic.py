@@ -163,7 +163,9 @@ def _dicom_id(rng: np.random.Generator) -> str:
     return "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, 5))
 
 
-def _encode(rng: np.random.Generator, img: np.ndarray, view: str, meta: dict, path: Path) -> None:
+def encode_dicom(
+    rng: np.random.Generator, img: np.ndarray, view: str, meta: dict, path: Path
+) -> None:
     """Write `img` (display 0..1) as a 12-bit DICOM with varied but correct display tags."""
     rows, cols = img.shape
     mono1 = rng.random() < 0.3
@@ -216,7 +218,7 @@ def _write_image(job) -> None:
         img = render_frontal(
             rng, rows, cols, sev_edema, sev_eff, ap=view == "AP", consolidation=consolidation
         )
-    _encode(rng, img, view, meta, path)
+    encode_dicom(rng, img, view, meta, path)
 
 
 def write_synthetic_mimic(
