@@ -37,7 +37,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from fastcxr.errors import FastcxrError
+from fastcxr.errors import FastcxrError, UsageError
 
 INTENSITY_MODES = ("voi", "mimic-jpg")
 MAX_SIDE = 16384  # largest accepted Rows/Columns; radiographs are ~3000, this bounds memory
@@ -100,7 +100,7 @@ def read_dicom(
     Modality tag is kept.
     """
     if mode not in INTENSITY_MODES:
-        raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
+        raise UsageError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
     ds = _read_dataset(path, modalities)
     arr = _decode(ds, path)
     try:

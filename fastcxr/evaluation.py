@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fastcxr import stats
+from fastcxr.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,9 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.ci not in CI_METHODS:
-            raise ValueError(f"--ci must be one of {', '.join(CI_METHODS)}, not {self.ci!r}")
+            raise UsageError(f"--ci must be one of {', '.join(CI_METHODS)}, not {self.ci!r}")
         if self.target is not None and self.threshold in (None, "youden"):
-            raise ValueError("--target needs --threshold sensitivity or specificity")
+            raise UsageError("--target needs --threshold sensitivity or specificity")
 
     def rule(self, recorded: Mapping | None) -> tuple[str, float | None]:
         """The threshold method and target: this config's, else the run's, else Youden."""
@@ -118,7 +119,7 @@ def pairwise(preds: Mapping[str, pd.DataFrame], findings: Sequence[str]) -> list
         for f in findings:
             ya, yb = m[f"y_{f}_a"], m[f"y_{f}_b"]
             if not ya.isna().equals(yb.isna()) or not (ya.dropna() == yb.dropna()).all():
-                raise ValueError(f"{a} and {b} disagree on the labels of {f}: not the same data")
+                raise UsageError(f"{a} and {b} disagree on the labels of {f}: not the same data")
             mf = m[ya.notna()]
             r = stats.delong_test(
                 mf[f"y_{f}_a"].to_numpy(int),

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fastcxr.errors import UsageError
 from fastcxr.formulations import powerset_bits
+from fastcxr.manifest import ManifestError
 
 # The 14 CheXpert-labeller findings, in the column order of mimic-cxr-2.0.0-chexpert.csv.
 CHEXPERT_FINDINGS = (
@@ -40,6 +42,12 @@ UNCERTAIN_CHOICES = ("drop", "zeros", "ones")
 BLANK_CHOICES = ("drop", "zeros")
 
 
+class MissingColumn(ManifestError, KeyError):
+    """The manifest has no column for a finding asked for (also a `KeyError`)."""
+
+    __str__ = Exception.__str__  # the message itself, not KeyError's repr of it
+
+
 def canonical_finding(name: str) -> str:
     """Map a finding name or alias onto the shared vocabulary; unknown names raise."""
     key = name.strip().lower()
@@ -48,15 +56,15 @@ def canonical_finding(name: str) -> str:
             return f
     if key in _ALIASES:
         return _ALIASES[key]
-    raise ValueError(f"unknown finding {name!r}; known: {', '.join(ALL_FINDINGS)}")
+    raise UsageError(f"unknown finding {name!r}; known: {', '.join(ALL_FINDINGS)}")
 
 
 def canonical_findings(names: Sequence[str]) -> tuple[str, ...]:
     out = tuple(canonical_finding(n) for n in names)
     if len(set(out)) != len(out):
-        raise ValueError(f"findings repeat: {list(names)}")
+        raise UsageError(f"findings repeat: {list(names)}")
     if not out:
-        raise ValueError("no findings given")
+        raise UsageError("no findings given")
     return out
 
 
@@ -76,9 +84,9 @@ class LabelPolicy:
     def __post_init__(self):
         for f, (u, b) in [("*", (self.uncertain, self.blank)), *self.per_finding.items()]:
             if u not in UNCERTAIN_CHOICES:
-                raise ValueError(f"uncertain policy for {f} must be one of {UNCERTAIN_CHOICES}")
+                raise UsageError(f"uncertain policy for {f} must be one of {UNCERTAIN_CHOICES}")
             if b not in BLANK_CHOICES:
-                raise ValueError(f"blank policy for {f} must be one of {BLANK_CHOICES}")
+                raise UsageError(f"blank policy for {f} must be one of {BLANK_CHOICES}")
 
     @classmethod
     def parse(cls, uncertain: str = "drop", blank: str = "drop") -> LabelPolicy:
@@ -107,7 +115,9 @@ class LabelPolicy:
         """Rows kept under the policy, with each finding column as int 0/1."""
         missing = [f for f in findings if f not in df.columns]
         if missing:
-            raise KeyError(f"manifest has no column for {missing}; columns: {list(df.columns)}")
+            raise MissingColumn(
+                f"manifest has no column for {missing}; columns: {list(df.columns)}"
+            )
         keep = np.ones(len(df), bool)
         targets = {}
         for f in findings:
@@ -118,7 +128,7 @@ class LabelPolicy:
                 i = int(np.flatnonzero(bad)[0])
                 v = df[f].iloc[i]
                 v = v.item() if isinstance(v, np.generic) else v
-                raise ValueError(
+                raise ManifestError(
                     f"row {i + 2}, column {f!r}: {v!r} is not a label (expected 1, 0, -1 or blank)"
                 )
             uncertain, blank = self.for_finding(f)

@@ -16,6 +16,8 @@ import torch
 from fastai.data.block import CategoryBlock, MultiCategoryBlock, TransformBlock
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat
 
+from fastcxr.errors import UsageError
+
 
 # -- label powerset ------------------------------------------------------------------------
 def powerset_bits(k: int) -> np.ndarray:
@@ -133,6 +135,6 @@ def get_formulation(name: str) -> Formulation:
     try:
         return FORMULATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"unknown formulation {name!r}; choose from {list(FORMULATIONS)}"
         ) from None

@@ -19,6 +19,8 @@ from fastai.vision.learner import create_vision_model
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from fastcxr.errors import UsageError
+
 
 def resnet10(weights=None, **kwargs) -> ResNet:
     """torchvision's ResNet with one BasicBlock per stage: the CPU demo's architecture.
@@ -27,7 +29,7 @@ def resnet10(weights=None, **kwargs) -> ResNet:
     formulations) runs in minutes on a laptop CPU.
     """
     if weights is not None:
-        raise ValueError("resnet10 has no pretrained weights; use --no-pretrained")
+        raise UsageError("resnet10 has no pretrained weights; use --no-pretrained")
     return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
@@ -50,7 +52,7 @@ class TorchvisionArch:
 
     def __init__(self, name: str, weights_file: str | Path | None = None):
         if name not in ARCHS:
-            raise ValueError(f"unknown architecture {name!r}; choose from {list(ARCHS)}")
+            raise UsageError(f"unknown architecture {name!r}; choose from {list(ARCHS)}")
         self.name, self.weights_file = name, weights_file
         self.__name__ = name
 
@@ -74,14 +76,14 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ValueError(
+        raise UsageError(
             f"{path}: not a plain state dict loadable with weights_only=True "
             f"({type(e).__name__}: {e})"
         ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict)")
+        raise UsageError(f"{path}: expected a dict of tensors (a state dict)")
     return sd
 
 
@@ -114,7 +116,7 @@ def load_into(model: nn.Module, sd: dict, source, arch: str) -> None:
         wrong = sum(1 for k in set(ours) & set(theirs) if ours[k] != theirs[k])
         guess = looks_like(sd)
         what = f"the weights of a {guess}" if guess else "weights of no known architecture"
-        raise ValueError(
+        raise UsageError(
             f"{source}: {what}, not of {arch} ({missing} missing, {unexpected} unexpected, "
             f"{wrong} mis-shaped parameters)"
         ) from None
@@ -180,7 +182,7 @@ def resolve_unfreeze(spec: str, names: list[str]) -> int:
     stage, _, block = spec.partition("_block")
     members = [i for i, n in enumerate(names) if n.startswith(stage + "_block")]
     if not members:
-        raise ValueError(
+        raise UsageError(
             f"unfreeze spec {spec!r} matches no group; groups: {names[0]} … {names[-1]}"
         )
     if not block:

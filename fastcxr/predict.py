@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastcxr.dicom import DicomError
+from fastcxr.errors import UsageError
 from fastcxr.formulations import powerset_bits
 from fastcxr.models import build_model, load_state_dict
 from fastcxr.preprocessing import Preprocessing
@@ -165,7 +166,7 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
         elif p.suffix.lower() == ".csv":
             df = pd.read_csv(p, dtype={"image": str})
             if "image" not in df.columns:
-                raise ValueError(f"{p}: a manifest needs an 'image' column")
+                raise UsageError(f"{p}: a manifest needs an 'image' column")
             out += [p.parent / i for i in df["image"]]
         else:
             out.append(p)

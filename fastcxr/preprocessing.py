@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fastcxr.dicom import INTENSITY_MODES, resize_u8
-from fastcxr.errors import FastcxrError
+from fastcxr.errors import FastcxrError, UsageError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 
@@ -62,7 +62,7 @@ class Preprocessing:
 
     def __post_init__(self):
         if self.intensity not in INTENSITY_MODES:
-            raise ValueError(
+            raise UsageError(
                 f"unknown intensity mode {self.intensity!r}; choose from {INTENSITY_MODES}"
             )
 
@@ -76,7 +76,7 @@ class Preprocessing:
             d = json.loads(info.read_text())
             return cls(size, d["intensity"], int(d["size"]), source=str(info))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{info}: unreadable preparation record ({e})") from e
+            raise CacheError(f"{info}: unreadable preparation record ({e})") from e
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:

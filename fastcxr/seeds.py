@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcxr.config import TrainConfig
+from fastcxr.errors import UsageError
 from fastcxr.runs import write_json
 
 SEEDS_FILE = "seeds.json"
@@ -28,11 +29,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, not {text!r}") from None
+        raise UsageError(f"--seeds must be comma-separated integers, not {text!r}") from None
     if not seeds:
-        raise ValueError("--seeds is empty")
+        raise UsageError("--seeds is empty")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds repeats a seed: {text!r}")
+        raise UsageError(f"--seeds repeats a seed: {text!r}")
     return seeds
 
 

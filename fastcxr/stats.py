@@ -27,6 +27,8 @@ import numpy as np
 from scipy.stats import norm, rankdata
 from sklearn.metrics import average_precision_score
 
+from fastcxr.errors import UsageError
+
 
 def _two_classes(y: np.ndarray) -> bool:
     return len(np.unique(y)) == 2
@@ -319,9 +321,9 @@ def choose_threshold(
     y = np.asarray(y).astype(bool)
     s = np.asarray(s, float)
     if method not in ("youden", "sensitivity", "specificity"):
-        raise ValueError(f"unknown threshold method {method!r}: youden, sensitivity, specificity")
+        raise UsageError(f"unknown threshold method {method!r}: youden, sensitivity, specificity")
     if method != "youden" and (target is None or not 0 < target < 1):
-        raise ValueError(f"threshold method {method!r} needs a target in (0, 1), not {target!r}")
+        raise UsageError(f"threshold method {method!r} needs a target in (0, 1), not {target!r}")
     if not _two_classes(y):
         return None
     cands = np.unique(s)

@@ -39,7 +39,7 @@ import pandas as pd
 from PIL import Image
 
 from fastcxr.dicom import MAX_PIXELS, MAX_SIDE, DicomError, read_dicom, resize_u8
-from fastcxr.errors import FastcxrError
+from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.stopping import STOP, Interrupted
 
 MIN_SIZE, MAX_SIZE = 8, 4096  # cache image sizes accepted (the study's is 512)
@@ -67,9 +67,9 @@ class CacheWriteError(FastcxrError, ValueError):
 def check_size(size: int) -> int:
     """The cache image size, refused unless it is a whole number in [MIN_SIZE, MAX_SIZE]."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-        raise ValueError(f"--size must be a whole number of pixels, not {size!r}")
+        raise UsageError(f"--size must be a whole number of pixels, not {size!r}")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(
+        raise UsageError(
             f"--size {size}: the cache image size must be between {MIN_SIZE} and {MAX_SIZE} "
             "pixels (the study uses 512)"
         )

@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.manifest import validate_manifest
 from fastcxr.prepare.cache import CacheWriteError, build_cache, check_size, describe_write_error
 from fastcxr.runs import write_atomic, write_csv
+
+
+class PrepareError(FastcxrError, ValueError):
+    """A dataset folder that cannot be prepared: a label file missing a column or malformed,
+    unknown labels, or no images left; the message names the file or folder."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,10 @@ def read_label_file(path: Path, required: Sequence[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed CSV ({e})") from e
+        raise PrepareError(f"{path}: malformed CSV ({e})") from e
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
+        raise PrepareError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
     return df
 
 
@@ -71,9 +77,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like I/N (e.g. 0/8), not {text!r}") from None
+        raise UsageError(f"--shard must look like I/N (e.g. 0/8), not {text!r}") from None
     if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= I < N")
+        raise UsageError(f"--shard {text}: need 0 <= I < N")
     return i, n
 
 
@@ -99,7 +105,7 @@ def finish(
     """
     size = check_size(size)
     if table.empty:
-        raise ValueError(f"{root}: no images left after reading the label files (views={views})")
+        raise PrepareError(f"{root}: no images left after reading the label files (views={views})")
     validate_manifest(table, out / "manifest.csv")
     sh = parse_shard(shard)
     failures = pd.DataFrame(columns=["file", "reason"])

@@ -25,8 +25,15 @@ from pathlib import Path
 import pandas as pd
 
 from fastcxr.dicom import RADIOGRAPH_MODALITIES, DicomError, not_a_radiograph_reason, read_modality
+from fastcxr.errors import UsageError
 from fastcxr.findings import CHEXPERT_FINDINGS
-from fastcxr.prepare.common import PrepareReport, finish, parse_shard, read_label_file
+from fastcxr.prepare.common import (
+    PrepareError,
+    PrepareReport,
+    finish,
+    parse_shard,
+    read_label_file,
+)
 from fastcxr.runs import write_atomic, write_csv
 
 FRONTAL_VIEWS = ("PA", "AP")
@@ -57,7 +64,7 @@ def mimic_table(
     """One row per image: the join of metadata, split and per-study labels (no images read)."""
     root = Path(root)
     if labels not in LABELERS:
-        raise ValueError(f"--labels must be one of {LABELERS}, not {labels!r}")
+        raise UsageError(f"--labels must be one of {LABELERS}, not {labels!r}")
     meta = _read_label_csv(
         root, "mimic-cxr-2.0.0-metadata", ["dicom_id", "subject_id", "study_id", "ViewPosition"]
     )
@@ -178,7 +185,7 @@ def prepare_mimic(
         skipped = skipped[[i % sh[1] == sh[0] for i in range(len(table)) if skip.iloc[i]]]
     if skip.all():
         found = ", ".join(sorted(set(table["modality"])))
-        raise ValueError(
+        raise PrepareError(
             f"{root}: every image was skipped by --modalities {','.join(kept)} "
             f"(found: {found}); pass --modalities to keep them"
         )

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastcxr.prepare.common import PrepareReport, carve_split, finish, read_label_file
+from fastcxr.prepare.common import (
+    PrepareError,
+    PrepareReport,
+    carve_split,
+    finish,
+    read_label_file,
+)
 
 FRONTAL_VIEWS = ("PA", "AP")
 # NIH label → fastcxr's vocabulary (CheXpert names where the finding is the same).
@@ -60,7 +66,7 @@ def nih_table(
     labels = df["Finding Labels"].astype(str).str.split("|")
     unknown = set().union(*labels.map(set)) - set(NIH_FINDINGS)
     if unknown:
-        raise ValueError(f"Finding Labels holds unknown label(s) {sorted(unknown)[:5]}")
+        raise PrepareError(f"Finding Labels holds unknown label(s) {sorted(unknown)[:5]}")
     split = pd.Series("train", index=df.index, dtype=object)
     split[df["Image Index"].isin(test)] = "test"
     tv = split == "train"
