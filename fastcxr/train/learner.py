@@ -1,0 +1,59 @@
+"""The fastai `Learner` of one network: `vision_learner` with fastcxr's stem, splitter, loss,
+optimizer and speed settings."""
+
+from __future__ import annotations
+
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+from fastai.torch_basics import set_seed
+from fastai.vision.learner import vision_learner
+
+from fastcxr.config import TrainConfig
+from fastcxr.data import NetworkData
+from fastcxr.distributed import world_size
+from fastcxr.fastpath import Accelerated, Speed, fused_adamw
+from fastcxr.formulations import Formulation, Network
+from fastcxr.models import TorchvisionArch, block_splitter
+
+
+def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainConfig) -> Learner:
+    """`vision_learner` with a 1-channel stem, the block splitter and the formulation's loss;
+    on the fast path also bf16/channels_last/compile (`Accelerated`) and a fused AdamW."""
+    arch = TorchvisionArch(cfg.arch, cfg.weights)
+    fast = nd.speed.loader == "fast"
+    learn = vision_learner(
+        nd.dls, arch, n_out=form.n_out(net), pretrained=cfg.pretrained or bool(cfg.weights),
+        loss_func=form.loss(net, nd.y_train, device=nd.dls.device), splitter=block_splitter,
+        cut=arch.cut, n_in=1, normalize=False, metrics=[],
+        opt_func=fused_adamw(nd.speed) if fast else Adam,
+        train_bn=cfg.freeze_style == "fastai",
+    )  # fmt: skip
+    if fast:
+        learn.add_cb(Accelerated(nd.speed))
+    if world_size() > 1:
+        from fastcxr.ddp import DataParallel
+
+        learn.add_cb(DataParallel())
+    return silence(learn)
+
+
+def silence(learn: Learner) -> Learner:
+    """No progress bars and no per-epoch printing (fastcxr reports through `log`)."""
+    if ProgressCallback in [type(c) for c in learn.cbs]:
+        learn.remove_cb(ProgressCallback)
+    learn.logger = _quiet
+    return learn
+
+
+def _quiet(*args, **kwargs) -> None:
+    """fastai's Recorder prints each epoch; fastcxr reports epochs through `log` instead."""
+
+
+def seed_everything(seed: int, speed: Speed) -> None:
+    """Seed every RNG. The plain path is also bit-reproducible (deterministic cuDNN); the fast
+    path lets cuDNN pick its fastest (non-deterministic) kernels."""
+    set_seed(seed, reproducible=not speed.cudnn_benchmark)
+    if speed.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True

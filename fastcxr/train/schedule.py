@@ -1,0 +1,126 @@
+"""Run a schedule of stages on a fastai `Learner`: freeze_to, discriminative LRs, early stop.
+
+Each stage unfreezes the head and the last n-1 blocks (`learn.freeze_to(-n)`), trains up to
+`max_epochs` with Adam at per-group learning rates spread geometrically from lr/lr_ratio
+(earliest unfrozen block) to lr (head), stops when validation loss has not improved for
+`patience` epochs, and restores the weights of its best epoch.
+
+Freezing styles:
+* ``keras`` (the study's): frozen blocks are fully frozen — their BatchNorm layers too, kept in
+  eval mode so running statistics do not drift — and no gradient flows through them.
+* ``fastai``: fastai's default `train_bn=True`; BatchNorm stays trainable everywhere, so the
+  backward pass still runs through the whole backbone (~3x the cost of a frozen stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from fastai.learner import Learner
+
+from fastcxr.config import Stage, TrainConfig
+from fastcxr.models import count_params, group_names, resolve_unfreeze
+from fastcxr.train.callbacks import EpochEnd, FrozenBNEval, Log, StageCallbacks
+from fastcxr.train.checkpoint import load_optimizer
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    unfrozen: list[str]
+    trainable_params: int
+    epochs: int
+    best_epoch: int | None
+    valid_loss: float
+    train_seconds: float
+    seconds: float
+    compile_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """Its fields but the stage (a checkpoint stores the schedule apart)."""
+        return {k: v for k, v in self.__dict__.items() if k != "stage"}
+
+
+def apply_stage(learn: Learner, stage: Stage) -> list[str]:
+    """Freeze everything but the stage's groups; returns the names of the unfrozen groups."""
+    names = group_names(learn.model)
+    n = resolve_unfreeze(stage.unfreeze, names)
+    if n >= len(names):
+        learn.unfreeze()
+    else:
+        learn.freeze_to(-n)
+    return names[-n:]
+
+
+def stage_lrs(learn: Learner, n_unfrozen: int, lr: float, ratio: float) -> list[float]:
+    """Per-group LRs: geometric from lr/ratio (earliest unfrozen group) to lr (head)."""
+    n_groups = len(learn.opt.param_lists)
+    live = np.geomspace(lr / ratio, lr, n_unfrozen) if n_unfrozen > 1 else np.array([lr])
+    return [float(live[0])] * (n_groups - n_unfrozen) + live.tolist()
+
+
+@dataclass
+class StageResume:
+    """Where an interrupted stage stopped: its callbacks' states and the optimizer's."""
+
+    callbacks: dict[str, dict]
+    opt: dict | None
+
+
+def run_stage(
+    learn: Learner,
+    stage: Stage,
+    cfg: TrainConfig,
+    history: list[dict],
+    log: Log | None = None,
+    resume: StageResume | None = None,
+    checkpoint: Callable[[dict[str, dict]], None] | None = None,
+) -> StageResult:
+    """Fit one stage, appending its epochs to `history`. `resume` continues it after its
+    last finished epoch; `checkpoint` receives the callbacks' states after every epoch."""
+    unfrozen = apply_stage(learn, stage)
+    trainable = count_params(learn.model)
+    cbs = StageCallbacks.make(stage.name, cfg.patience, history, log)
+    lrs = stage_lrs(learn, len(unfrozen), stage.lr, cfg.lr_ratio)
+    if resume is not None:
+        cbs.load_state_dict(resume.callbacks)
+        load_optimizer(learn, resume.opt, lrs)
+    start = len(history) - cbs.history.epochs_done
+    remaining = 0 if cbs.early.stopping else stage.max_epochs - cbs.history.epochs_done
+    extra = [FrozenBNEval()] if cfg.freeze_style == "keras" else []
+    if checkpoint is not None:
+        extra.append(EpochEnd(lambda: checkpoint(cbs.state_dict())))
+    if remaining > 0:
+        learn.fit(remaining, lr=lrs, wd=cfg.weight_decay, cbs=cbs.callbacks() + extra)
+    else:  # the stage had finished: its best epoch's weights are the stage's model
+        cbs.restore.restore(learn.model)
+    rows = history[start:]
+    best = cbs.restore.best_epoch
+    return StageResult(
+        stage=stage, unfrozen=unfrozen, trainable_params=trainable, epochs=len(rows),
+        best_epoch=None if best is None else best + 1,
+        valid_loss=float(cbs.restore.best) if best is not None else float("nan"),
+        train_seconds=sum(r["train_seconds"] for r in rows),
+        seconds=sum(r["seconds"] for r in rows),
+        compile_seconds=sum(r.get("compile_seconds", 0.0) for r in rows),
+    )  # fmt: skip
+
+
+def plan(learn: Learner, stages: tuple[Stage, ...]) -> list[dict]:
+    """Per stage: what it unfreezes and how many parameters train (no training)."""
+    out = []
+    for st in stages:
+        unfrozen = apply_stage(learn, st)
+        out.append(
+            {
+                "name": st.name,
+                "unfreeze": st.unfreeze,
+                "unfrozen": unfrozen,
+                "trainable_params": count_params(learn.model),
+                "max_epochs": st.max_epochs,
+                "lr": st.lr,
+            }
+        )
+    return out
