@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 from fastai.distributed import DistributedDL, DistributedTrainer
 
+from fastcxr import adapters
 from fastcxr.fastpath import CacheDL
 
 
 class ShardedDL(DistributedDL):
     """fastai's `DistributedDL` with a broadcast that also works on CPU (gloo); fastai's moves
-    the index list to CUDA unconditionally."""
+    the index list to CUDA unconditionally (fastai 2.8.12's private `_broadcast`, checked by
+    `fastcxr.adapters`)."""
+
+    def __init__(self, *args, **kwargs):
+        adapters.check_hooks(("fastai.distributed", "DistributedDL", "_broadcast"))
+        super().__init__(*args, **kwargs)
 
     def _broadcast(self, t, rank):
         obj = [list(t)]
@@ -33,9 +39,11 @@ class ShardedCacheDL(ShardedDL):
 
 
 class DataParallel(DistributedTrainer):
-    """fastai's `DistributedTrainer` (Accelerate), sharding only the training loader."""
+    """fastai's `DistributedTrainer` (Accelerate), sharding only the training loader (its
+    private `_wrap_dl` and `old_dls`, fastai 2.8.12, through `fastcxr.adapters`)."""
 
     def __init__(self):
+        adapters.check_hooks(("fastai.distributed", "DistributedTrainer", "_wrap_dl"))
         cuda = torch.cuda.is_available()
         super().__init__(sync_bn=cuda, cpu=not cuda)  # SyncBatchNorm needs CUDA
 
@@ -47,7 +55,7 @@ class DataParallel(DistributedTrainer):
 
     def before_fit(self):
         super().before_fit()
-        self.learn.dls.loaders = [self.learn.dls.loaders[0], *self.old_dls[1:]]
+        self.learn.dls.loaders = [self.learn.dls.loaders[0], *adapters.original_loaders(self)[1:]]
 
     def before_validate(self):  # the whole validation split on every process
         pass

@@ -38,6 +38,7 @@ from fastai.learner import AvgSmoothLoss
 from fastai.optimizer import OptimWrapper, set_item_pg
 from fastcore.basics import chunked
 
+from fastcxr import adapters
 from fastcxr.prepare.cache import load_source
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, read_cached
 
@@ -177,12 +178,6 @@ class _BatchOrder(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def _stop_workers(loader) -> None:
-    it = getattr(loader, "_iterator", None)
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-
-
 class CacheDL(DataLoader):
     """Batches of (uint8 images → normalised float on the device, targets) from the cache.
 
@@ -216,16 +211,24 @@ class CacheDL(DataLoader):
         kwargs.pop("dataset", None)
         kwargs.pop("n", None)
         super().__init__(dataset=None, n=len(self.files), indexed=True, **kwargs)
+        adapters.worker_settings(self)  # fails here, not mid-training, if fastai changed it
+
+    @property
+    def workers(self) -> tuple[int, bool]:
+        """(worker processes, persistent?) as fastai holds them; 0 workers during
+        `one_batch`."""
+        return adapters.worker_settings(self)
 
     def new(self, **kwargs):
+        workers, persistent = self.workers
         cur = dict(
-            num_workers=self.fake_l.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
             bs=self.bs,
             shuffle=self.shuffle,
             drop_last=self.drop_last,
             device=self.device,
-            persistent_workers=self.fake_l.persistent_workers,
+            persistent_workers=persistent,
         )
         return CacheDL(
             self.files,
@@ -253,21 +256,27 @@ class CacheDL(DataLoader):
 
     def _torch_loader(self):
         if self._loader is None:
-            workers = self.fake_l.num_workers
+            workers, persistent = self.workers
             self._loader = torch.utils.data.DataLoader(
                 self._batches,
                 batch_size=None,
                 sampler=_BatchOrder(),
                 num_workers=workers,
                 pin_memory=self.pin_memory,
-                persistent_workers=workers > 0 and self.fake_l.persistent_workers,
+                persistent_workers=workers > 0 and persistent,
                 prefetch_factor=2 if workers > 0 else None,
             )
             # fastai's loaders sit in a reference cycle, so they are freed by the cyclic
             # collector, which tears torch's worker queues down in no useful order: each worker
             # then takes 5 s to time out. Stop the workers first, in order.
-            weakref.finalize(self, _stop_workers, self._loader)
+            weakref.finalize(self, adapters.stop_workers, self._loader)
         return self._loader
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now (the next iteration starts new ones)."""
+        if self._loader is not None:
+            adapters.stop_workers(self._loader)
+            self._loader = None
 
     def __iter__(self):
         self.randomize()
@@ -280,7 +289,7 @@ class CacheDL(DataLoader):
         """The batches of `idxs` (in `bs` chunks), on the device, before `after_batch`: from
         the persistent workers, or in this process when there are none."""
         batches = [list(b) for b in chunked(list(idxs), self.bs, drop_last=self.drop_last)]
-        if self.fake_l.num_workers == 0:  # also `one_batch`, which switches workers off
+        if self.workers[0] == 0:  # also `one_batch`, which switches workers off
             source = (self._batches[b] for b in batches)
         else:
             loader = self._torch_loader()
@@ -345,13 +354,9 @@ class Accelerated(Callback):
         if self.speed.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.speed.compile and not self._compiled:
-            import torch._dynamo as dynamo
-
             # each stage (which parameters train), train/eval mode and last-batch size is a
             # graph of its own; past dynamo's default limit of 8 it would silently run eager
-            cfg = dynamo.config
-            cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 256)
+            adapters.raise_compile_cache_limits()
             model.compile(backend=self.speed.compile_backend, dynamic=False)
             self._compiled = True
 
@@ -385,9 +390,7 @@ class Accelerated(Callback):
 
 def compiled_graphs() -> int:
     """A counter that moves whenever dynamo captures (compiles) something."""
-    from torch._dynamo.utils import counters
-
-    return sum(counters["stats"].values())
+    return adapters.compile_count()
 
 
 def synchronize(device) -> None:
@@ -406,6 +409,7 @@ class GroupedAdamW(OptimWrapper):
     seeing one group per block."""
 
     def __init__(self, params, **kwargs):
+        adapters.check_hooks(("fastai.optimizer", "OptimWrapper", "_set_hyper"))
         groups = [list(g["params"] if isinstance(g, dict) else g) for g in params]
         if groups and isinstance(groups[0], torch.Tensor):  # a flat list of parameters
             groups = [groups]
@@ -429,7 +433,7 @@ class GroupedAdamW(OptimWrapper):
         return super().hypers[::2]
 
     def _set_hyper(self, k, v):
-        key = self.bwd_map[k]
+        key = adapters.torch_hyper_key(self, k)
         for i, v_ in enumerate(v):
             for pg in self.opt.param_groups[2 * i : 2 * i + 2]:
                 value = 0.0 if key == "weight_decay" and pg.get("no_wd") else v_
