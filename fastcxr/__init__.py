@@ -1,30 +1,57 @@
-"""fastcxr: train chest-radiograph classifiers fast and honestly, on fastai."""
+"""fastcxr: train chest-radiograph classifiers fast and honestly, on fastai.
 
+The public names below are loaded when first used (PEP 562): `import fastcxr` alone imports
+neither torch nor fastai, pandas or matplotlib, so the command line starts at once.
+"""
+
+from __future__ import annotations
+
+import importlib
 import warnings
+
+from fastcxr.errors import FastcxrError, UsageError
 
 __version__ = "0.1.0"
 
 # fastai's import calls the deprecated torch.jit.script; that warning is not the user's concern.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
-from fastcxr.config import DEMO as DEMO  # noqa: E402
-from fastcxr.config import PAPER as PAPER  # noqa: E402
-from fastcxr.config import Stage as Stage  # noqa: E402
-from fastcxr.config import TrainConfig as TrainConfig  # noqa: E402
-from fastcxr.dicom import DicomError as DicomError  # noqa: E402
-from fastcxr.dicom import read_dicom as read_dicom  # noqa: E402
-from fastcxr.findings import LabelPolicy as LabelPolicy  # noqa: E402
-from fastcxr.formulations import FORMULATIONS as FORMULATIONS  # noqa: E402
-from fastcxr.formulations import get_formulation as get_formulation  # noqa: E402
-from fastcxr.manifest import read_manifest as read_manifest  # noqa: E402
-from fastcxr.models import block_splitter as block_splitter  # noqa: E402
-from fastcxr.models import build_model as build_model  # noqa: E402
-from fastcxr.preprocessing import Preprocessing as Preprocessing  # noqa: E402
-from fastcxr.runs import load_run as load_run  # noqa: E402
-from fastcxr.study import Dataset as Dataset  # noqa: E402
-from fastcxr.study import ablation_plan as ablation_plan  # noqa: E402
-from fastcxr.study import compare as compare  # noqa: E402
-from fastcxr.study import compare_seeds as compare_seeds  # noqa: E402
-from fastcxr.study import train_formulation as train_formulation  # noqa: E402
-from fastcxr.study import train_seeds as train_seeds  # noqa: E402
-from fastcxr.study import unfreeze_ablation as unfreeze_ablation  # noqa: E402
+# public name → the module that defines it
+_LAZY = {
+    "DEMO": "fastcxr.config",
+    "PAPER": "fastcxr.config",
+    "Stage": "fastcxr.config",
+    "TrainConfig": "fastcxr.config",
+    "DicomError": "fastcxr.dicom",
+    "read_dicom": "fastcxr.dicom",
+    "LabelPolicy": "fastcxr.findings",
+    "FORMULATIONS": "fastcxr.formulations",
+    "get_formulation": "fastcxr.formulations",
+    "read_manifest": "fastcxr.manifest",
+    "block_splitter": "fastcxr.models",
+    "build_model": "fastcxr.models",
+    "Preprocessing": "fastcxr.preprocessing",
+    "load_run": "fastcxr.runs",
+    "Dataset": "fastcxr.study",
+    "ablation_plan": "fastcxr.study",
+    "compare": "fastcxr.study",
+    "compare_seeds": "fastcxr.study",
+    "train_formulation": "fastcxr.study",
+    "train_seeds": "fastcxr.study",
+    "unfreeze_ablation": "fastcxr.study",
+}
+
+__all__ = ["FastcxrError", "UsageError", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastcxr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # loaded once; later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,0 +1,419 @@
+"""Result dicts → what a command shows: rich `Table`s and lines, nothing run, nothing written.
+
+Each renderer takes a command's result (the dict `--json` prints) and the settings the table
+names (a `TrainConfig.to_dict()` or a few values) and returns a `Page`: the renderables for
+stdout, in order with the notes for stderr (rich markup, every user-supplied value escaped).
+Pure: no I/O and no imports beyond rich, so each is unit-tested on a hand-made dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from rich.console import RenderableType
+from rich.markup import escape
+from rich.table import Table
+
+SELECT_TEXT = {
+    "best": "the stage with the lowest validation loss",
+    "last": "the schedule's last stage (--select last)",
+}
+
+
+class Page:
+    """What a command shows: renderables for stdout and markup lines for stderr, in order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, RenderableType]] = []
+
+    def out(self, *items: RenderableType) -> Page:
+        self.items += [("out", x) for x in items]
+        return self
+
+    def err(self, *lines: str) -> Page:
+        self.items += [("err", x) for x in lines]
+        return self
+
+    @property
+    def stdout(self) -> list[RenderableType]:
+        return [x for s, x in self.items if s == "out"]
+
+    @property
+    def stderr(self) -> list[RenderableType]:
+        return [x for s, x in self.items if s == "err"]
+
+
+# -- cells --------------------------------------------------------------------------------------
+def fmt(v, digits: int = 3, why: str | None = None) -> str:
+    """A number, or `undefined (why)` for None/NaN."""
+    if v is None or (isinstance(v, float) and v != v):
+        return f"undefined ({why})" if why else "undefined"
+    return f"{v:.{digits}f}"
+
+
+def stages(selected) -> str:
+    """A run's selected stage(s): one name, or network: name pairs."""
+    if selected is None:
+        return "last (a record from before stage selection)"
+    if isinstance(selected, dict):
+        vals = set(selected.values())
+        return (
+            next(iter(vals))
+            if len(vals) == 1
+            else ", ".join(f"{k} {v}" for k, v in selected.items())
+        )
+    return str(selected)
+
+
+def spread(a: Mapping, digits: int = 3) -> str:
+    """mean ± sd across seeds, with the range."""
+    if a["mean"] is None:
+        return fmt(None, why=a.get("reason"))
+    sd = f" ± {a['sd']:.{digits}f}" if a["sd"] is not None else " ± undefined (one seed)"
+    return f"{a['mean']:.{digits}f}{sd}\n[{a['min']:.{digits}f}–{a['max']:.{digits}f}]"
+
+
+def threshold_label(cfg: Mapping) -> str:
+    t = cfg["threshold"]
+    if t != "youden":
+        t += f" {cfg['threshold_target']:g}"
+    return f"acc @ t\n({t})"
+
+
+def ratio(median, rng: Sequence | None, suffix: str = "") -> str:
+    """A ratio over bench rounds: `median [min–max]` (the median alone without a range)."""
+    cell = f"{median:.2f}{suffix}"
+    if rng:
+        cell += f" [{rng[0]:.2f}–{rng[1]:.2f}]"
+    return cell
+
+
+# -- notes --------------------------------------------------------------------------------------
+def synthetic_note(result: Mapping) -> list[str]:
+    if not result.get("synthetic"):
+        return []
+    return [
+        "[yellow]Data: the built-in SYNTHETIC dataset (not patient data); "
+        "numbers show the pipeline works, not clinical performance.[/]"
+    ]
+
+
+def aggregate_table(result: Mapping, findings: Sequence[str], title: str, row_label: str) -> Table:
+    t = Table(title=f"{title} — mean ± sd [range] over seeds {result['seeds']}")
+    t.add_column(row_label)
+    for f in findings:
+        t.add_column(f"{f}\nacc @ t", justify="right")
+        t.add_column(f"{f}\nAUC", justify="right")
+    for row, by_f in result["aggregate"].items():
+        cells = [row]
+        for f in findings:
+            cells += [spread(by_f[f]["accuracy"]), spread(by_f[f]["auc"])]
+        t.add_row(*cells)
+    return t
+
+
+# -- training -----------------------------------------------------------------------------------
+def compare(result: Mapping, cfg: Mapping) -> Page:
+    """`fastcxr compare`: one seed (table, AUC CIs, paired tests) or seeds (mean ± sd)."""
+    page = Page().err(*synthetic_note(result))
+    findings = cfg["findings"]
+    title = f"Experiment II — formulations ({cfg['arch']}, {cfg['size']}px, {cfg['preset']})"
+    if "aggregate" in result:
+        return page.out(
+            aggregate_table(result, findings, title, "formulation"),
+            f"threshold per finding: {cfg['threshold']} on each seed's validation split; "
+            f"training time over all seeds {result['train_seconds']:.0f} s — run records: "
+            f"{result['run_dir']}/seed-K",
+        )
+    t = Table(title=title)
+    t.add_column("formulation")
+    for f in findings:
+        t.add_column(f"{f}\n{threshold_label(cfg)}", justify="right")
+        t.add_column(f"{f}\nAUC", justify="right")
+    for c in ("epochs", "s/epoch", "train time (s)"):
+        t.add_column(c, justify="right")
+    for fname, r in result["formulations"].items():
+        cells = [fname + (f" ({len(r['networks'])} nets)" if len(r["networks"]) > 1 else "")]
+        for f in findings:
+            m = r["findings"][f]
+            ci = m.get("auc_ci")
+            auc = fmt(m["auc"], why=m.get("reason"))
+            auc += (
+                f"\n({ci[0]:.3f}–{ci[1]:.3f})"
+                if ci
+                else f"\nCI {fmt(None, why=m.get('auc_ci_reason'))}"
+            )
+            acc = fmt(m["accuracy"], why=m.get("reason"))
+            if m.get("threshold") is not None:
+                acc += f"\nt={m['threshold']:.3f}"
+            cells += [acc, auc]
+        cells += [str(r["epochs"]), f"{r['seconds_per_epoch']:.1f}", f"{r['train_seconds']:.0f}"]
+        t.add_row(*cells)
+    page.out(
+        t,
+        f"acc @ t: accuracy at each finding's threshold t, chosen ({cfg['threshold']}) on the "
+        "validation predictions; accuracy at 0.5 is in --json and `fastcxr report`.",
+        f"AUC 95% CI: {result.get('auc_ci_method', '')}. Model reported and saved: "
+        f"{SELECT_TEXT[cfg['select']]}: "
+        + "; ".join(
+            f"{k}: {stages(r.get('selected_stage'))}" for k, r in result["formulations"].items()
+        ),
+    )
+    if result.get("pairs"):
+        page.out(pairs_table(result["pairs"]))
+    return page.out(f"run record: {result['run_dir']}")
+
+
+def pairs_table(pairs: Iterable[Mapping]) -> Table:
+    """DeLong's paired test per finding and pair of formulations, with Holm's adjustment."""
+    pt = Table(
+        title="Paired comparison of AUCs (DeLong's test clustered by patient, "
+        "Obuchowski 1997, on the same test images)"
+    )
+    for c in ("finding", "a − b", "patients", "AUC diff", "95% CI", "p", "p (Holm)"):
+        pt.add_column(c, justify="left" if c in ("finding", "a − b") else "right")
+    for p in pairs:
+        ci, why = p["diff_ci"], p.get("reason")
+        pt.add_row(
+            p["finding"],
+            f"{p['a']} − {p['b']}",
+            str(p.get("patients", "")),
+            fmt(p["auc_diff"], 4, why),
+            f"{ci[0]:+.4f} … {ci[1]:+.4f}" if ci else fmt(None, why=why),
+            fmt(p["p_value"], 4, why),
+            fmt(p.get("p_holm"), 4, p.get("p_holm_reason")),
+        )
+    return pt
+
+
+def train(result: Mapping, cfg: Mapping, formulation: str, run_dir: Any) -> Page:
+    """`fastcxr train`: per finding, accuracy at the chosen threshold and AUC (or seeds)."""
+    page = Page().err(*synthetic_note(result))
+    if "aggregate" in result:
+        return page.out(
+            aggregate_table(result, cfg["findings"], formulation, "formulation"),
+            f"training time over all seeds {result['train_seconds']:.0f} s — {run_dir}",
+        )
+    t = Table(title=f"{formulation} ({cfg['arch']}, {cfg['size']}px)")
+    for c in ("finding", threshold_label(cfg), "threshold", "acc @ 0.5", "ROC AUC"):
+        t.add_column(c, justify="right" if c != "finding" else "left")
+    for f, m in result["findings"].items():
+        why = m.get("reason")
+        t.add_row(
+            f, fmt(m["accuracy"], why=why), fmt(m["threshold"], why=why),
+            fmt(m["accuracy_at_0.5"]), fmt(m["auc"], why=why),
+        )  # fmt: skip
+    compiled = f" (+ {result['compile_seconds']:.0f} s compiling)" if cfg["compile"] else ""
+    return page.out(
+        t,
+        f"selected stage ({cfg['select']}): {stages(result['selected_stage'])}",
+        f"{result['epochs']} epochs, {result['seconds_per_epoch']:.1f} s/epoch, "
+        f"{result['train_seconds']:.0f} s{compiled} — run record: {run_dir}",
+    )
+
+
+def ablation_plan(plan: Mapping, cfg: Mapping, formulation: str) -> Page:
+    """`fastcxr unfreeze-ablation --dry-run`: what each stage adds, and its parameters."""
+    t = Table(
+        title=f"Experiment I plan — {cfg['arch']}, {formulation}, "
+        f"{cfg['freeze_style']}-style freezing"
+    )
+    for c in ("stage", "adds", "trainable params", "Δ params", "epochs≤", "lr"):
+        t.add_column(c, justify="left" if c in ("stage", "adds") else "right")
+    prev, seen = 0, set()
+    for s in plan["stages"]:
+        new = [g for g in s["unfrozen"] if g not in seen]
+        seen.update(new)
+        shown = ", ".join(new[:3]) + (f" … ({len(new)} groups)" if len(new) > 3 else "")
+        t.add_row(
+            s["name"],
+            shown,
+            f"{s['trainable_params']:,}",
+            f"{s['trainable_params'] - prev:+,}",
+            str(s["max_epochs"]),
+            f"{s['lr']:g}",
+        )
+        prev = s["trainable_params"]
+    return Page().out(t, f"total parameters: {plan['total_params']:,}")
+
+
+def ablation(result: Mapping, cfg: Mapping, formulation: str, run_dir: Any) -> Page:
+    """`fastcxr unfreeze-ablation`: test metrics after each stage, ★ the best by validation."""
+    page = Page().err(*synthetic_note(result))
+    findings = cfg["findings"]
+    title = f"Experiment I — progressive unfreezing ({cfg['arch']}, {formulation})"
+    if "aggregate" in result:
+        return page.out(
+            aggregate_table(result, findings, title, "stage"),
+            f"training time over all seeds {result['train_seconds']:.0f} s — {run_dir}",
+        )
+    t = Table(title=title)
+    for c in ("stage", "unfrozen", "trainable params", "epochs", "valid loss"):
+        t.add_column(c, justify="left" if c in ("stage", "unfrozen") else "right")
+    for f in findings:
+        t.add_column(f"{f}\n{threshold_label(cfg)}", justify="right")
+        t.add_column(f"{f}\nAUC", justify="right")
+    for s in result["stages"]:
+        best = s["name"] == result["best_stage"]
+        unfrozen = [g for g in s["unfrozen"] if g != "head"]
+        shown = "head" + (f" + {len(unfrozen)} blocks ({unfrozen[0]}…)" if unfrozen else "")
+        cells = [
+            s["name"] + (" ★" if best else ""),
+            shown,
+            f"{s['trainable_params']:,}",
+            str(s["epochs"]),
+            f"{s['valid_loss']:.4f}",
+        ]
+        for f in findings:
+            m = s["findings"][f]
+            cells += [fmt(m["accuracy"], why=m.get("reason")), fmt(m["auc"], why=m.get("reason"))]
+        t.add_row(*cells, style="bold" if best else None)
+    return page.out(
+        t,
+        f"★ best stage by validation loss: {result['best_stage']}; the run's model "
+        f"({cfg['select']}): {stages(result['selected_stage'])} — run record: "
+        f"{result['run_dir']}",
+    )
+
+
+# -- data ---------------------------------------------------------------------------------------
+def labels(result: Mapping, findings: Sequence[str], policy: str) -> Page:
+    """`fastcxr labels`: label combinations per split, and each finding's raw counts."""
+    t = Table(title=f"Label combinations ({', '.join(findings)}) under {policy}")
+    t.add_column("split")
+    combos = list(next(iter(result["splits"].values()))["combinations"])
+    for c in combos:
+        t.add_column(f"({c})", justify="right")
+    t.add_column("kept / images", justify="right")
+    for split, r in result["splits"].items():
+        t.add_row(
+            split, *[str(r["combinations"][c]) for c in combos], f"{r['kept']} / {r['images']}"
+        )
+    ft = Table(title="Raw labels per finding")
+    for c in ("split", "finding", "1", "0", "-1", "blank"):
+        ft.add_column(c, justify="left" if c in ("split", "finding") else "right")
+    for split, r in result["splits"].items():
+        for f, counts in r["findings"].items():
+            ft.add_row(split, f, *[str(counts[k]) for k in ("1", "0", "-1", "blank")])
+    return Page().out(t, ft)
+
+
+def prepare(report: Mapping, root: Any, out_dir: Any) -> Page:
+    """`fastcxr prepare …`: images, conversions, failures and split sizes."""
+    t = Table(title=f"prepared {root} → {out_dir}")
+    t.add_column("")
+    t.add_column("", justify="right")
+    for k in ("images", "converted", "skipped", "failures"):
+        t.add_row(k, str(report[k]))
+    for k, v in report["splits"].items():
+        t.add_row(f"split {k}", str(v))
+    page = Page().out(t)
+    if report["failures"]:
+        page.err(
+            f"[yellow]{report['failures']} file(s) could not be read or were skipped (e.g. not "
+            f"a radiograph modality): see {escape(str(out_dir))}/failures*.csv[/]"
+        )
+    if report["manifest"] is None:
+        page.err("shard done; run again without --shard to write the manifest")
+    return page
+
+
+# -- tools --------------------------------------------------------------------------------------
+def bench(result: Mapping, defaults: bool = True) -> Page:
+    """`fastcxr bench`: img/s per stage and freezing style; the ratios as median [range]
+    over rounds, and a note on the rows whose rounds disagree."""
+    sp = result["speed"]
+    t = Table(
+        title=f"Training img/s — {result['arch']}, {result['size']}px, batch "
+        f"{result['batch_size']}, {sp['precision']}, channels_last={sp['channels_last']}, "
+        f"compile={sp['compile']} on {result['device']}"
+    )
+    cols = ["stage", "freezing", "limit", "fastcxr", "fastcxr/limit"]
+    if defaults:
+        cols += ["fastai defaults", "fastcxr/defaults"]
+    if sp["compile"]:
+        cols += ["compile s (fastcxr)"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("stage", "freezing") else "right")
+    for row in result["rows"]:
+        cells = [
+            row["stage"],
+            row["freeze_style"],
+            f"{row['limit_img_s']:.1f}",
+            f"{row['fastcxr_img_s']:.1f}",
+            ratio(row["fastcxr_vs_limit"], row.get("fastcxr_vs_limit_range")),
+        ]
+        if defaults:
+            cells += [
+                f"{row['defaults_img_s']:.1f}",
+                ratio(row["fastcxr_vs_defaults"], row.get("fastcxr_vs_defaults_range"), "x"),
+            ]
+        if sp["compile"]:
+            cells += [f"{row['compile_s']['fastcxr']:.1f}"]
+        t.add_row(*cells)
+    page = Page().out(
+        t,
+        f"evaluation (no gradient, batch {2 * result['batch_size']}): "
+        f"{result['eval_img_s']:.1f} img/s",
+    )
+    rounds = result.get("rounds")
+    if rounds:
+        page.out(f"ratios: median [min–max] over {rounds} interleaved round(s) per stage")
+    pj = result["projection"]
+    if pj["available"]:
+        page.out(
+            f"projected `compare --preset paper` on {pj['train_images']:,} training images "
+            f"({pj['networks']} networks x 4 stages x {pj['epochs_per_stage']} epochs, "
+            f"{pj['freeze_style']} freezing, no early stop): {pj['hours']:.2f} h"
+        )
+    wide = [r for r in result["rows"] if r.get("wide")]
+    if wide:
+        page.err(
+            "[yellow]rounds disagree (read these ratios with care): "
+            + "; ".join(
+                escape(f"{r['stage']} {r['freeze_style']}: {r.get('wide_reason') or 'wide range'}")
+                for r in wide
+            )
+            + "[/]"
+        )
+    return page
+
+
+def bench_prepare(result: Mapping, size: int) -> Page:
+    """`fastcxr bench-prepare`: conversion images/s per core, fastcxr against the baseline."""
+    t = Table(
+        title=f"Conversion of {result['rows']}x{result['cols']} {result['bits_stored']}-bit "
+        f"DICOMs to {size}x{size} PNG (one process)"
+    )
+    t.add_column("")
+    t.add_column("images/s per core", justify="right")
+    t.add_row(
+        "baseline: pydicom + LUTs + float rescale + PIL resize + PNG",
+        f"{result['baseline_images_per_s_per_core']:.2f}",
+    )
+    t.add_row("fastcxr", f"{result['fastcxr_images_per_s_per_core']:.2f}")
+    return Page().out(
+        t,
+        f"fastcxr / baseline = {result['ratio']:.2f}x; all of MIMIC-CXR (377,110 images) on 16 "
+        f"cores ≈ {result['mimic_minutes_on_16_cores']:.0f} min at this rate",
+    )
+
+
+def predict(summary: Mapping, cam_dir: Any = None, export_dir: Any = None) -> Page:
+    """`fastcxr predict`: how many images, where the CSV is; each unreadable file on stderr."""
+    page = Page().out(
+        f"predicted {summary['predicted']} image(s) on {summary['device']} → {summary['csv']}"
+    )
+    for r in summary["failures"]:
+        page.err(f"[yellow]could not read[/] {escape(str(r['file']))}: {escape(str(r['reason']))}")
+    if summary["cams"]:
+        page.out(f"wrote {summary['cams']} Grad-CAM overlays to {cam_dir}")
+    if summary["exported"]:
+        page.out(f"exported to {export_dir}")
+    return page
+
+
+def report(files: Iterable) -> Page:
+    """`fastcxr report`: the files it wrote."""
+    return Page().out(*(f"wrote {f}" for f in files))

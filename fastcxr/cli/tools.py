@@ -1,0 +1,189 @@
+"""`fastcxr version`, `bench`, `bench-prepare`, `report` and `predict`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fastcxr.cli import render
+from fastcxr.cli.console import err, esc, out, progress, show
+from fastcxr.cli.guard import guarded
+from fastcxr.cli.options import BatchSize, Compile, CompileBackend, Json, Precision, Workers
+from fastcxr.errors import UsageError
+
+
+def version() -> None:
+    """Print the fastcxr version."""
+    from fastcxr import __version__
+
+    out.print(__version__)
+
+
+def bench_prepare(
+    n: Annotated[int, typer.Option("--n", help="MIMIC-sized DICOMs to convert.")] = 8,
+    size: Annotated[int, typer.Option(help="Cache image size.")] = 512,
+    json_out: Json = False,
+) -> None:
+    """DICOM → cache conversion speed per core, against a plain pydicom + PIL baseline
+    measured in the same run, and the projected time for all of MIMIC-CXR."""
+    with guarded():
+        from fastcxr import bench
+
+        r = bench.bench_prepare(n, size)
+    if json_out:
+        print(json.dumps(r, indent=2))
+        return
+    show(render.bench_prepare(r, size))
+
+
+def bench(
+    arch: Annotated[str, typer.Option(help="Architecture.")] = "resnet152",
+    size: Annotated[int, typer.Option(help="Image size (square).")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 64,
+    stages: Annotated[
+        str, typer.Option(help="Comma-separated stages (NAME=SPEC or SPEC) to measure.")
+    ] = "head,conv5_block3=conv5_block-1,conv5,conv4_last3=conv4_block-3,all",
+    freeze_style: Annotated[
+        str, typer.Option("--freeze-style", help="Comma-separated freezing styles: keras,fastai.")
+    ] = "keras,fastai",
+    precision: Precision = None,
+    compile: Compile = False,
+    compile_backend: CompileBackend = None,
+    warmup: Annotated[int, typer.Option(help="Untimed batches per stage (compile, cuDNN).")] = 5,
+    steps: Annotated[int, typer.Option(help="Timed batches per stage.")] = 20,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="Interleaved rounds (limit, fastcxr, defaults) per stage; the ratios are the "
+            "median over rounds, with their range."
+        ),
+    ] = 3,
+    images: Annotated[
+        int | None, typer.Option(help="Images in the bench cache (default: enough for one pass).")
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Image cache folder (generated if absent; default under FASTCXR_HOME)."),
+    ] = None,
+    no_defaults: Annotated[
+        bool, typer.Option("--no-defaults", help="Skip the fastai-defaults baseline.")
+    ] = False,
+    formulation: Annotated[str, typer.Option(help="Formulation of the network.")] = "multilabel",
+    workers: Workers = None,
+    project_images: Annotated[
+        int, typer.Option(help="Training images for the projected `compare --preset paper`.")
+    ] = 34_000,
+    json_out: Json = False,
+) -> None:
+    """Training speed per stage: the model-only limit (random tensors on the device), fastcxr's
+    real loop on an image cache, and fastai's defaults, measured in one run."""
+    with guarded():
+        from fastcxr import bench
+        from fastcxr.config import FREEZE_STYLES, TrainConfig, parse_stages
+
+        styles = tuple(s.strip() for s in freeze_style.split(",") if s.strip())
+        for s in styles:
+            if s not in FREEZE_STYLES:
+                raise UsageError(f"--freeze-style must list keras and/or fastai, not {s!r}")
+        given = {"precision": precision, "compile_backend": compile_backend}
+        cfg = TrainConfig(
+            arch=arch, size=size, batch_size=batch_size, pretrained=False,
+            freeze_style=styles[0], workers=workers, compile=compile,
+            **{k: v for k, v in given.items() if v is not None},
+        )  # fmt: skip
+        r = bench.bench_train(
+            cfg, parse_stages(stages), styles, warmup, steps, images, cache,
+            defaults=not no_defaults, formulation=formulation, project_images=project_images,
+            rounds=rounds, log=None if json_out else (lambda m: err.print(f"[dim]{esc(m)}[/]")),
+        )  # fmt: skip
+    if json_out:
+        print(json.dumps(r, indent=2))
+        return
+    show(render.bench(r, defaults=not no_defaults))
+
+
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="compare, ablation or run folders.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the figures and results.md.")
+    ] = Path("reports/build"),
+    ci: Annotated[
+        str, typer.Option(help="AUC CI: bootstrap (patients resampled) or delong.")
+    ] = "bootstrap",
+    threshold: Annotated[
+        str | None,
+        typer.Option(
+            help="Threshold chosen on validation: youden, sensitivity or specificity "
+            "(default: each run's own, as it was trained)."
+        ),
+    ] = None,
+    template: Annotated[
+        Path | None, typer.Option(help="Write-up template (Markdown) that opens results.md.")
+    ] = None,
+    target: Annotated[
+        float | None, typer.Option(help="Target for sensitivity/specificity.")
+    ] = None,
+) -> None:
+    """Figures and results.md from run records (no retraining)."""
+    with guarded():
+        from fastcxr.evaluation import EvalConfig
+        from fastcxr.figures import build_report
+
+        files = build_report(
+            run_dirs, out_dir, EvalConfig(ci=ci, threshold=threshold, target=target), template
+        )
+    show(render.report(files))
+
+
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run (train, or compare/NAME).")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="DICOM/PNG/JPG files, folders (recursive) or a manifest CSV."),
+    ],
+    out_csv: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path(
+        "predictions.csv"
+    ),
+    cam: Annotated[
+        Path | None,
+        typer.Option("--cam", help="Folder for Grad-CAM overlays (one PNG per image and finding)."),
+    ] = None,
+    export_dir: Annotated[
+        Path | None,
+        typer.Option("--export", help="Also export the model (torch.export .pt2 + export.json)."),
+    ] = None,
+    batch_size: BatchSize = 64,
+    json_out: Json = False,
+) -> None:
+    """Predict findings for new radiographs with a trained run; unreadable files are listed."""
+    with guarded(), progress() as bar:
+        from fastcxr import predict as lib
+        from fastcxr.runs import write_csv
+
+        pred = lib.Predictor.load(run_dir)
+        files = lib.collect_inputs(paths)
+        task = bar.add_task("predicting", total=len(files))
+        df, fails = lib.predict(
+            pred, files, batch_size or 64, progress=lambda i, n: bar.update(task, completed=i)
+        )
+        write_csv(out_csv, df)
+        if len(fails):
+            write_csv(out_csv.with_name(out_csv.stem + "_failures.csv"), fails)
+        cams = lib.write_cams(pred, [Path(f) for f in df["file"]], cam) if cam else []
+        exported = lib.export(pred, export_dir) if export_dir else []
+    summary = {
+        "predicted": len(df),
+        "failed": len(fails),
+        "csv": str(out_csv),
+        "failures": fails.to_dict("records"),
+        "cams": len(cams),
+        "exported": [str(p) for p in exported],
+        "device": str(pred.device),
+    }
+    if json_out:
+        print(json.dumps(summary, indent=2))
+        return
+    show(render.predict(summary, cam, export_dir))
