@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from functools import partial
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -14,6 +16,7 @@ from fastai.callback.core import Callback, CancelFitException, CancelValidExcept
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from fastcxr.errors import UsageError
 from fastcxr.formulations import powerset_bits
 from fastcxr.prepare.cache import convert_one, map_stoppable
 from fastcxr.prepare.synthetic import encode_dicom, render_frontal
@@ -187,138 +190,218 @@ class Throughput(Callback):
         raise CancelValidException
 
 
-def _sync_fn(device):
-    from fastcxr.fastpath import synchronize
-
-    return partial(synchronize, device)
-
-
-def _free(device) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
+# -- interleaved rounds -----------------------------------------------------------------------
+WIDE = 0.25
+"""A row is too wide to trust when, for either of its ratios, (max − min) / median over the
+rounds exceeds `WIDE`: the ratio then moves by more than a quarter with the machine's drift
+(two identical CPU runs once read conv5 fastcxr/limit 1.12 and 0.73)."""
+MIN_ROUNDS = 3  # fewer rounds show no spread worth trusting: such a row is always "wide"
 
 
-def _fresh_compile_cache() -> None:
-    """Forget compiled graphs: the same architecture would otherwise reuse the previous
-    measurement's graphs, and its compile time would read 0."""
-    import torch._dynamo
+@dataclass(frozen=True)
+class BenchJob:
+    """What the arms of one freezing style measure: the same configuration (`cfg.freeze_style`
+    is the style), speed settings, network, cache, batch counts and device."""
 
-    torch._dynamo.reset()
+    cfg: Any  # fastcxr.config.TrainConfig, on the fast loader
+    speed: Any  # fastcxr.fastpath.Speed
+    form: Any  # fastcxr.formulations.Formulation
+    net: Any  # fastcxr.formulations.Network
+    ds: Any  # fastcxr.study.Dataset: the bench cache
+    warmup: int
+    steps: int
+    device: Any  # torch.device
+
+    @property
+    def style(self) -> str:
+        return self.cfg.freeze_style
+
+    def sync(self) -> None:
+        from fastcxr.fastpath import synchronize
+
+        synchronize(self.device)
 
 
-def _limit(cfg, speed, form, net, stages, warmup, steps, device) -> list[dict]:
+class Arm:
+    """One measured loop, built once and kept for the whole benchmark: `enter(stage)` freezes
+    for a stage; `measure(what)` runs `warmup` untimed batches, then `steps` timed ones, and
+    returns {"img_s", "compile_s"} (seconds of batches that compiled graphs; None when the arm
+    does not compile); `close()` stops what it started. `cudnn` is (benchmark, deterministic)
+    while it measures."""
+
+    name = "arm"
+    label = "arm"
+    cudnn = (False, False)
+
+    def enter(self, stage) -> None:
+        raise NotImplementedError
+
+    def measure(self, what: str) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _fit_img_s(learn, job: BenchJob, what: str, lrs, cbs=(), **fit) -> float:
+    """Training img/s of a fastai fit cancelled after `job.warmup` + `job.steps` batches."""
+    tp = Throughput(job.warmup, job.steps, job.sync, what)
+    learn.fit(10_000, lr=lrs, cbs=[tp, *cbs], **fit)
+    return tp.images / tp.seconds
+
+
+class LimitArm(Arm):
     """The model-only limit: the same model, stage, precision, layout, compile and optimizer,
     trained by a bare PyTorch loop on random tensors already on the device."""
-    import torch
-    from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
 
-    from fastcxr.fastpath import compiled_graphs, fused_adamw
-    from fastcxr.models import block_splitter, build_model
-    from fastcxr.schedule import apply_stage, frozen_bn_eval, stage_lrs
+    name = "limit"
 
-    model = build_model(cfg.arch, form.n_out(net), pretrained=False).to(device)
-    if speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    g = torch.Generator(device=device).manual_seed(0)
-    bs = cfg.batch_size
-    x = torch.randn(bs, 1, cfg.size, cfg.size, device=device, generator=g)
-    if speed.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = form.targets(np.random.default_rng(0).integers(0, 2, (bs, len(net.findings))))
-    y = torch.as_tensor(y, device=device)
-    loss_fn = form.loss(net, powerset_bits(len(net.findings)), device=device)
-    learn = Learner(
-        DataLoaders(), model, loss_func=loss_fn, splitter=block_splitter,
-        opt_func=fused_adamw(speed), train_bn=cfg.freeze_style == "fastai",
-    )  # fmt: skip
-    if speed.compile:
-        _fresh_compile_cache()
-        model.compile(backend=speed.compile_backend, dynamic=False)
-    sync = _sync_fn(device)
-    dev_type = torch.device(device).type
-    bf16 = speed.precision == "bf16"
-    rows = []
-    for st in stages:
-        unfrozen = apply_stage(learn, st)
-        learn.opt.set_hypers(lr=stage_lrs(learn, len(unfrozen), st.lr, cfg.lr_ratio))
+    def __init__(self, job: BenchJob):
+        import torch
+        from fastai.data.core import DataLoaders
+        from fastai.learner import Learner
 
-        def step(opt=learn.opt.opt) -> None:
-            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(x)
-            loss_fn(out.float(), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        from fastcxr.fastpath import fused_adamw
+        from fastcxr.models import block_splitter, build_model
 
-        model.train()
-        if cfg.freeze_style == "keras":
-            frozen_bn_eval(model)
-        what = f"bench (model-only limit, stage {st.name}, {cfg.freeze_style} freezing)"
+        cfg, speed, form, net, device = job.cfg, job.speed, job.form, job.net, job.device
+        self.job, self.label = job, f"model-only limit, {job.style} freezing"
+        self.cudnn = (speed.cudnn_benchmark, not speed.cudnn_benchmark)
+        model = build_model(cfg.arch, form.n_out(net), pretrained=False).to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(cfg.batch_size, 1, cfg.size, cfg.size, device=device, generator=g)
+        if speed.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = np.random.default_rng(0).integers(0, 2, (cfg.batch_size, len(net.findings)))
+        self.x, self.y = x, torch.as_tensor(form.targets(y), device=device)
+        self.loss = form.loss(net, powerset_bits(len(net.findings)), device=device)
+        self.learn = Learner(
+            DataLoaders(), model, loss_func=self.loss, splitter=block_splitter,
+            opt_func=fused_adamw(speed), train_bn=cfg.freeze_style == "fastai",
+        )  # fmt: skip
+        if speed.compile:
+            model.compile(backend=speed.compile_backend, dynamic=False)
+        self.model = model
+
+    def enter(self, stage) -> None:
+        from fastcxr.train.schedule import apply_stage, stage_lrs
+
+        unfrozen = apply_stage(self.learn, stage)
+        lrs = stage_lrs(self.learn, len(unfrozen), stage.lr, self.job.cfg.lr_ratio)
+        self.learn.opt.set_hypers(lr=lrs)
+
+    def _step(self) -> None:
+        import torch
+
+        bf16 = self.job.speed.precision == "bf16"
+        with torch.autocast(self.job.speed.device_type, dtype=torch.bfloat16, enabled=bf16):
+            out = self.model(self.x)
+        self.loss(out.float(), self.y).backward()
+        self.learn.opt.opt.step()
+        self.learn.opt.opt.zero_grad(set_to_none=True)
+
+    def measure(self, what: str) -> dict:
+        from fastcxr.fastpath import compiled_graphs
+        from fastcxr.train.callbacks import frozen_bn_eval
+
+        job = self.job
+        self.model.train()
+        if job.style == "keras":
+            frozen_bn_eval(self.model)
         compiling = 0.0
-        for _ in range(max(warmup, 1)):  # steps that compiled graphs count as compile time
+        for _ in range(max(job.warmup, 1)):  # steps that compiled graphs count as compile time
             check(what)
-            sync()
+            job.sync()
             t0, graphs = time.perf_counter(), compiled_graphs()
-            step()
-            sync()
+            self._step()
+            job.sync()
             if compiled_graphs() != graphs:
                 compiling += time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(job.steps):
             check(what)
-            step()
-        sync()
-        rows.append({"img_s": steps * bs / (time.perf_counter() - t0), "compile_s": compiling})
-    return rows
+            self._step()
+        job.sync()
+        seconds = time.perf_counter() - t0
+        return {"img_s": job.steps * job.cfg.batch_size / seconds, "compile_s": compiling}
 
 
-def _fastcxr(ds, cfg, speed, form, net, stages, warmup, steps, device) -> tuple[list[dict], float]:
+class FastcxrArm(Arm):
     """fastcxr's real training loop (fast loader, `Accelerated`, its schedule's freezing) on
-    the cache; returns per-stage throughput and evaluation (inference) img/s."""
-    from fastcxr.data import apply_policy, network_data
-    from fastcxr.schedule import FrozenBNEval, apply_stage, stage_lrs
-    from fastcxr.study import make_learner, seed_everything
+    the cache; also measures evaluation (inference) img/s."""
 
-    df = apply_policy(ds.df, cfg, net.findings)
-    if speed.compile:
-        _fresh_compile_cache()
-    seed_everything(cfg.seed, speed)
-    nd = network_data(df, ds.root, form, net, cfg, device=device, speed=speed)
-    learn = make_learner(nd, form, net, cfg)
-    sync = _sync_fn(device)
-    rows = []
-    for st in stages:
-        unfrozen = apply_stage(learn, st)
-        what = f"bench (fastcxr, stage {st.name}, {cfg.freeze_style} freezing)"
-        tp = Throughput(warmup, steps, sync, what)
-        cbs = [tp] + ([FrozenBNEval()] if cfg.freeze_style == "keras" else [])
-        before = learn.accelerated.compile_seconds
-        lrs = stage_lrs(learn, len(unfrozen), st.lr, cfg.lr_ratio)
-        learn.fit(10_000, lr=lrs, wd=cfg.weight_decay, cbs=cbs)
-        rows.append({
-            "img_s": tp.images / tp.seconds,
-            "compile_s": learn.accelerated.compile_seconds - before,
-        })  # fmt: skip
-    check("bench (evaluation)")
-    learn.get_preds(dl=nd.dls.valid)  # warm the evaluation path (and its compiled graph)
-    sync()
-    check("bench (evaluation)")
-    t0 = time.perf_counter()
-    learn.get_preds(dl=nd.dls.valid)
-    sync()
-    eval_ips = len(nd.valid) / (time.perf_counter() - t0)
-    return rows, eval_ips
+    name = "fastcxr"
+
+    def __init__(self, job: BenchJob):
+        from fastcxr.data import apply_policy, network_data
+        from fastcxr.train.learner import make_learner, seed_everything
+
+        cfg, speed = job.cfg, job.speed
+        self.job, self.label = job, f"fastcxr, {job.style} freezing"
+        self.cudnn = (speed.cudnn_benchmark, not speed.cudnn_benchmark)
+        df = apply_policy(job.ds.df, cfg, job.net.findings)
+        seed_everything(cfg.seed, speed)
+        self.nd = network_data(
+            df, job.ds.root, job.form, job.net, cfg, device=job.device, speed=speed
+        )
+        self.learn = make_learner(self.nd, job.form, job.net, cfg)
+
+    def enter(self, stage) -> None:
+        from fastcxr.train.schedule import apply_stage, stage_lrs
+
+        unfrozen = apply_stage(self.learn, stage)
+        self.lrs = stage_lrs(self.learn, len(unfrozen), stage.lr, self.job.cfg.lr_ratio)
+
+    def measure(self, what: str) -> dict:
+        from fastcxr.train.callbacks import FrozenBNEval
+
+        cbs = [FrozenBNEval()] if self.job.style == "keras" else []
+        before = self.learn.accelerated.compile_seconds
+        wd = self.job.cfg.weight_decay
+        img_s = _fit_img_s(self.learn, self.job, what, self.lrs, cbs, wd=wd)
+        return {"img_s": img_s, "compile_s": self.learn.accelerated.compile_seconds - before}
+
+    def eval_img_s(self) -> float:
+        """Evaluation img/s on the validation split (its second pass: the first warms it)."""
+        valid = self.nd.dls.valid
+        check("bench (evaluation)")
+        self.learn.get_preds(dl=valid)  # warm the evaluation path (and its compiled graph)
+        self.job.sync()
+        check("bench (evaluation)")
+        t0 = time.perf_counter()
+        self.learn.get_preds(dl=valid)
+        self.job.sync()
+        return len(self.nd.valid) / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        for dl in (*self.nd.dls.loaders, self.nd.test_dl):
+            dl.close()
 
 
-def _defaults(ds, cfg, form, net, stages, warmup, steps, device) -> list[dict]:
+class DefaultsArm(Arm):
     """What a user would otherwise write: a plain image DataBlock (RGB PILImage, fastai's
     batch augmentation and ImageNet normalisation) and `vision_learner(...).to_bf16()` with
-    fastai's defaults (Adam, train_bn=True, default workers); stages via the block splitter."""
+    fastai's defaults (Adam, train_bn=True, default workers, torch's cuDNN settings); stages
+    via the block splitter. It does not depend on the freezing style: one arm serves both."""
+
+    name, label = "defaults", "fastai defaults"
+
+    def __init__(self, job: BenchJob):
+        self.job = job
+        self.learn = _defaults_learner(job)
+
+    def enter(self, stage) -> None:
+        from fastcxr.train.schedule import apply_stage, stage_lrs
+
+        unfrozen = apply_stage(self.learn, stage)
+        self.lrs = stage_lrs(self.learn, len(unfrozen), stage.lr, self.job.cfg.lr_ratio)
+
+    def measure(self, what: str) -> dict:
+        return {"img_s": _fit_img_s(self.learn, self.job, what, self.lrs), "compile_s": None}
+
+
+def _defaults_learner(job: BenchJob):
     import torch
     from fastai.data.block import DataBlock
     from fastai.data.transforms import ColReader, ColSplitter, Normalize
@@ -330,9 +413,9 @@ def _defaults(ds, cfg, form, net, stages, warmup, steps, device) -> list[dict]:
     from fastcxr.data import apply_policy
     from fastcxr.fastpath import AUGMENT
     from fastcxr.models import TorchvisionArch, block_splitter
-    from fastcxr.schedule import apply_stage, stage_lrs
-    from fastcxr.study import silence
+    from fastcxr.train.learner import silence
 
+    cfg, form, net, ds = job.cfg, job.form, job.net, job.ds
     df = apply_policy(ds.df, cfg, net.findings)
     df = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
     df["is_valid"] = df["split"] == "valid"
@@ -347,24 +430,218 @@ def _defaults(ds, cfg, form, net, stages, warmup, steps, device) -> list[dict]:
         splitter=ColSplitter("is_valid"),
         batch_tfms=batch_tfms,
     )
-    dls = block.dataloaders(df, bs=cfg.batch_size, device=device)
+    dls = block.dataloaders(df, bs=cfg.batch_size, device=job.device)
     arch = TorchvisionArch(cfg.arch)  # torchvision's builder, as `vision_learner(dls, resnet152)`
     learn = vision_learner(
         dls, arch, n_out=form.n_out(net), pretrained=False, cut=arch.cut,
-        loss_func=form.loss(net, powerset_bits(len(net.findings)), device=device),
+        loss_func=form.loss(net, powerset_bits(len(net.findings)), device=job.device),
         splitter=block_splitter, metrics=[],
     )  # fmt: skip
-    if torch.device(device).type == "cuda":
+    if torch.device(job.device).type == "cuda":
         learn = learn.to_bf16()
-    silence(learn)
-    sync = _sync_fn(device)
-    rows = []
+    return silence(learn)
+
+
+def _set_cudnn(benchmark: bool, deterministic: bool) -> None:
+    import torch
+
+    torch.backends.cudnn.benchmark = benchmark
+    torch.backends.cudnn.deterministic = deterministic
+
+
+@contextmanager
+def restored_globals():
+    """Leave the process's global settings as they were: cuDNN's benchmark and deterministic
+    flags, fastai's default device, dynamo's graph limits and the Python, NumPy and torch
+    random states (the arms seed them, set cuDNN per arm, and raise the graph limits)."""
+    import random
+
+    import torch
+    from fastai.torch_core import defaults
+
+    from fastcxr.adapters import compile_cache_limits, set_compile_cache_limits
+
+    cudnn = torch.backends.cudnn
+    flags = (cudnn.benchmark, cudnn.deterministic)
+    use_cuda = getattr(defaults, "use_cuda", None)
+    limits = compile_cache_limits()
+    rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = flags
+        defaults.use_cuda = use_cuda
+        set_compile_cache_limits(limits)
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.set_rng_state(rngs[2])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def build_arms(jobs: list[BenchJob], defaults: bool, say) -> dict:
+    """{(arm name, style or None): Arm}, in the order every round measures them: per style the
+    limit then fastcxr, then (one for both styles) the fastai defaults. All are alive together
+    (each holds its model, optimizer state and loader workers)."""
+    arms: dict = {}
+    try:
+        for job in jobs:
+            say(f"building the limit and fastcxr loops, {job.style} freezing")
+            check("bench (building its loops)")
+            arms["limit", job.style] = LimitArm(job)
+            check("bench (building its loops)")
+            arms["fastcxr", job.style] = FastcxrArm(job)
+        if defaults:
+            say("building the fastai-defaults loop")
+            check("bench (building its loops)")
+            arms["defaults", None] = DefaultsArm(jobs[0])
+    except BaseException:
+        close_arms(arms)
+        raise
+    return arms
+
+
+def close_arms(arms: dict) -> None:
+    for arm in arms.values():
+        arm.close()
+
+
+def run_rounds(arms: dict, stages, rounds: int, fresh_compile: bool, say) -> dict[str, list]:
+    """{stage name: [{arm key: measured} per round]}. Per stage every arm enters the stage;
+    then each round measures every arm, in `arms` order, so that drift of a shared machine
+    reaches the arms of a round alike.
+
+    Every round repeats the warmup: each is a new fit, whose loader refills its queue. With
+    `fresh_compile`, each arm's first round of a stage starts from an empty compile cache, so
+    its compile time is that of a fresh run (the arms' graphs are alike and would otherwise be
+    reused); a later round's warmup may recompile what another arm's fresh start discarded,
+    untimed."""
+    import torch
+
+    out: dict[str, list] = {}
     for st in stages:
-        unfrozen = apply_stage(learn, st)
-        tp = Throughput(warmup, steps, sync, f"bench (fastai defaults, stage {st.name})")
-        learn.fit(10_000, lr=stage_lrs(learn, len(unfrozen), st.lr, cfg.lr_ratio), cbs=[tp])
-        rows.append({"img_s": tp.images / tp.seconds})
+        for arm in arms.values():
+            arm.enter(st)
+        out[st.name] = []
+        for r in range(rounds):
+            got = {}
+            for key, arm in arms.items():
+                what = f"{arm.label}, stage {st.name}, round {r + 1} of {rounds}"
+                say(what)
+                if fresh_compile and r == 0:
+                    torch.compiler.reset()
+                _set_cudnn(*arm.cudnn)
+                got[key] = arm.measure(f"bench ({what})")
+            out[st.name].append(got)
+    return out
+
+
+def _ratio_spread(ratios: np.ndarray) -> tuple[float, list[float], float]:
+    """(median, [min, max], (max − min) / median) of per-round ratios."""
+    med = float(np.median(ratios))
+    lo, hi = float(ratios.min()), float(ratios.max())
+    return med, [lo, hi], (hi - lo) / med
+
+
+_IMG_S = ("limit_img_s", "fastcxr_img_s", "defaults_img_s")
+
+
+def summarise(per_round: list[dict]) -> dict:
+    """A row's numbers from its rounds (each {"limit_img_s", "fastcxr_img_s"} and, when the
+    defaults were measured, "defaults_img_s"): each arm's median img/s; per ratio the median of
+    the per-round ratios and their [min, max]; `wide` (with `wide_reason`) when fewer than
+    `MIN_ROUNDS` rounds ran or a ratio's (max − min) / median exceeds `WIDE`."""
+    n = len(per_round)
+    img = {k: np.array([r[k] for r in per_round], float) for k in _IMG_S if k in per_round[0]}
+    fast = img["fastcxr_img_s"]
+    spreads = {"fastcxr/limit": _ratio_spread(fast / img["limit_img_s"])}
+    row = {
+        "limit_img_s": float(np.median(img["limit_img_s"])),
+        "fastcxr_img_s": float(np.median(fast)),
+        "fastcxr_vs_limit": spreads["fastcxr/limit"][0],
+    }
+    if "defaults_img_s" in img:
+        spreads["fastcxr/defaults"] = _ratio_spread(fast / img["defaults_img_s"])
+        row["defaults_img_s"] = float(np.median(img["defaults_img_s"]))
+        row["fastcxr_vs_defaults"] = spreads["fastcxr/defaults"][0]
+    reasons = _wide_reasons(n, spreads)
+    return {
+        **row, "rounds": n, "fastcxr_vs_limit_range": spreads["fastcxr/limit"][1],
+        "fastcxr_vs_defaults_range": spreads.get("fastcxr/defaults", (None, None))[1],
+        "wide": bool(reasons), "wide_reason": "; ".join(reasons) or None,
+    }  # fmt: skip
+
+
+def _wide_reasons(n: int, spreads: dict) -> list[str]:
+    """Why a row's ratios are too wide to trust (none: they are not)."""
+    reasons = []
+    if n < MIN_ROUNDS:
+        reasons.append(f"{n} round{'s' * (n != 1)}: at least {MIN_ROUNDS} show the spread")
+    for name, (med, (lo, hi), width) in spreads.items():
+        if width > WIDE:
+            reasons.append(
+                f"{name} ranges {lo:.2f} to {hi:.2f} over {n} rounds, {width:.0%} of its "
+                f"median {med:.2f} (more than {WIDE:.0%})"
+            )
+    return reasons
+
+
+def _rows(stages, styles, measured: dict, defaults: bool) -> list[dict]:
+    """The result's rows, per style then stage (the order `bench` has always reported)."""
+    rows = []
+    for style in styles:
+        for st in stages:
+            per_round = []
+            for m in measured[st.name]:
+                rec = {"limit_img_s": m["limit", style]["img_s"]}
+                rec["fastcxr_img_s"] = m["fastcxr", style]["img_s"]
+                if defaults:
+                    rec["defaults_img_s"] = m["defaults", None]["img_s"]
+                rec["compile_s"] = {a: m[a, style]["compile_s"] for a in ("limit", "fastcxr")}
+                per_round.append(rec)
+            rows.append({
+                "stage": st.name, "unfreeze": st.unfreeze, "freeze_style": style,
+                **summarise(per_round), "compile_s": per_round[0]["compile_s"],
+                "per_round": per_round,
+            })  # fmt: skip
     return rows
+
+
+def check_rounds(rounds) -> int:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise UsageError(f"--rounds must be a whole number of at least 1, not {rounds!r}")
+    return rounds
+
+
+def _free(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_all(jobs: list[BenchJob], stages, rounds: int, defaults: bool, say):
+    """(`run_rounds`'s measurements, evaluation img/s of the first style's fastcxr loop), with
+    the process's global settings restored afterwards and every arm closed."""
+    compiled = jobs[0].speed.compile
+    with restored_globals():
+        if compiled:
+            from fastcxr.adapters import raise_compile_cache_limits
+
+            raise_compile_cache_limits()  # every arm's graphs of a stage, cached together
+        arms = build_arms(jobs, defaults, say)
+        try:
+            measured = run_rounds(arms, stages, rounds, compiled, say)
+            eval_ips = arms["fastcxr", jobs[0].style].eval_img_s()
+        finally:
+            close_arms(arms)
+            del arms
+            _free(jobs[0].device)
+    return measured, eval_ips
 
 
 def bench_train(
@@ -380,11 +657,15 @@ def bench_train(
     device=None,
     project_images: int = 34_000,
     log=None,
+    rounds: int = 3,
 ) -> dict:
     """Training img/s per stage and freezing style: model-only limit, fastcxr, fastai defaults.
 
-    All three run in this process, one after another, on the same device, architecture, image
-    size and batch size; the ratios fastcxr/limit and fastcxr/defaults are what to read.
+    All run in this process on the same device, architecture, image size and batch size, in
+    `rounds` interleaved rounds per stage (`run_rounds`); each row reports the median img/s of
+    each arm, the median and range of the per-round ratios fastcxr/limit and fastcxr/defaults
+    (what to read), and whether the range is too wide to trust (`WIDE`). Leaves the process's
+    global settings as it found them (`restored_globals`).
     """
     import torch
 
@@ -392,6 +673,8 @@ def bench_train(
     from fastcxr.formulations import get_formulation
     from fastcxr.study import Dataset, fastcxr_home
 
+    check_rounds(rounds)
+    say = log or (lambda what: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = cfg.replace(loader="fast")
     speed = resolve_speed(cfg, device)
@@ -400,52 +683,22 @@ def bench_train(
     per_epoch = cfg.batch_size * (warmup + steps)
     images = images or int(per_epoch / 0.8) + 2 * cfg.batch_size  # train is 80% of the cache
     cache = Path(cache or fastcxr_home() / f"bench-{cfg.size}")
-
-    def say(what: str) -> None:
-        if log:
-            log(what)
-
     say(f"image cache: {images} images at {cfg.size}px in {cache}")
     ds = Dataset.load(write_bench_cache(cache, images, cfg.size, speed.workers or None))
-
-    rows, eval_ips = [], None
-    # the limit and fastcxr with fastcxr's cuDNN setting; the defaults with torch's (off)
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
-    for style in freeze_styles:
-        scfg = cfg.replace(freeze_style=style)
-        say(f"model-only limit, {style} freezing")
-        limit = _limit(scfg, speed, form, net, stages, warmup, steps, device)
-        _free(device)  # the previous model's memory, before the next one is built
-        say(f"fastcxr, {style} freezing")
-        fast, e_ips = _fastcxr(ds, scfg, speed, form, net, stages, warmup, steps, device)
-        _free(device)
-        eval_ips = eval_ips or e_ips
-        for st, lim, fc in zip(stages, limit, fast):
-            rows.append({
-                "stage": st.name, "unfreeze": st.unfreeze, "freeze_style": style,
-                "limit_img_s": lim["img_s"], "fastcxr_img_s": fc["img_s"],
-                "fastcxr_vs_limit": fc["img_s"] / lim["img_s"],
-                "compile_s": {"limit": lim["compile_s"], "fastcxr": fc["compile_s"]},
-            })  # fmt: skip
-    if defaults:
-        say("fastai defaults")
-        torch.backends.cudnn.benchmark = False
-        base = _defaults(ds, cfg, form, net, stages, warmup, steps, device)
-        for r in rows:
-            d = base[[s.name for s in stages].index(r["stage"])]["img_s"]
-            r["defaults_img_s"] = d
-            r["fastcxr_vs_defaults"] = r["fastcxr_img_s"] / d
-    torch.backends.cudnn.benchmark = saved
-    result = {
+    jobs = [
+        BenchJob(cfg.replace(freeze_style=s), speed, form, net, ds, warmup, steps, device)
+        for s in freeze_styles
+    ]
+    measured, eval_ips = measure_all(jobs, stages, rounds, defaults, say)
+    rows = _rows(stages, freeze_styles, measured, defaults)
+    return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "arch": cfg.arch, "size": cfg.size, "batch_size": cfg.batch_size,
         "formulation": formulation, "speed": speed.to_dict(), "warmup": warmup,
-        "steps": steps, "cache": str(cache), "cache_images": images,
-        "eval_img_s": eval_ips, "rows": rows,
+        "steps": steps, "rounds": rounds, "wide_threshold": WIDE, "cache": str(cache),
+        "cache_images": images, "eval_img_s": eval_ips, "rows": rows,
         "projection": project_compare(rows, eval_ips, cfg.freeze_style, project_images),
     }  # fmt: skip
-    return result
 
 
 def project_compare(rows: list[dict], eval_ips: float, style: str, train_images: int) -> dict:
