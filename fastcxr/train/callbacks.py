@@ -137,24 +137,27 @@ class EarlyStop(TrackerCallback):
 class SmoothLoss(Callback):
     """fastai's smoothed training loss (`Recorder.smooth_loss`), carried over a resume:
     `Recorder` resets it when a fit starts, so a resumed stage sets it back to where the
-    interrupted fit left it. State: `count`, `val`."""
+    interrupted fit left it. State: `count`, `val` (as of the last finished epoch)."""
 
     order = Recorder.order + 1
 
     def __init__(self):
-        self._loaded: dict | None = None
+        self.count, self.val, self._loaded = 0, 0.0, False
 
     def state_dict(self) -> dict:
-        sl = self.learn.recorder.smooth_loss
-        return {"count": int(sl.count), "val": float(sl.val)}
+        return {"count": self.count, "val": self.val}
 
     def load_state_dict(self, state: dict) -> None:
-        self._loaded = dict(state)
+        self.count, self.val, self._loaded = int(state["count"]), float(state["val"]), True
 
     def before_fit(self):
-        if self._loaded is not None:
+        if self._loaded:
             sl = self.learn.recorder.smooth_loss
-            sl.count, sl.val = self._loaded["count"], torch.tensor(self._loaded["val"])
+            sl.count, sl.val = self.count, torch.tensor(self.val)
+
+    def after_epoch(self):
+        sl = self.learn.recorder.smooth_loss
+        self.count, self.val = int(sl.count), float(sl.val)
 
 
 class History(Callback):
