@@ -142,7 +142,10 @@ class TrainConfig:
         for name, choices in _choices().items():
             v = getattr(self, name)
             if v not in choices:
-                raise UsageError(f"{_option(name)} must be one of {', '.join(choices)}, not {v!r}")
+                raise UsageError(
+                    f"unknown {name.replace('_', ' ')} {v!r}; {_option(name)} must be one of "
+                    f"{', '.join(choices)}"
+                )
 
     def _check_numbers(self) -> None:
         for name, low in (("size", 8), ("batch_size", 1), ("patience", 1), ("seed", 0)):
@@ -244,7 +247,7 @@ class TrainConfig:
         if findings is not None:
             names = findings.split(",") if isinstance(findings, str) else list(findings)
             try:
-                changes["findings"] = canonical_findings([n for n in names if n.strip()])
+                changes["findings"] = canonical_findings(names)
             except ValueError as e:
                 raise UsageError(f"--findings: {e}") from None
         changes.update(_schedules(base, stages, epochs, lr))

@@ -59,8 +59,11 @@ def test_findings_text_or_names_in_the_vocabulary():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"freeze_style": "Keras"}, "--freeze-style must be one of keras, fastai, not 'Keras'"),
-        ({"loader": "fastest"}, "--loader must be one of auto, fast, datablock"),
+        (
+            {"freeze_style": "Keras"},
+            "freeze style 'Keras'; --freeze-style must be one of keras, fastai",
+        ),
+        ({"loader": "fastest"}, "loader 'fastest'; --loader must be one of auto, fast, datablock"),
         ({"precision": "fp16"}, "--precision must be one of auto, bf16, fp32"),
         ({"threshold": "f1"}, "--threshold must be one of youden, sensitivity, specificity"),
         ({"select": "worst"}, "--select must be one of best, last"),
