@@ -39,6 +39,7 @@ from fastai.optimizer import OptimWrapper, set_item_pg
 from fastcore.basics import chunked
 
 from fastcxr import adapters
+from fastcxr.errors import UsageError
 from fastcxr.prepare.cache import load_source
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, read_cached
 
@@ -88,14 +89,14 @@ def resolve_speed(cfg, device: torch.device | str | None = None) -> Speed:
     cuda = device.type == "cuda"
     loader = cfg.loader if cfg.loader != "auto" else ("fast" if cuda else "datablock")
     if loader not in ("fast", "datablock"):
-        raise ValueError(f"unknown loader {cfg.loader!r}; choose auto, fast or datablock")
+        raise UsageError(f"unknown loader {cfg.loader!r}; choose auto, fast or datablock")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"unknown precision {cfg.precision!r}; choose auto, bf16 or fp32")
+        raise UsageError(f"unknown precision {cfg.precision!r}; choose auto, bf16 or fp32")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU does not support bfloat16; use --precision fp32")
+        raise UsageError("this GPU does not support bfloat16; use --precision fp32")
     if loader == "datablock" and (cfg.compile or precision == "bf16"):
-        raise ValueError("--compile and bf16 need the fast loader (--loader fast)")
+        raise UsageError("--compile and bf16 need the fast loader (--loader fast)")
     fast = loader == "fast"
     workers = cfg.workers if cfg.workers is not None else default_workers(fast)
     return Speed(
