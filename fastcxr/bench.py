@@ -1,4 +1,11 @@
-"""Benchmarks that print a ratio against a baseline measured in the same run."""
+"""Benchmarks that print a ratio against a baseline measured in the same run.
+
+`bench_prepare`: DICOM → cache conversion, fastcxr's converter against a plain one.
+`bench_train`: training img/s of three arms — the model-only limit, fastcxr's loop, fastai's
+defaults — measured in interleaved rounds (limit, fastcxr, defaults, repeated), so that drift
+of a shared machine reaches every arm of a round alike; each ratio is the median over rounds,
+with its range, and a row whose range is too wide (`WIDE`) says so.
+"""
 
 from __future__ import annotations
 
