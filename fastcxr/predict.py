@@ -164,7 +164,10 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
         if p.is_dir():
             out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.suffix.lower() == ".csv":
-            df = pd.read_csv(p, dtype={"image": str})
+            try:
+                df = pd.read_csv(p, dtype={"image": str})
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+                raise UsageError(f"{p}: not a readable CSV ({e})") from None
             if "image" not in df.columns:
                 raise UsageError(f"{p}: a manifest needs an 'image' column")
             out += [p.parent / i for i in df["image"]]
