@@ -188,7 +188,13 @@ def resolve_unfreeze(spec: str, names: list[str]) -> int:
     if not block:
         first = members[0]
     else:
-        k = int(block)
+        try:
+            k = int(block)
+        except ValueError:
+            raise UsageError(
+                f"unfreeze spec {spec!r}: the block after _block must be a number, e.g. "
+                f"{stage}_block3 or {stage}_block-3"
+            ) from None
         first = members[max(len(members) + k, 0)] if k < 0 else members[min(k, len(members)) - 1]
     return len(names) - first
 

@@ -85,7 +85,7 @@ def bench(
         from fastcxr.config import FREEZE_STYLES, TrainConfig, parse_stages
 
         styles = tuple(s.strip() for s in freeze_style.split(",") if s.strip())
-        for s in styles:
+        for s in styles or (freeze_style,):
             if s not in FREEZE_STYLES:
                 raise UsageError(f"--freeze-style must list keras and/or fastai, not {s!r}")
         given = {"precision": precision, "compile_backend": compile_backend}
