@@ -32,7 +32,7 @@ _LAZY = {
     "build_model": "fastcxr.models",
     "Preprocessing": "fastcxr.preprocessing",
     "load_run": "fastcxr.runs",
-    "Dataset": "fastcxr.study",
+    "Dataset": "fastcxr.data.dataset",
     "ablation_plan": "fastcxr.study",
     "compare": "fastcxr.study",
     "compare_seeds": "fastcxr.study",

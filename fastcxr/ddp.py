@@ -6,7 +6,7 @@ import torch
 from fastai.distributed import DistributedDL, DistributedTrainer
 
 from fastcxr import adapters
-from fastcxr.fastpath import CacheDL
+from fastcxr.data.cache_loader import CacheDL
 
 
 class ShardedDL(DistributedDL):

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
@@ -23,14 +20,14 @@ from fastai.torch_basics import default_device
 
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.data import apply_policy, check_files, require_thresholds
+from fastcxr.data.dataset import Dataset
 from fastcxr.distributed import barrier, init, is_main
 from fastcxr.errors import UsageError
 from fastcxr.evaluation import CLUSTERED, EvalConfig, evaluate, pairwise, with_holm
 from fastcxr.fastpath import resolve_speed
 from fastcxr.formulations import FORMULATIONS, Formulation, get_formulation, powerset_bits
-from fastcxr.manifest import file_sha256, read_manifest
+from fastcxr.manifest import file_sha256
 from fastcxr.models import block_splitter, build_model, group_names, resolve_unfreeze
-from fastcxr.preprocessing import Preprocessing
 from fastcxr.runs import (
     RunError,
     RunLock,
@@ -42,45 +39,11 @@ from fastcxr.runs import (
     write_json,
 )
 from fastcxr.seeds import read_json, run_seeds
-from fastcxr.train.learner import make_learner as make_learner  # re-exported
-from fastcxr.train.learner import seed_everything as seed_everything  # re-exported
-from fastcxr.train.learner import silence as silence  # re-exported
 from fastcxr.train.network import Job, train_network
 from fastcxr.train.record import TEST_SET_RULE, headline, write_record
 from fastcxr.train.schedule import plan
 
 Log = Callable[[dict], None]
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A manifest on disk: its rows, the folder its image paths are relative to, and its hash."""
-
-    manifest: Path
-    df: pd.DataFrame
-    synthetic: bool = False
-
-    @property
-    def root(self) -> Path:
-        return self.manifest.parent
-
-    @classmethod
-    def load(cls, manifest: str | Path, synthetic: bool = False) -> Dataset:
-        p = Path(manifest)
-        p = p / "manifest.csv" if p.is_dir() else p
-        return cls(p.resolve(), read_manifest(p), synthetic)
-
-    def preprocessing(self, size: int) -> Preprocessing:
-        """The preprocessing its images were made with (`prepare.json`), trained at `size`."""
-        return Preprocessing.of_dataset(self.manifest, size)
-
-    def describe(self) -> dict:
-        return {
-            "manifest": str(self.manifest),
-            "sha256": file_sha256(self.manifest),
-            "synthetic": self.synthetic,
-            "images": len(self.df),
-        }
 
 
 def train_formulation(
@@ -453,39 +416,3 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
         "networks": len(form.networks(cfg.findings)),
         "total_params": sum(p.numel() for p in model.parameters()),
     }
-
-
-def fastcxr_home() -> Path:
-    """Where generated data live: $FASTCXR_HOME, default ~/.cache/fastcxr."""
-    return Path(os.environ.get("FASTCXR_HOME") or Path.home() / ".cache" / "fastcxr")
-
-
-def builtin_dataset(
-    size: int, home: str | Path | None = None, log: Log | None = None, workers: int | None = None
-) -> Dataset:
-    """The built-in synthetic MIMIC-CXR, generated once and prepared once per image size."""
-    from fastcxr.prepare.mimic import prepare_mimic
-    from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic
-
-    home = Path(home or fastcxr_home())
-    spec = SyntheticSpec()
-    raw = home / f"synthetic-mimic-seed{spec.seed}"
-    prepared = raw / f"prepared-{size}"
-    init()  # with several processes, rank 0 builds the data while the others wait
-    if is_main():
-        if not (raw / ".complete").exists():
-            if log:
-                log(
-                    {
-                        "event": "data",
-                        "message": f"generating the built-in synthetic dataset in {raw}",
-                    }
-                )
-            write_synthetic_mimic(raw, spec)
-            (raw / ".complete").write_text("ok\n")
-        if not (prepared / "prepare.json").exists():
-            if log:
-                log({"event": "data", "message": f"preparing it at {size}x{size} in {prepared}"})
-            prepare_mimic(raw, prepared, size=size, workers=workers)
-    barrier()
-    return Dataset.load(prepared / "manifest.csv", synthetic=True)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from fastcxr import adapters
 from fastcxr.adapters import LibraryChanged
-from fastcxr.fastpath import CacheDL, GroupedAdamW
+from fastcxr.data.cache_loader import CacheDL
+from fastcxr.fastpath import GroupedAdamW
 
 
 def _alive(pid: int) -> bool:

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from fastcxr.cli import app
 from fastcxr.config import DEMO, Stage
 from fastcxr.data import DataError, apply_policy, require_thresholds, scored
+from fastcxr.data.dataset import Dataset
 from fastcxr.evaluation import holm, pairwise, with_holm
 from fastcxr.manifest import ManifestError, read_manifest
 from fastcxr.predict import Predictor
-from fastcxr.study import Dataset, train_formulation
+from fastcxr.study import train_formulation
 
 runner = CliRunner()
 FINDINGS = ("Edema", "Pleural Effusion")

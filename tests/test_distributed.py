@@ -75,8 +75,8 @@ def test_shards_of_the_fast_loader_keep_their_workers(prepared):
     two shards cover the epoch; the same worker processes serve every epoch."""
     from fastai.torch_basics import set_seed
 
+    from fastcxr.data.cache_loader import CacheDL
     from fastcxr.ddp import ShardedCacheDL, ShardedDL
-    from fastcxr.fastpath import CacheDL
 
     df = read_manifest(prepared / "manifest.csv")
     files = [prepared / p for p in df["image"]]

@@ -18,10 +18,11 @@ from tiny import TINY_TRAIN, fastcxr
 from fastcxr.bench import project_compare
 from fastcxr.config import DEMO, PAPER_STAGES
 from fastcxr.data import GRAY_MEAN, GRAY_STD, apply_policy, network_data
-from fastcxr.fastpath import default_workers, gpu_augment, resolve_speed
+from fastcxr.data.cache_loader import gpu_augment
+from fastcxr.fastpath import default_workers, resolve_speed
 from fastcxr.formulations import get_formulation
 from fastcxr.manifest import read_manifest
-from fastcxr.study import make_learner
+from fastcxr.train.learner import make_learner
 
 FINDINGS = ("Edema", "Pleural Effusion")
 CFG = DEMO.replace(size=32, batch_size=8, workers=0)
@@ -322,7 +323,7 @@ def test_worker_processes_give_the_same_batches_and_persist(prepared):
     the epoch order changes between epochs; the workers are reused, not restarted."""
     from fastai.torch_basics import set_seed
 
-    from fastcxr.fastpath import CacheDL
+    from fastcxr.data.cache_loader import CacheDL
 
     df = read_manifest(prepared / "manifest.csv")
     files = [prepared / p for p in df["image"]]

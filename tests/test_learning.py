@@ -3,9 +3,10 @@
 import pytest
 
 from fastcxr.config import DEMO, Stage
+from fastcxr.data.dataset import Dataset
 from fastcxr.prepare.mimic import prepare_mimic
 from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic
-from fastcxr.study import Dataset, train_formulation
+from fastcxr.study import train_formulation
 
 
 @pytest.mark.slow

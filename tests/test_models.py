@@ -16,7 +16,8 @@ from fastcxr.models import (
     load_state_dict,
     resolve_unfreeze,
 )
-from fastcxr.schedule import FrozenBNEval, apply_stage, stage_lrs
+from fastcxr.train.callbacks import FrozenBNEval
+from fastcxr.train.schedule import apply_stage, stage_lrs
 
 
 def nparams(m):

@@ -48,7 +48,7 @@ from fastcxr.errors import UsageError
 
 
 def _dataset(data: Path | None, cfg, log):
-    from fastcxr.study import Dataset, builtin_dataset
+    from fastcxr.data.dataset import Dataset, builtin_dataset
 
     if data is None:
         return builtin_dataset(cfg.size, log=log)

@@ -1,4 +1,6 @@
-"""Manifest → fastai `DataLoaders` for one network of a formulation."""
+"""Manifest rows → one network's loaders: the label policy on train/valid and the scored test
+set (`apply_policy`), then fastai's DataBlock path or the fast path's cache loader
+(`network_data`)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from PIL import Image
 
 from fastcxr.config import TrainConfig
 from fastcxr.errors import FastcxrError
-from fastcxr.fastpath import AUGMENT, Speed, cache_loaders, resolve_speed
+from fastcxr.data.cache_loader import cache_loaders
+from fastcxr.fastpath import AUGMENT, Speed, resolve_speed
 from fastcxr.findings import LabelPolicy
 from fastcxr.formulations import Formulation, Network
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, Preprocessing
