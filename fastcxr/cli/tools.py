@@ -153,7 +153,16 @@ def predict(
     ] = None,
     export_dir: Annotated[
         Path | None,
-        typer.Option("--export", help="Also export the model (torch.export .pt2 + export.json)."),
+        typer.Option("--export", help="Also export the model (see --format) with an export.json."),
+    ] = None,
+    export_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Export format: torch (torch.export .pt2 per network, the default) or onnx "
+            "(one model.onnx: uint8 images in, per-finding probabilities out; needs "
+            "pip install 'fastcxr[onnx]').",
+        ),
     ] = None,
     batch_size: BatchSize = 64,
     json_out: Json = False,
@@ -163,6 +172,13 @@ def predict(
         from fastcxr import predict as lib
         from fastcxr.runs import write_csv
 
+        if export_format is not None and export_dir is None:
+            raise UsageError("--format chooses the export's format: it needs --export DIR")
+        export_format = export_format or "torch"
+        if export_format not in lib.EXPORT_FORMATS:
+            raise UsageError(f"--format must be torch or onnx, not {export_format!r}")
+        if export_format == "onnx":
+            lib.onnx_modules()  # a missing extra is refused before any prediction is made
         pred = lib.Predictor.load(run_dir)
         files = lib.collect_inputs(paths)
         task = bar.add_task("predicting", total=len(files))
@@ -173,7 +189,7 @@ def predict(
         if len(fails):
             write_csv(out_csv.with_name(out_csv.stem + "_failures.csv"), fails)
         cams = lib.write_cams(pred, [Path(f) for f in df["file"]], cam) if cam else []
-        exported = lib.export(pred, export_dir) if export_dir else []
+        exported = lib.export(pred, export_dir, export_format) if export_dir else []
     summary = {
         "predicted": len(df),
         "failed": len(fails),

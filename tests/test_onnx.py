@@ -1,0 +1,109 @@
+"""`predict --export DIR --format onnx`: one model.onnx per run (uint8 images in, per-finding
+probabilities out) that gives fastcxr's own numbers in onnxruntime."""
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from tiny import TINY_TRAIN
+from typer.testing import CliRunner
+
+from fastcxr.cli import app
+from fastcxr.predict import Predictor, load_exported
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+runner = CliRunner()
+FINDINGS = ("Edema", "Pleural Effusion")
+
+
+@pytest.fixture(scope="module", params=["multilabel", "multiclass", "single"])
+def exported(request, prepared, tmp_path_factory):
+    """A one-epoch run of each formulation, exported as ONNX through the command line."""
+    form = request.param
+    runs = tmp_path_factory.mktemp(f"runs-{form}")
+    res = runner.invoke(
+        app,
+        ["train", "--formulation", form, "--data", str(prepared), *TINY_TRAIN,
+         "--epochs", "1", "--stages", "all", "--runs", str(runs), "--name", form],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run, out = runs / form, runs / "onnx"
+    one = prepared / pd.read_csv(prepared / "manifest.csv")["image"].iloc[0]
+    res = runner.invoke(
+        app,
+        ["predict", str(run), str(one), "--out", str(runs / "p.csv"), "--export", str(out),
+         "--format", "onnx", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["exported"] == [str(out / "model.onnx"), str(out / "export.json")]
+    return form, run, out
+
+
+def test_onnx_matches_the_predictor_on_the_runs_own_images(exported, prepared):
+    form, run, out = exported
+    meta = json.loads((out / "export.json").read_text())
+    pred = Predictor.load(run, device="cpu")
+    assert pred.precision == "fp32"
+    assert meta["model_format"] == "onnx" and meta["format"] == "fastcxr-export-1"
+    assert meta["findings"] == list(pred.findings) == list(FINDINGS)
+    assert meta["thresholds"] == pred.thresholds
+    assert meta["preprocessing"]["size"] == pred.size == 32
+    assert meta["preprocessing"]["mean"] == pred.preprocessing.mean
+    spec = meta["onnx"]
+    assert spec["opset"] >= 17 and spec["file"] == "model.onnx"
+    assert spec["input"] == {"name": "image", "dtype": "uint8", "shape": ["batch", 1, 32, 32]}
+    assert spec["output"]["dtype"] == "float32" and spec["output"]["shape"] == ["batch", 2]
+    assert len(meta["networks"]) == (2 if form == "single" else 1)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, inp.type, outp.name) == ("image", "tensor(uint8)", "probabilities")
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    imgs = np.stack([pred.load_image(prepared / p) for p in manifest["image"]])
+    want = pred.probabilities(imgs)
+    assert want.std(axis=0).min() > 0  # the images give different probabilities
+    for batch in (imgs[:1], imgs[:7], imgs):  # the batch dimension is dynamic
+        got = sess.run(["probabilities"], {"image": batch[:, None]})[0]
+        assert got.shape == (len(batch), 2) and got.dtype == np.float32
+        diff = np.abs(got - want[: len(batch)]).max()
+        print(f"{form}: max |onnx - Predictor| = {diff:.2e} over {len(batch)} images")
+        assert diff <= 1e-4
+    if form == "multiclass":  # marginals of the label powerset: probabilities, not a softmax
+        assert not np.allclose(got.sum(axis=1), 1)
+    # load_exported gives the same function for either format
+    run_it = load_exported(out)
+    np.testing.assert_allclose(run_it(imgs[:, None].astype(np.float32)), want, atol=1e-4)
+
+
+def test_format_needs_export(tmp_path):
+    res = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path), "--format", "onnx"])
+    assert res.exit_code == 2
+    assert "--format" in res.stderr and "--export" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_format_is_refused(tmp_path):
+    res = runner.invoke(
+        app, ["predict", str(tmp_path), str(tmp_path), "--export", str(tmp_path / "x"),
+              "--format", "tflite"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "tflite" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("module", ["onnx", "onnxruntime", "onnxscript"])
+def test_a_missing_onnx_package_names_the_extra(module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    res = runner.invoke(
+        app, ["predict", str(tmp_path), str(tmp_path), "--export", str(tmp_path / "x"),
+              "--format", "onnx"],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert module in res.stderr and "pip install 'fastcxr[onnx]'" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
