@@ -27,6 +27,9 @@ NIH_ONLY_FINDINGS = ("Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis",
                      "Pleural Thickening", "Hernia")  # fmt: skip
 ALL_FINDINGS = CHEXPERT_FINDINGS + NIH_ONLY_FINDINGS
 STUDY_FINDINGS = ("Edema", "Pleural Effusion")  # the study's two findings, in its order
+# `composition`'s age groups: [lower, upper) in years; the last is open-ended.
+AGE_GROUPS = (("0-20", 0, 20), ("20-40", 20, 40), ("40-60", 40, 60), ("60-80", 60, 80),
+              ("80+", 80, float("inf")))  # fmt: skip
 
 # Other spellings users and datasets use (lower-case) → the canonical name.
 _ALIASES = {
@@ -155,7 +158,10 @@ class LabelPolicy:
 
 def composition(df: pd.DataFrame, findings: Sequence[str], policy: LabelPolicy) -> dict:
     """Per split: how many images hold each label combination under `policy` (the study's
-    Table 2; keys like "0,1" in the order of `findings`), and each finding's raw counts."""
+    Table 2; keys like "0,1" in the order of `findings`), each finding's raw counts, and
+    `demographics`: the split's images (before the policy) by sex (F, M, unknown) and by age
+    group (0-20, 20-40, 40-60, 60-80, 80+ years, lower bound included, and unknown); all
+    unknown for a manifest without the `sex` / `age` columns."""
     kept = policy.apply(df, findings)
     out: dict = {"splits": {}}
     splits = [s for s in ("train", "valid", "test") if s in set(df["split"])]
@@ -174,8 +180,27 @@ def composition(df: pd.DataFrame, findings: Sequence[str], policy: LabelPolicy) 
                 for bits in map(tuple, powerset_bits(len(findings)).tolist())
             },
             "findings": {f: _raw_counts(raw[f]) for f in findings},
+            "demographics": demographic_counts(raw),
         }
     return out
+
+
+def demographic_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Rows by sex (F/M/unknown) and by age group (`AGE_GROUPS`, then unknown)."""
+    n = len(df)
+    if "sex" in df.columns:
+        sex = df["sex"].where(df["sex"].notna(), "").astype(str).str.strip()
+    else:
+        sex = pd.Series("", index=df.index)
+    by_sex = {s: int((sex == s).sum()) for s in ("F", "M")}
+    by_sex["unknown"] = n - sum(by_sex.values())
+    if "age" in df.columns:
+        age = pd.to_numeric(df["age"], errors="coerce").astype(float)
+    else:
+        age = pd.Series(np.nan, index=df.index)
+    by_age = {name: int(((age >= lo) & (age < hi)).sum()) for name, lo, hi in AGE_GROUPS}
+    by_age["unknown"] = n - sum(by_age.values())
+    return {"sex": by_sex, "age": by_age}
 
 
 def _raw_counts(col: pd.Series) -> dict[str, int]:

@@ -3,6 +3,10 @@
 Columns: `image` (path relative to the manifest's folder), `patient_id`, `study_id`, `view`,
 `split` (train/valid/test) and one column per finding with the *raw* label
 (1, 0, -1 uncertain, blank = not mentioned).
+
+Optional demographic columns (every `prepare` writes them, blank where the dataset has no
+value; manifests written before them stay valid): `sex` (F or M, blank = unknown), `age`
+(years, a number in 0..120, blank = unknown) and `race` (free text, blank = unknown).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from fastcxr.errors import FastcxrError
 
 REQUIRED = ("image", "patient_id", "split")
 SPLITS = ("train", "valid", "test")
+SEXES = ("F", "M")
+AGE_RANGE = (0, 120)
 
 
 class ManifestError(FastcxrError, ValueError):
@@ -31,7 +37,10 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise ManifestError(f"no manifest at {path}")
     try:
-        df = pd.read_csv(path, dtype={"image": str, "patient_id": str, "study_id": str})
+        df = pd.read_csv(
+            path,
+            dtype={"image": str, "patient_id": str, "study_id": str, "sex": str, "race": str},
+        )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{path}: malformed CSV ({e})") from e
     if "patient_id" in df.columns:  # "123" and "123 " are one patient
@@ -79,6 +88,37 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> None
             raise ManifestError(
                 f"{source}: row {i + 2}, column 'image': path {p!r} leaves the "
                 "dataset folder (absolute or '..')"
+            )
+    validate_demographics(df, source)
+
+
+def validate_demographics(df: pd.DataFrame, source: str | Path = "manifest") -> None:
+    """`sex` in {F, M, blank} and `age` a number in 0..120 or blank, where the columns exist;
+    a bad value is a `ManifestError` naming its CSV rows (header = row 1)."""
+    if "sex" in df.columns:
+        sex = df["sex"]
+        text = sex.astype(str).str.strip()
+        bad = sex.notna().to_numpy() & ~text.isin(["", *SEXES]).to_numpy()
+        if bad.any():
+            rows = [int(i) + 2 for i in np.flatnonzero(bad)]
+            values = sorted(set(text[bad]))
+            raise ManifestError(
+                f"{source}: {len(rows)} row(s) have a sex other than F, M or blank "
+                f"(rows {_shown(rows, 10)}; values {_shown(values, 5)})"
+            )
+    if "age" in df.columns:
+        age = df["age"]
+        num = pd.to_numeric(age, errors="coerce").astype(float)
+        text = age.astype(str).str.strip()
+        blank = age.isna().to_numpy() | (text == "").to_numpy()
+        lo, hi = AGE_RANGE
+        bad = ~blank & (num.isna() | (num < lo) | (num > hi)).to_numpy()
+        if bad.any():
+            rows = [int(i) + 2 for i in np.flatnonzero(bad)]
+            values = list(dict.fromkeys(text[bad]))
+            raise ManifestError(
+                f"{source}: {len(rows)} row(s) have an age that is not a number of years in "
+                f"{lo}..{hi} or blank (rows {_shown(rows, 10)}; values {_shown(values, 5)})"
             )
 
 

@@ -32,8 +32,8 @@ def labels(
     blank: Blank = "drop",
     json_out: Json = False,
 ) -> None:
-    """Label composition under a policy: combinations per split (the study's Table 2) and
-    each finding's raw 1/0/-1/blank counts."""
+    """Label composition under a policy: combinations per split (the study's Table 2),
+    each finding's raw 1/0/-1/blank counts, and the images by sex and age group."""
     with guarded():
         from fastcxr.findings import STUDY_FINDINGS, LabelPolicy, canonical_findings, composition
         from fastcxr.manifest import read_manifest
@@ -123,6 +123,15 @@ def mimic(
             "a Modality tag is kept."
         ),
     ] = "CR,DX,DR",
+    demographics: Annotated[
+        Path | None,
+        typer.Option(
+            "--demographics",
+            help="MIMIC-IV folder with patients.csv and admissions.csv (.csv.gz too; or their "
+            "hosp/ subfolder): the manifest's sex, age (at the study, from anchor_age and "
+            "anchor_year) and race. Without it the root is looked in; else they are blank.",
+        ),
+    ] = None,
     json_out: Json = False,
 ) -> None:
     """MIMIC-CXR (DICOM or JPG release): join the label files to the images; write
@@ -143,6 +152,7 @@ def mimic(
         manifest_only=manifest_only,
         list_files=list_files,
         modalities=_modalities(modalities),
+        demographics=demographics,
     )
 
 

@@ -296,7 +296,35 @@ def labels(result: Mapping, findings: Sequence[str], policy: str) -> Page:
     for split, r in result["splits"].items():
         for f, counts in r["findings"].items():
             ft.add_row(split, f, *[str(counts[k]) for k in ("1", "0", "-1", "blank")])
-    return Page().out(t, ft)
+    return render_demographics(result, Page().out(t, ft))
+
+
+def render_demographics(result: Mapping, page: Page | None = None) -> Page:
+    """`fastcxr labels`: images per split by sex and by age group (a note instead when the
+    manifest records neither)."""
+    page = page or Page()
+    splits = {s: r["demographics"] for s, r in result["splits"].items() if "demographics" in r}
+    if not splits:
+        return page
+    known = any(
+        n for d in splits.values() for part in ("sex", "age") for k, n in d[part].items()
+        if k != "unknown"
+    )  # fmt: skip
+    if not known:
+        return page.err("no sex or age recorded in this manifest (none in the dataset, or "
+                        "prepared before fastcxr wrote the demographic columns)")  # fmt: skip
+    first = next(iter(splits.values()))
+    t = Table(title="Images by sex and age group")
+    t.add_column("split")
+    sex_label = {"F": "female", "M": "male", "unknown": "sex unknown"}
+    for c in first["sex"]:
+        t.add_column(sex_label.get(c, c), justify="right")
+    for c in first["age"]:
+        t.add_column(f"age {c}", justify="right")
+    for split, d in splits.items():
+        t.add_row(split, *[str(d["sex"][c]) for c in first["sex"]],
+                  *[str(d["age"][c]) for c in first["age"]])  # fmt: skip
+    return page.out(t)
 
 
 def prepare(report: Mapping, root: Any, out_dir: Any) -> Page:

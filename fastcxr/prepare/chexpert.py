@@ -14,7 +14,13 @@ from pathlib import Path
 import pandas as pd
 
 from fastcxr.findings import CHEXPERT_FINDINGS
-from fastcxr.prepare.common import PrepareReport, carve_split, finish, read_label_file
+from fastcxr.prepare.common import (
+    PrepareReport,
+    carve_split,
+    demographics,
+    finish,
+    read_label_file,
+)
 
 FRONTAL_VIEWS = ("PA", "AP")
 REQUIRED = ("Path", "Frontal/Lateral", "AP/PA")
@@ -61,7 +67,8 @@ def chexpert_table(
     out = pd.DataFrame({
         "image": "images/" + rel.str.replace("/", "_").str.rsplit(".", n=1).str[0] + ".png",
         "patient_id": df["patient_id"], "study_id": df["study_id"], "view": df["view"],
-        "split": df["split"], "source": rel,
+        "split": df["split"], **demographics(df.index, df.get("Sex"), df.get("Age")),
+        "source": rel,
         **{f: df[f] for f in findings},
     })  # fmt: skip
     return out.reset_index(drop=True)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fastcxr.errors import FastcxrError, UsageError
@@ -48,6 +50,64 @@ def read_label_file(path: Path, required: Sequence[str]) -> pd.DataFrame:
     if missing:
         raise PrepareError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
     return df
+
+
+# -- demographics -------------------------------------------------------------------------------
+# The manifest's optional demographic columns, written by every `prepare` (blank when the
+# dataset does not record them): `sex` F/M, `age` in years (0..120), `race` free text.
+DEMOGRAPHIC_COLUMNS = ("sex", "age", "race")
+MAX_AGE = 120
+_SEX = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
+# "058Y", "7M", "12 W", "3D" (NIH's older releases; the DICOM Age String), or a bare number.
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
+_AGE_UNIT = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def parse_sex(values: pd.Series) -> pd.Series:
+    """Sex as F/M: "Female"/"F" → "F", "Male"/"M" → "M" (any case); anything else
+    ("Unknown", blank, "O") → "" (unknown)."""
+    return values.map(lambda v: _SEX.get(str(v).strip().lower(), "") if pd.notna(v) else "")
+
+
+def _age_years(v) -> float:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return np.nan
+    if isinstance(v, int | float | np.integer | np.floating):
+        return float(v)
+    m = _AGE.match(str(v))
+    return float(m.group(1)) * _AGE_UNIT[m.group(2).upper()] if m else np.nan
+
+
+def parse_age(values: pd.Series) -> pd.Series:
+    """Ages in years: numbers as they are, "058Y" / "7M" / "12W" / "3D" strings converted;
+    blank, unparseable and implausible values (outside 0..120, such as the few ages over 400
+    in NIH ChestX-ray14) become blank. Whole years stay integers (nullable `Int64`)."""
+    age = values.map(_age_years).astype(float)
+    age[(age < 0) | (age > MAX_AGE)] = np.nan
+    known = age.dropna()
+    if (known == known.round()).all():
+        return age.round().astype("Int64")
+    return age.round(2)
+
+
+def demographics(
+    index: pd.Index,
+    sex: pd.Series | None = None,
+    age: pd.Series | None = None,
+    race: pd.Series | None = None,
+) -> dict[str, pd.Series]:
+    """The three demographic columns for a table with `index` (each blank where not given):
+    pass a dataset's raw sex / age / race values; they are normalised here."""
+    blank = pd.Series("", index=index, dtype=object)
+    return {
+        "sex": parse_sex(sex) if sex is not None else blank,
+        "age": parse_age(age) if age is not None else pd.Series(np.nan, index=index),
+        "race": (
+            race.map(lambda v: str(v).strip() if pd.notna(v) else "").astype(object)
+            if race is not None
+            else blank.copy()
+        ),
+    }
 
 
 def patient_fraction(patient: str, seed: int) -> float:

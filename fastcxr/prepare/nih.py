@@ -4,6 +4,11 @@
 Follow-up #, Patient ID, Patient Age, Patient Gender, View Position, …. The official
 `test_list.txt` is the test split; validation is carved from `train_val_list.txt` by patient.
 Labels are text-mined and binary: every finding is 1 or 0 (no uncertain, no blank).
+
+Demographics: `Patient Gender` (M/F) → the manifest's `sex`; `Patient Age` → `age` in years
+(the 2020 release writes integers, the original 2017 one strings such as "058Y"; both are
+read; the handful of impossible ages over 120 in the release become blank); no race is
+recorded, so `race` is blank.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from fastcxr.prepare.common import (
     PrepareError,
     PrepareReport,
     carve_split,
+    demographics,
     finish,
     read_label_file,
 )
@@ -77,6 +83,7 @@ def nih_table(
         "patient_id": df["Patient ID"].astype(str),
         "study_id": df["Patient ID"].astype(str) + "/" + df.get("Follow-up #", 0).astype(str),
         "view": df["View Position"].astype(str), "split": split,
+        **demographics(df.index, df.get("Patient Gender"), df.get("Patient Age")),
         "source": [paths.get(n, f"images/{n}") for n in df["Image Index"]],
     })  # fmt: skip
     for nih, name in NIH_FINDINGS.items():

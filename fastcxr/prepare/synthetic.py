@@ -7,6 +7,8 @@ The tree `prepare synthetic OUT` writes is laid out exactly like a MIMIC-CXR dow
     OUT/mimic-cxr-2.0.0-metadata.csv.gz   dicom_id, subject_id, study_id, …, ViewPosition, …
     OUT/mimic-cxr-2.0.0-chexpert.csv.gz   subject_id, study_id, 14 findings (1/0/-1/blank)
     OUT/mimic-cxr-2.0.0-split.csv.gz      dicom_id, study_id, subject_id, split
+    OUT/patients.csv                      MIMIC-IV's: subject_id, gender, anchor_age, anchor_year, …
+    OUT/admissions.csv                    MIMIC-IV's: subject_id, hadm_id, admittime, …, race
 
 Images carry learnable signs: a pleural effusion is a basal opacity with a meniscus that
 blunts the costophrenic angle; pulmonary edema is a bilateral perihilar ("bat-wing") haze.
@@ -15,6 +17,13 @@ follow the study's training set (Table 2: (Edema, Effusion) = (0,0) 11548,
 (0,1) 5709, (1,0) 2310, (1,1) 14136). Labels are per study; patients have several studies;
 some labels are uncertain (-1) or blank; views are PA, AP and lateral; pixel data are 12-bit
 MONOCHROME1 or MONOCHROME2, with or without a rescale and window tags.
+
+Demographics, as MIMIC-IV's `patients.csv` / `admissions.csv` would give them (which
+`prepare mimic` reads from the root): about half women, ages 18-90 in the anchor year (the
+year of the first study) and a few years more at later studies, a handful of race categories
+with MIMIC-IV's spellings, some patients' admissions disagreeing and some holding only
+UNKNOWN / UNABLE TO OBTAIN / PATIENT DECLINED TO ANSWER. They are drawn from a generator of
+their own after everything else, so the images and labels are those of a tree without them.
 """
 
 from __future__ import annotations
@@ -37,6 +46,14 @@ from fastcxr.runs import write_atomic, write_csv
 TABLE2 = {(0, 0): 11548, (0, 1): 5709, (1, 0): 2310, (1, 1): 14136}  # (Edema, Effusion)
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 SPLIT_PROBS = {"train": 0.75, "validate": 0.10, "test": 0.15}
+# MIMIC-IV's spellings, roughly its shares of patients; "" = a patient whose admissions only
+# hold the unknown markers.
+RACES = {
+    "WHITE": 0.58, "BLACK/AFRICAN AMERICAN": 0.15, "HISPANIC/LATINO - PUERTO RICAN": 0.04,
+    "HISPANIC OR LATINO": 0.03, "ASIAN - CHINESE": 0.03, "ASIAN": 0.02, "OTHER": 0.04,
+    "WHITE - OTHER EUROPEAN": 0.03, "": 0.08,
+}  # fmt: skip
+UNKNOWN_RACES = ("UNKNOWN", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER")
 
 
 @dataclass(frozen=True)
@@ -221,6 +238,50 @@ def _write_image(job) -> None:
     encode_dicom(rng, img, view, meta, path)
 
 
+def synthetic_demographics(
+    subjects: np.ndarray, study_dates: dict[int, list[dt.date]], seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """MIMIC-IV-style `patients` and `admissions` tables for `subjects` (each with the dates
+    of its studies), from a generator of their own (`[seed, 1000]`): drawing them moves no
+    image or label of the tree."""
+    rng = np.random.default_rng([seed, 1000])
+    races, p_race = list(RACES), np.array(list(RACES.values()))
+    p_race = p_race / p_race.sum()
+    hadm_pool = iter(rng.choice(np.arange(20_000_000, 30_000_000), len(subjects) * 6, False))
+    patients, admissions = [], []
+    for subject in (int(s) for s in subjects):
+        dates = study_dates[subject]
+        anchor_year = dates[0].year
+        anchor_age = int(np.clip(np.rint(rng.normal(63, 16)), 18, 90))
+        lo = 2008 + 3 * int(rng.integers(0, 4))
+        patients.append({
+            "subject_id": subject, "gender": "F" if rng.random() < 0.5 else "M",
+            "anchor_age": anchor_age, "anchor_year": anchor_year,
+            "anchor_year_group": f"{lo} - {lo + 2}", "dod": "",
+        })  # fmt: skip
+        race = races[rng.choice(len(races), p=p_race)]
+        for _ in range(1 + min(int(rng.poisson(1.0)), 4)):
+            day = dates[int(rng.integers(0, len(dates)))] - dt.timedelta(int(rng.integers(0, 3)))
+            admit = dt.datetime.combine(day, dt.time(int(rng.integers(0, 24)), 0))
+            r = rng.random()
+            if not race or r < 0.12:  # the marker of an admission that recorded none
+                value = UNKNOWN_RACES[int(rng.integers(0, len(UNKNOWN_RACES)))]
+            elif r < 0.17:  # this admission recorded another category ("" is last: not it)
+                value = races[int(rng.integers(0, len(races) - 1))]
+            else:
+                value = race
+            admissions.append({
+                "subject_id": subject, "hadm_id": int(next(hadm_pool)),
+                "admittime": admit.strftime("%Y-%m-%d %H:%M:%S"),
+                "dischtime": (admit + dt.timedelta(days=int(rng.integers(1, 12)))).strftime(
+                    "%Y-%m-%d %H:%M:%S"
+                ),
+                "admission_type": "EW EMER." if rng.random() < 0.6 else "URGENT",
+                "race": value,
+            })  # fmt: skip
+    return pd.DataFrame(patients), pd.DataFrame(admissions)
+
+
 def write_synthetic_mimic(
     out: str | Path, spec: SyntheticSpec = SyntheticSpec(), workers: int | None = None
 ) -> Path:
@@ -241,12 +302,14 @@ def write_synthetic_mimic(
     edema_i = CHEXPERT_FINDINGS.index("Edema")
     jobs = []
     effusion_i = CHEXPERT_FINDINGS.index("Pleural Effusion")
+    study_dates: dict[int, list[dt.date]] = {}
     for subject in subjects:
         split = split_names[rng.choice(len(split_names), p=list(SPLIT_PROBS.values()))]
         date = dt.date(2110, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3000)))
         for _ in range(1 + min(int(rng.poisson(1.2)), 4)):
             study = int(next(study_pool))
             date += dt.timedelta(days=int(rng.integers(1, 400)))
+            study_dates.setdefault(int(subject), []).append(date)  # (no draw: see below)
             edema, effusion = combos[rng.choice(len(combos), p=p_combo)]
             labels = [np.nan] * len(CHEXPERT_FINDINGS)
             labels[edema_i] = _raw_label(rng, edema, spec)
@@ -343,4 +406,8 @@ def write_synthetic_mimic(
         pd.DataFrame(split_rows, columns=["dicom_id", "study_id", "subject_id", "split"]),
         compression="gzip",
     )
+    # Demographics last, from their own generator: the tree above is the same without them.
+    patients, admissions = synthetic_demographics(subjects, study_dates, spec.seed)
+    write_csv(out / "patients.csv", patients)
+    write_csv(out / "admissions.csv", admissions)
     return out
