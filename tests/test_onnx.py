@@ -2,15 +2,19 @@
 probabilities out) that gives fastcxr's own numbers in onnxruntime."""
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
+from fastcxr.models import build_model, load_state_dict
 from fastcxr.predict import Predictor, load_exported
 
 ort = pytest.importorskip("onnxruntime")
@@ -20,22 +24,62 @@ runner = CliRunner()
 FINDINGS = ("Edema", "Pleural Effusion")
 
 
-@pytest.fixture(scope="module", params=["multilabel", "multiclass", "single"])
-def exported(request, prepared, tmp_path_factory):
-    """A one-epoch run of each formulation, exported as ONNX through the command line."""
-    form = request.param
-    runs = tmp_path_factory.mktemp(f"runs-{form}")
+@pytest.fixture(scope="module")
+def multilabel(prepared, tmp_path_factory):
+    """The one network this file trains: one epoch of a multilabel ResNet-10 at 32 px."""
+    runs = tmp_path_factory.mktemp("runs")
     res = runner.invoke(
         app,
-        ["train", "--formulation", form, "--data", str(prepared), *TINY_TRAIN,
-         "--epochs", "1", "--stages", "all", "--runs", str(runs), "--name", form],
+        ["train", "--formulation", "multilabel", "--data", str(prepared), *TINY_TRAIN,
+         "--epochs", "1", "--stages", "all", "--runs", str(runs), "--name", "multilabel"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    run, out = runs / form, runs / "onnx"
+    return runs / "multilabel"
+
+
+def _derived(trained: Path, form: str, out: Path) -> Path:
+    """A run of another formulation made from the trained one's files, not trained: its
+    network body with the head's last layer cut (single: one row per finding's network,
+    listed in reverse order) or replaced by a seeded random one (multiclass: 4 classes)."""
+    run = out / form
+    shutil.copytree(trained, run)
+    old = "edema+pleural_effusion"
+    side = json.loads((run / f"model-{old}.json").read_text())
+    sd = load_state_dict(run / f"model-{old}.pth")
+    for p in run.glob(f"model-{old}.*"):
+        p.unlink()
+    (last,) = [
+        k for k, v in build_model("resnet10", 4).state_dict().items() if v.shape != sd[k].shape
+    ]
+    nets = {}
+    if form == "multiclass":
+        w = torch.randn(4, sd[last].shape[1], generator=torch.Generator().manual_seed(0))
+        nets[old] = ({**sd, last: w * sd[last].std() * 3}, {**side, "n_out": 4}, side["findings"])
+    else:
+        for i, f in reversed(list(enumerate(side["findings"]))):
+            one = {**side, "n_out": 1, "thresholds": {f: side["thresholds"][f]}}
+            cut = {**sd, last: sd[last][i : i + 1].clone()}
+            nets[f.lower().replace(" ", "_")] = (cut, one, [f])
+    for name, (weights, sidecar, findings) in nets.items():
+        torch.save(weights, run / f"model-{name}.pth")
+        sidecar = {**sidecar, "formulation": form, "findings": findings}
+        (run / f"model-{name}.json").write_text(json.dumps(sidecar))
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "networks": list(nets)}))
+    return run
+
+
+@pytest.fixture(scope="module", params=["multilabel", "multiclass", "single"])
+def exported(request, multilabel, prepared, tmp_path_factory):
+    """A run of each formulation, exported as ONNX through the command line."""
+    form = request.param
+    tmp = tmp_path_factory.mktemp(f"onnx-{form}")
+    run = multilabel if form == "multilabel" else _derived(multilabel, form, tmp)
+    out = tmp / "onnx"
     one = prepared / pd.read_csv(prepared / "manifest.csv")["image"].iloc[0]
     res = runner.invoke(
         app,
-        ["predict", str(run), str(one), "--out", str(runs / "p.csv"), "--export", str(out),
+        ["predict", str(run), str(one), "--out", str(tmp / "p.csv"), "--export", str(out),
          "--format", "onnx", "--json"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
@@ -43,7 +87,7 @@ def exported(request, prepared, tmp_path_factory):
     return form, run, out
 
 
-def test_onnx_matches_the_predictor_on_the_runs_own_images(exported, prepared):
+def test_onnx_matches_the_predictor_on_the_runs_own_images(exported, multilabel, prepared):
     form, run, out = exported
     meta = json.loads((out / "export.json").read_text())
     pred = Predictor.load(run, device="cpu")
@@ -75,6 +119,9 @@ def test_onnx_matches_the_predictor_on_the_runs_own_images(exported, prepared):
         assert diff <= 1e-4
     if form == "multiclass":  # marginals of the label powerset: probabilities, not a softmax
         assert not np.allclose(got.sum(axis=1), 1)
+    if form == "single":  # the multilabel network, cut in two: the same numbers, in order
+        whole = Predictor.load(multilabel, device="cpu").probabilities(imgs)
+        np.testing.assert_allclose(got, whole, atol=1e-6)
     # load_exported gives the same function for either format
     run_it = load_exported(out)
     np.testing.assert_allclose(run_it(imgs[:, None].astype(np.float32)), want, atol=1e-4)
