@@ -273,10 +273,76 @@ def build_report(
         if len(recs) > 1
         else [],
         [p.name for p in written],
+        external=external_validations(runs, eval_cfg),
     )
     (out / "results.md").write_text(md)
     written.append(out / "results.md")
     return written
+
+
+def external_validations(runs: Mapping[str, Path], eval_cfg: EvalConfig) -> dict[str, dict]:
+    """Every evaluation (`fastcxr evaluate`) under the runs: name → {run → its metrics},
+    rescored from its predictions with the report's CI settings."""
+    from fastcxr.external import evaluations_of, read_evaluation
+
+    out: dict[str, dict] = {}
+    for n, p in runs.items():
+        for folder in evaluations_of(p):
+            out.setdefault(folder.name, {})[n] = read_evaluation(folder, eval_cfg)
+    return out
+
+
+def _auc_ci(e: Mapping | None) -> str:
+    """`AUC [lo–hi]`, or why it is undefined."""
+    if not e or e.get("auc") is None:
+        return _f(None, 3, (e or {}).get("undefined") or (e or {}).get("reason") or "not scored")
+    ci = e.get("auc_ci")
+    return f"{e['auc']:.3f} " + (
+        f"[{ci[0]:.3f}–{ci[1]:.3f}]" if ci else f"[CI {_f(None, 3, e.get('auc_ci_reason'))}]"
+    )
+
+
+def external_markdown(external: Mapping[str, Mapping[str, dict]], evals) -> list[str]:
+    """results.md's section: per evaluation, finding × (internal AUC [CI], external AUC [CI],
+    n, positives, decisions at the run's threshold, calibration)."""
+    if not external:
+        return []
+    lines = [
+        "",
+        "## External validation",
+        "",
+        "Each run applied (`fastcxr evaluate`) to another dataset with its own preprocessing, "
+        "precision and validation-chosen thresholds t. Internal: the run's test split; "
+        "external: the evaluated split's images labelled 0 or 1 for the finding (n, "
+        "positives). AUC CI: the report's method (above), over the patients of each set.",
+    ]
+    for name, by_run in external.items():
+        first = next(iter(by_run.values()))
+        lines += ["", f"### {name}", "",
+                  f"- data: `{first['manifest']}` (sha256 `{first['manifest_sha256'][:12]}…`), "
+                  f"split {first['split']}",
+                  "- preprocessing applied: " + first["preprocessing"]["applied"],
+                  f"- {first.get('calibration_method', '')}"]  # fmt: skip
+        for run, m in by_run.items():
+            for w in m.get("preprocessing_mismatch") or []:
+                lines.append(f"- **preprocessing mismatch** ({run}): {w}")
+            bad = m.get("images", {}).get("unreadable")
+            if bad:
+                lines.append(f"- {run}: {bad} unreadable image(s) left out (failures.csv)")
+        lines += ["",
+                  "| run | finding | internal AUC [95% CI] | external AUC [95% CI] | n | "
+                  "positives | t | acc @ t | sens @ t | spec @ t | ECE | Brier |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for run, m in by_run.items():
+            for f, e in m["findings"].items():
+                why = e.get("reason")
+                lines.append(
+                    f"| {run} | {f} | {_auc_ci(evals.get(run, {}).get(f))} | {_auc_ci(e)} | "
+                    f"{e['n']} | {e['positives']} | {_f(e['threshold'], 3, why)} | "
+                    f"{_f(e['accuracy'], 3, why)} | {_f(e['sensitivity'], 3, why)} | "
+                    f"{_f(e['specificity'], 3, why)} | {_f(e['ece'])} | {_f(e['brier'])} |"
+                )
+    return lines
 
 
 def _f(v, d=3, why: str | None = None) -> str:
@@ -297,8 +363,9 @@ def _selected(record: dict) -> str:
     return str(sel) if sel else "last (record predates stage selection)"
 
 
-def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) -> str:
-    """results.md: the tables behind the figures, the policy, split sizes and the config."""
+def results_markdown(intro, recs, evals, findings, ablations, pairs, figures, external=None) -> str:
+    """results.md: the tables behind the figures, the policy, split sizes and the config,
+    and every external validation (`external_validations`)."""
     lines = ["# Results", ""]
     if recs:
         first = next(iter(recs.values()))
@@ -418,5 +485,6 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures) ->
                 )
                 + " |"
             )
+    lines += external_markdown(external or {}, evals)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from fastcxr.cli import datasets, tools, training
+from fastcxr.cli import datasets, evaluate, tools, training
 
 app = typer.Typer(
     add_completion=False,
@@ -34,6 +34,7 @@ app.command("bench-prepare")(tools.bench_prepare)
 app.command("bench")(tools.bench)
 app.command("report")(tools.report)
 app.command("predict")(tools.predict)
+app.command("evaluate")(evaluate.evaluate)
 prepare_app.command("synthetic")(datasets.synthetic)
 prepare_app.command("mimic")(datasets.mimic)
 prepare_app.command("chexpert")(datasets.chexpert)

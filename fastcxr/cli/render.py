@@ -451,3 +451,58 @@ def _median(row: dict, other: str) -> float:
     """A bench row's fastcxr/OTHER ratio: the median over its rounds (older results: the
     quotient of its img/s)."""
     return row.get(f"fastcxr_vs_{other}_median", row[f"fastcxr_vs_{other}"])
+
+
+# -- external validation ------------------------------------------------------------------------
+def auc_ci(m: Mapping | None) -> str:
+    """`AUC [lo–hi]`, or why the AUC or its CI is undefined."""
+    if not m or m.get("auc") is None:
+        return fmt(None, why=(m or {}).get("reason") or "not scored")
+    ci = m.get("auc_ci")
+    tail = f"[{ci[0]:.3f}–{ci[1]:.3f}]" if ci else f"CI {fmt(None, why=m.get('auc_ci_reason'))}"
+    return f"{m['auc']:.3f}\n{tail}"
+
+
+def evaluation(result: Mapping) -> Page:
+    """`fastcxr evaluate`: per run (each formulation of a compare folder) and finding,
+    internal against external AUC with CIs, the decisions at the run's threshold and
+    calibration; mismatches and unreadable images on stderr."""
+    runs = result["runs"] if "runs" in result else {result["run"]: result}
+    cols = ["finding", "internal AUC\n[95% CI]", "external AUC\n[95% CI]", "n", "positives",
+            "t", "acc\n@ t", "sens\n@ t", "spec\n@ t", "ECE", "Brier"]  # fmt: skip
+    page = Page()
+    first = next(iter(next(iter(runs.values()))["findings"].values()), {})
+    method = first.get("auc_ci_method") or "percentile bootstrap over patients"
+    for run, r in runs.items():
+        shown = str(run).rstrip("/").rsplit("/", 1)[-1]
+        t = Table(
+            title=f"{shown} — external validation {result['name']}: {result['manifest']} "
+            f"(split {result['split']})"
+        )
+        for c in cols:
+            t.add_column(c, justify="left" if c == "finding" else "right",
+                         min_width=13 if "AUC" in c else None)  # fmt: skip
+        for f, m in r["findings"].items():
+            why = m.get("reason")
+            t.add_row(
+                f, auc_ci(r.get("internal", {}).get(f)), auc_ci(m), str(m["n"]),
+                str(m["positives"]), fmt(m["threshold"], why=why), fmt(m["accuracy"], why=why),
+                fmt(m["sensitivity"], why="no positive image" if not m["positives"] else why),
+                fmt(m["specificity"], why="no negative image" if m["n"] == m["positives"] else why),
+                fmt(m["ece"]), fmt(m["brier"]),
+            )  # fmt: skip
+        page.out(t)
+        for w in r.get("preprocessing_mismatch") or []:
+            page.err(f"[yellow]{escape(shown)}: preprocessing mismatch — {escape(w)}[/]")
+        bad = (r.get("images") or {}).get("unreadable")
+        if bad:
+            page.err(
+                f"[yellow]{escape(shown)}: {bad} unreadable image(s) left out (listed in "
+                f"{escape(str(r.get('dir', '')))}/failures.csv)[/]"
+            )
+    return page.out(
+        "internal: the run's own test split; external: the images of this split labelled 0 "
+        f"or 1 for the finding. AUC 95% CI: {method}; t: the run's threshold, chosen on its "
+        "validation split. " + result.get("calibration_method", "ECE over 10 equal-width bins"),
+        f"written: {result['dir']}",
+    )
