@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from fastcxr.cli import app
 from fastcxr.models import build_model, load_state_dict
-from fastcxr.predict import Predictor, load_exported
+from fastcxr.predict import Predictor, export, load_exported
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -154,3 +154,11 @@ def test_a_missing_onnx_package_names_the_extra(module, tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     assert module in res.stderr and "pip install 'fastcxr[onnx]'" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_torch_export_keeps_its_keys_and_says_its_format(multilabel, tmp_path):
+    meta_keys = {"format", "findings", "networks", "input", "preprocessing", "thresholds"}
+    export(Predictor.load(multilabel, device="cpu"), tmp_path)  # torch.export by default
+    meta = json.loads((tmp_path / "export.json").read_text())
+    assert set(meta) == meta_keys | {"model_format"} and meta["model_format"] == "torch"
+    assert [n["file"] for n in meta["networks"]] == ["edema+pleural_effusion.pt2"]

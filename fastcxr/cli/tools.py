@@ -160,8 +160,8 @@ def predict(
         typer.Option(
             "--format",
             help="Export format: torch (torch.export .pt2 per network, the default) or onnx "
-            "(one model.onnx: uint8 images in, per-finding probabilities out; needs "
-            "pip install 'fastcxr[onnx]').",
+            "(one model.onnx: uint8 images in, per-finding probabilities out; needs the onnx "
+            "extra: pip install 'fastcxr\\[onnx]').",
         ),
     ] = None,
     batch_size: BatchSize = 64,
