@@ -225,12 +225,24 @@ def _rows(df: pd.DataFrame, split: str, columns: Mapping[str, str], manifest: Pa
 def _sub_runs(run_dir: Path) -> tuple[dict[str, Path], bool]:
     """Formulation runs of a compare folder (True), or the run itself (False)."""
     if (run_dir / "compare.json").exists():
-        names = json.loads((run_dir / "compare.json").read_text())["formulations"]
-        return {n: run_dir / n for n in names}, True
+        try:
+            names = json.loads((run_dir / "compare.json").read_text())["formulations"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{run_dir / 'compare.json'}: unreadable ({e})") from None
+        subs = {n: run_dir / n for n in names}
+        unfinished = [n for n, p in subs.items() if not is_complete(p)]
+        if unfinished:
+            raise RunError(
+                f"{run_dir}: formulation run(s) {', '.join(unfinished)} are not complete; "
+                "resume the comparison first, or evaluate a finished RUN/FORMULATION"
+            )
+        return subs, True
     if is_complete(run_dir):
         return {run_dir.name: run_dir}, False
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run directory")
+    if any(run_dir.glob("seed-*")):
+        raise RunError(f"{run_dir}: a series of seeds; evaluate one seed's folder (RUN/seed-K)")
     raise RunError(f"{run_dir}: not a complete run or compare folder")
 
 
@@ -282,7 +294,7 @@ def _evaluate_one(
         "calibration_method": CALIBRATION,
         "images": {"in_split": in_split, "unscored": unscored, "read": int(read.sum()),
                    "unreadable": int(len(fails))},
-        "failures": fails[["image", "reason"]].head(100).to_dict("records"),
+        "failures": fails[["image", "reason"]].head(100).to_dict("records"),  # all: failures.csv
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fastcxr_version": __version__,
     }  # fmt: skip
@@ -339,7 +351,7 @@ def evaluate_run(
 
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     subs, is_compare = _sub_runs(run_dir)
     dataset = Dataset.load(manifest)
     name = _check_name(name) if name is not None else default_name(dataset.manifest, split)

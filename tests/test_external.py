@@ -227,3 +227,41 @@ def test_compare_folder_and_report(run, external, tmp_path):
                f"[{ext['auc_ci'][0]:.3f}–{ext['auc_ci'][1]:.3f}] | {ext['n']} | "
                f"{ext['positives']} |")  # fmt: skip
         assert row in md, (row, md)
+
+
+def test_findings_match_through_the_vocabulary(tmp_path):
+    from fastcxr.errors import UsageError
+    from fastcxr.external import finding_columns
+
+    df = pd.DataFrame(columns=["image", "patient_id", "split", "Effusion", "pulmonary edema"])
+    got = finding_columns(df, FINDINGS, tmp_path / "manifest.csv")
+    assert got == {"Edema": "pulmonary edema", "Pleural Effusion": "Effusion"}
+    with pytest.raises(UsageError, match=r"no labels for Edema.*it has: Pleural Effusion$"):
+        finding_columns(df.drop(columns=["pulmonary edema"]), FINDINGS, tmp_path / "m.csv")
+
+
+def test_renderer_on_a_hand_made_result():
+    from fastcxr.cli import render
+
+    one_class = {"n": 10, "positives": 0, "threshold": 0.4, "accuracy": 0.9, "sensitivity": None,
+                 "specificity": 0.9, "auc": None, "auc_ci": None, "ece": 0.1, "brier": 0.2,
+                 "auc_ci_reason": "one class in the test set",
+                 "reason": "one class in the test set: AUC undefined"}  # fmt: skip
+    method = "percentile bootstrap over patients (2000 resamples)"
+    fine = {**one_class, "positives": 4, "sensitivity": 0.5, "auc": 0.75, "auc_ci": [0.6, 0.9],
+            "reason": None, "auc_ci_method": method}  # fmt: skip
+    result = {"run": "/r/ml", "name": "x-test", "manifest": "/d/m.csv", "split": "test",
+              "dir": "/r/ml/evaluations/x-test", "findings": {"Pleural Effusion": fine,
+                                                              "Edema": one_class},
+              "internal": {"Edema": {"auc": 0.8, "auc_ci": [0.7, 0.9]}},
+              "preprocessing_mismatch": ["intensity: voi against mimic-jpg"],
+              "images": {"unreadable": 2}}  # fmt: skip
+    page = render.evaluation(result)
+    cells = [list(c.cells) for c in page.stdout[0].columns]
+    assert cells[0] == ["Pleural Effusion", "Edema"]
+    assert cells[1] == ["undefined (not scored)", "0.800\n[0.700–0.900]"]
+    assert cells[2][0] == "0.750\n[0.600–0.900]" and cells[2][1].startswith("undefined (one class")
+    assert cells[7] == ["0.500", "undefined (no positive image)"]
+    err = " ".join(map(str, page.stderr))
+    assert "preprocessing mismatch" in err and "2 unreadable" in err
+    assert "2000 resamples" in " ".join(map(str, page.stdout[1:]))
