@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -62,11 +63,15 @@ class Stage:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _is_positive(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return _is_number(v) and math.isfinite(v) and v > 0
 
 
 # The study's Experiment I: head; + conv5 block 3; + all of conv5; + last 3 blocks of conv4.
@@ -148,7 +153,9 @@ class TrainConfig:
                 )
 
     def _check_numbers(self) -> None:
-        for name, low in (("size", 8), ("batch_size", 1), ("patience", 1), ("seed", 0)):
+        if not _is_int(self.seed):
+            raise UsageError(f"--seed must be an integer, not {self.seed!r}")
+        for name, low in (("size", 8), ("batch_size", 1), ("patience", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < low:
                 raise UsageError(f"{_option(name)} must be an integer >= {low}, not {v!r}")
@@ -156,7 +163,7 @@ class TrainConfig:
             raise UsageError(f"--workers must be 0 or more, not {self.workers!r}")
         if not _is_positive(self.lr_ratio) or self.lr_ratio < 1:
             raise UsageError(f"lr_ratio must be >= 1, not {self.lr_ratio!r}")
-        if not isinstance(self.weight_decay, int | float) or not self.weight_decay >= 0:
+        if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
             raise UsageError(f"weight_decay must be >= 0, not {self.weight_decay!r}")
         for name in ("pretrained", "augment", "compile"):
             if not isinstance(getattr(self, name), bool):
@@ -170,7 +177,7 @@ class TrainConfig:
             raise UsageError("--target needs --threshold sensitivity or specificity")
         if self.threshold != "youden":
             t = self.threshold_target
-            if not isinstance(t, int | float) or not 0 < t < 1:
+            if not _is_number(t) or not 0 < t < 1:
                 raise UsageError(
                     f"--threshold {self.threshold} needs --target X with 0 < X < 1 "
                     f"(the {self.threshold} to reach on the validation split), not {t!r}"
@@ -209,7 +216,7 @@ class TrainConfig:
         epochs: int | None = None,
         patience: int | None = None,
         lr: float | None = None,
-        stages: str | Sequence[Stage] | None = None,
+        stages: str | Sequence[str] | Sequence[Stage] | None = None,
         weights: str | Path | None = None,
         pretrained: bool | None = None,
         freeze_style: str | None = None,
@@ -266,6 +273,8 @@ def _schedules(base: TrainConfig, stages, epochs, lr) -> dict:
         return {}
     upd = {k: v for k, v in (("max_epochs", epochs), ("lr", lr)) if v is not None}
     if stages is not None:
+        if not isinstance(stages, str) and all(isinstance(x, str) for x in stages):
+            stages = ",".join(stages)  # ["head", "c5=conv5"]: specs, as --stages lists them
         new = parse_stages(stages, epochs, lr) if isinstance(stages, str) else tuple(stages)
         new = tuple(dataclasses.replace(s, **upd) for s in new)
         return {"stages": new, "ablation_stages": new}

@@ -77,7 +77,10 @@ class Predictor:
         findings = tuple(cfg["train"]["findings"])
         nets = []
         for p in _weights_of(run_dir, cfg):
-            side = json.loads(p.with_suffix(".json").read_text())
+            try:
+                side = json.loads(p.with_suffix(".json").read_text())
+            except (OSError, ValueError) as e:
+                raise RunError(f"{p.with_suffix('.json')}: unreadable sidecar ({e})") from None
             try:
                 net = build_model(side["arch"], side["n_out"])
             except (KeyError, ValueError) as e:
@@ -89,10 +92,13 @@ class Predictor:
                     f"{p}: the weights do not fit the sidecar's arch {side['arch']!r} with "
                     f"{side['n_out']} outputs: the sidecar was edited or belongs to other weights"
                 ) from None
-            pre = side["preprocessing"]
-            pm = ProbabilityModel(
-                net, side["formulation"], len(side["findings"]), pre["mean"], pre["std"]
-            )
+            try:
+                pre = side["preprocessing"]
+                pm = ProbabilityModel(
+                    net, side["formulation"], len(side["findings"]), pre["mean"], pre["std"]
+                )
+            except (KeyError, TypeError) as e:
+                raise RunError(f"{p.with_suffix('.json')}: unusable sidecar (no {e})") from None
             nets.append(LoadedNetwork(tuple(side["findings"]), pm.to(device).eval(), side))
         if not nets:
             raise RunError(f"{run_dir}: no model-*.pth weights")

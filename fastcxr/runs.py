@@ -146,14 +146,18 @@ def load_run(run_dir: str | Path) -> dict:
         raise RunError(f"{run_dir}: no such run directory")
     if not is_complete(run_dir):
         raise RunError(f"{run_dir}: incomplete run (no complete {RECORD}); resume or rerun it")
-    return {
-        "dir": run_dir,
-        "record": json.loads((run_dir / RECORD).read_text()),
-        "config": json.loads((run_dir / "config.json").read_text()),
-        "metrics": json.loads((run_dir / "metrics.json").read_text()),
-        "history": pd.read_csv(run_dir / "history.csv"),
-        "predictions": pd.read_csv(run_dir / "predictions.csv"),
-    }
+    files = {"record": RECORD, "config": "config.json", "metrics": "metrics.json",
+             "history": "history.csv", "predictions": "predictions.csv"}  # fmt: skip
+    out: dict = {"dir": run_dir}
+    for key, name in files.items():
+        path = run_dir / name
+        try:
+            out[key] = pd.read_csv(path) if name.endswith(".csv") else json.loads(path.read_text())
+        except (OSError, ValueError, pd.errors.ParserError) as e:  # JSON/CSV decode errors
+            raise RunError(
+                f"{path}: unreadable run record file ({type(e).__name__}: {e})"
+            ) from None
+    return out
 
 
 # -- one run, one folder ------------------------------------------------------------------------

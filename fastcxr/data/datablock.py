@@ -19,8 +19,8 @@ from fastai.vision.core import PILImageBW
 from PIL import Image
 
 from fastcxr.config import TrainConfig
-from fastcxr.errors import FastcxrError
 from fastcxr.data.cache_loader import cache_loaders
+from fastcxr.errors import FastcxrError
 from fastcxr.fastpath import AUGMENT, Speed, resolve_speed
 from fastcxr.findings import LabelPolicy
 from fastcxr.formulations import Formulation, Network

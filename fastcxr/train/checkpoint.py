@@ -55,6 +55,8 @@ class NetworkState:
             return None
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
+            if raw.get("format") is None and "stage_probs" in raw:  # fastcxr before #13
+                raw = _from_untyped(raw)
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT}")
             return cls(**{f.name: raw[f.name] for f in fields(cls)})
@@ -67,6 +69,37 @@ class NetworkState:
     @property
     def stage_started(self) -> bool:
         return self.callbacks is not None
+
+
+def _ran(probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stages that produced probabilities (the untyped layout kept NaN for the rest)."""
+    return {k: v for k, v in probs.items() if not bool(torch.isnan(v).all())}
+
+
+def _from_untyped(raw: dict) -> dict:
+    """An interrupted run's checkpoint from fastcxr before `NetworkState` (a plain dict with
+    positional tuples), in this layout, so that such a run still resumes."""
+    stage, callbacks = raw.get("stage"), None
+    if stage:
+        best, best_epoch, best_state = stage["restore"]
+        es_best, wait = stage["early_stop"]
+        count, val = stage.get("smooth_loss", (0, 0.0))
+        callbacks = {
+            "restore": {"best": float(best), "best_epoch": best_epoch, "best_state": best_state,
+                        "epochs": int(stage["epochs_done"])},
+            "early_stop": {"best": float(es_best), "wait": int(wait),
+                           "stopping": bool(stage["stopping"])},
+            "history": {"epochs_done": int(stage["epochs_done"])},
+            "smooth_loss": {"count": int(count), "val": float(val)},
+        }  # fmt: skip
+    history = [{k: v for k, v in r.items() if k != "network"} for r in raw["history"]]
+    return {
+        "format": FORMAT, "stage_index": raw["stage_index"], "model": raw["model"],
+        "rng": raw["rng"], "opt": raw["opt"], "callbacks": callbacks, "results": raw["results"],
+        "history": history, "test_probs": _ran(raw["stage_probs"]),
+        "valid_probs": _ran(raw["valid_probs"]), "complete": bool(raw["complete"]),
+        "summary": raw.get("summary"),
+    }  # fmt: skip
 
 
 def optimizer_state(learn: Learner) -> dict | None:
