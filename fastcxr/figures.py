@@ -202,6 +202,62 @@ def curves_figure(history: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
+def tpr_gap_figure(audit: Mapping, title: str = "") -> Figure:
+    """The subgroup audit's TPR gaps (subgroup − whole test set) with their 95% CIs: one
+    panel per finding, subgroups grouped by attribute; hollow markers: fewer images than
+    the audit's minimum size; a cross at 0: TPR undefined (no positive image)."""
+    findings = list(audit["findings"])
+    labels = [
+        (a, s["subgroup"])
+        for a, groups in next(iter(audit["findings"].values()))["by"].items()
+        for s in groups
+    ]
+    fig, axes = plt.subplots(
+        1,
+        len(findings),
+        figsize=(3.6 * len(findings) + 1.6, 0.32 * len(labels) + 1.6),
+        sharey=True,
+        squeeze=False,
+    )
+    attrs = list(dict.fromkeys(a for a, _ in labels))
+    for ax, f in zip(axes[0], findings):
+        pos = {
+            (a, s["subgroup"]): s
+            for a, groups in audit["findings"][f]["by"].items()
+            for s in groups
+        }
+        for i, key in enumerate(labels):
+            s = pos.get(key)
+            color = COLORS[attrs.index(key[0]) % len(COLORS)]
+            if s is None or s["tpr_gap"] is None:
+                ax.plot([0], [i], "x", color="grey", ms=5)
+                continue
+            ci = s.get("tpr_gap_ci")
+            if ci:
+                ax.plot(ci, [i, i], "-", color=color, lw=1.6)
+            ax.plot(
+                [s["tpr_gap"]], [i], "o", ms=5, color=color, mfc="white" if s["small"] else color
+            )
+        ax.axvline(0, color="grey", lw=1, ls=":")
+        whole = audit["findings"][f]["all"]
+        tpr = "undefined" if whole["tpr"] is None else f"{whole['tpr']:.2f}"
+        ax.set_title(f"{f} (TPR all {tpr})", fontsize=9)
+        ax.set_xlabel("TPR gap to all")
+    axes[0][0].set_yticks(range(len(labels)), [f"{a}: {s}" for a, s in labels], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(
+        f"Subgroup TPR gaps{' — ' + title if title else ''} (hollow: n < {audit['min_size']})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 # -- the report -----------------------------------------------------------------------------
 def _runs_of(path: Path) -> tuple[dict[str, Path], dict | None]:
     """Formulation runs under `path` (a compare folder, or one run) and an ablation, if any."""
@@ -236,10 +292,8 @@ def build_report(
     written: list[Path] = []
 
     def save(fig: Figure, name: str) -> None:
-        p = out / name
-        fig.savefig(p, dpi=130)
-        plt.close(fig)
-        written.append(p)
+        save_figure(fig, out / name)
+        written.append(out / name)
 
     recs = {n: load_run(p) for n, p in runs.items()}
     findings = next(iter(recs.values()))["config"]["train"]["findings"] if recs else []
@@ -262,6 +316,10 @@ def build_report(
     for d, abl in ablations:
         save(ablation_figure(abl), f"ablation_{d.name}.png")
         save(curves_figure(load_run(d)["history"], "Experiment I"), f"curves_ablation_{d.name}.png")
+    audits = subgroup_audits(runs)
+    for key, a in audits.items():
+        if not a["stale"]:
+            save(tpr_gap_figure(a, key), f"tpr_gaps_{key.replace('/', '_')}.png")
     intro = Path(template).read_text().strip() if template else ""
     md = results_markdown(
         intro,
@@ -274,6 +332,7 @@ def build_report(
         else [],
         [p.name for p in written],
         external=external_validations(runs, eval_cfg),
+        audits=audits,
     )
     (out / "results.md").write_text(md)
     written.append(out / "results.md")
@@ -290,6 +349,71 @@ def external_validations(runs: Mapping[str, Path], eval_cfg: EvalConfig) -> dict
         for folder in evaluations_of(p):
             out.setdefault(folder.name, {})[n] = read_evaluation(folder, eval_cfg)
     return out
+
+
+def subgroup_audits(runs: Mapping[str, Path]) -> dict[str, dict]:
+    """Every saved audit (`fastcxr audit`) under the runs: `run` or `run/evaluation` → it."""
+    from fastcxr.audit import audits_of, read_audit
+
+    out = {}
+    for n, p in runs.items():
+        for folder in audits_of(p):
+            key = n if folder.parent == Path(p) else f"{n}/{folder.parent.name}"
+            out[key] = read_audit(folder)
+    return out
+
+
+def audit_markdown(audits: Mapping[str, dict]) -> list[str]:
+    """results.md's section: per audit, finding × attribute × subgroup."""
+    if not audits:
+        return []
+    first = next(iter(audits.values()))
+    lines = ["", "## Subgroup audit", "",
+             f"`fastcxr audit`: each finding within each subgroup of the test images, at the "
+             f"run's validation-chosen threshold. {first['gap_rule']}. AUC CI: "
+             f"{first['ci']['method']}. ⚠: fewer images than the minimum size."]  # fmt: skip
+    for key, a in audits.items():
+        lines += ["", f"### {key}", "", f"- data: `{a['manifest']}`, split {a['split']}; "
+                  f"by {', '.join(a['by'])}; age bins {a['age_bins']}; minimum size "
+                  f"{a['min_size']}"]  # fmt: skip
+        if a["stale"]:
+            lines.append(
+                "- **stale**: the predictions changed since this audit; run "
+                "`fastcxr audit` again (left out)"
+            )
+            continue
+        lines += [f"- warning: {w}" for w in a.get("warnings") or []]
+        lines += ["", "| finding | attribute | subgroup | n | patients | prevalence | "
+                  "AUC [95% CI] | TPR | FPR | TPR gap [95% CI] |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for f, m in a["findings"].items():
+            for attr, groups in {"all": [m["all"]], **m["by"]}.items():
+                for s in groups:
+                    ci = s.get("tpr_gap_ci")
+                    gap = _f(s["tpr_gap"], 3, s.get("reason")) + (
+                        f" [{ci[0]:+.3f} to {ci[1]:+.3f}]" if ci else ""
+                    )
+                    lines.append(
+                        f"| {f} | {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
+                        f"{s['n']} | {s['patients']} | {_f(s['prevalence'])} | {_auc_ci(s)} | "
+                        f"{_f(s['tpr'], 3, s.get('reason'))} | {_f(s['fpr'], 3, s.get('reason'))}"
+                        f" | {gap} |"
+                    )
+        if a.get("underdiagnosis"):
+            lines += ["", a["underdiagnosis_rule"] + ":", "",
+                      "| attribute | subgroup | images with a finding | underdiagnosis | "
+                      "gap [95% CI] |", "|---|---|---|---|---|"]  # fmt: skip
+            for attr, groups in a["underdiagnosis"].items():
+                for s in groups:
+                    ci = s.get("gap_ci")
+                    lines.append(
+                        f"| {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
+                        f"{s['n_with_finding']} | {_f(s['rate'], 3, s.get('reason'))} | "
+                        f"{_f(s['gap'], 3, s.get('reason'))}"
+                        + (f" [{ci[0]:+.3f} to {ci[1]:+.3f}]" if ci else "")
+                        + " |"
+                    )
+    return lines
 
 
 def _auc_ci(e: Mapping | None) -> str:
@@ -363,7 +487,8 @@ def _selected(record: dict) -> str:
     return str(sel) if sel else "last (record predates stage selection)"
 
 
-def results_markdown(intro, recs, evals, findings, ablations, pairs, figures, external=None) -> str:
+def results_markdown(intro, recs, evals, findings, ablations, pairs, figures, external=None,
+                     audits=None) -> str:  # fmt: skip
     """results.md: the tables behind the figures, the policy, split sizes and the config,
     and every external validation (`external_validations`)."""
     lines = ["# Results", ""]
@@ -486,5 +611,6 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures, ex
                 + " |"
             )
     lines += external_markdown(external or {}, evals)
+    lines += audit_markdown(audits or {})
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

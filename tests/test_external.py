@@ -214,9 +214,27 @@ def test_compare_folder_and_report(run, external, tmp_path):
     for form in ("single", "multilabel"):
         m = json.loads((cmp / form / "evaluations" / "ext" / "metrics.json").read_text())
         assert summary["runs"][form]["findings"]["Edema"]["auc"] == m["findings"]["Edema"]["auc"]
+    # the subgroup audit (issue 14, item 3) of every formulation, and of their evaluation
+    res = _cli("audit", cmp, "--by", "sex,view", "--json")
+    assert set(json.loads(res.stdout)["runs"]) == {"single", "multilabel"}
+    res = _cli("audit", cmp, "--evaluation", "ext", "--by", "sex", "--json")
+    ev_audit = json.loads(res.stdout)["runs"]["single"]
+    assert ev_audit["kind"] == "evaluation" and ev_audit["manifest"] == str(
+        (external / "manifest.csv").resolve())  # fmt: skip
+    ext_test = _manifest(external).astype({"sex": str})
+    ext_test = ext_test[(ext_test["split"] == "test") & ext_test["Edema"].isin([0, 1])]
+    got = {s["subgroup"]: (s["n"], s["positives"])
+           for s in ev_audit["findings"]["Edema"]["by"]["sex"]}  # fmt: skip
+    want = {
+        sex: (len(g), int((g["Edema"] == 1).sum()))
+        for sex, g in ext_test.groupby(ext_test["sex"].replace("nan", "unknown"))
+    }
+    assert got == want
     _cli("report", cmp, "--out", tmp_path / "fig")
     md = (tmp_path / "fig" / "results.md").read_text()
     assert "## External validation" in md and "### ext" in md and "Paired comparisons" in md
+    assert "## Subgroup audit" in md and "### single/ext" in md and "### multilabel\n" in md
+    assert (tmp_path / "fig" / "tpr_gaps_single_ext.png").exists()
     ev = evaluate(_predictions(run), FINDINGS, EvalConfig(),
                   json.loads((run / "config.json").read_text())["thresholds"])  # fmt: skip
     m = json.loads((cmp / "single" / "evaluations" / "ext" / "metrics.json").read_text())

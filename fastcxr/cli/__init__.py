@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from fastcxr.cli import datasets, evaluate, tools, training
+from fastcxr.cli import audit, datasets, evaluate, tools, training
 
 app = typer.Typer(
     add_completion=False,
@@ -35,6 +35,7 @@ app.command("bench")(tools.bench)
 app.command("report")(tools.report)
 app.command("predict")(tools.predict)
 app.command("evaluate")(evaluate.evaluate)
+app.command("audit")(audit.audit)
 prepare_app.command("synthetic")(datasets.synthetic)
 prepare_app.command("mimic")(datasets.mimic)
 prepare_app.command("chexpert")(datasets.chexpert)

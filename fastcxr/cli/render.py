@@ -506,3 +506,67 @@ def evaluation(result: Mapping) -> Page:
         "validation split. " + result.get("calibration_method", "ECE over 10 equal-width bins"),
         f"written: {result['dir']}",
     )
+
+
+def _gap(s: Mapping, key: str = "tpr_gap", why: str | None = None) -> str:
+    ci = s.get(f"{key}_ci")
+    if s.get(key) is None:
+        return fmt(None, why=why)
+    return f"{s[key]:+.3f}" + (f"\n[{ci[0]:+.3f}–{ci[1]:+.3f}]" if ci else "\n[CI undefined]")
+
+
+def _auc_short(s: Mapping) -> str:
+    """AUC and its CI in a narrow cell (the reasons are in the JSON)."""
+    if s.get("auc") is None:
+        return fmt(None, why=s.get("reasons", {}).get("auc"))
+    ci = s.get("auc_ci")
+    return f"{s['auc']:.3f}\n" + (f"[{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "[CI undefined]")
+
+
+def audit(result: Mapping) -> Page:
+    """`fastcxr audit`: per audited run (or evaluation), finding × attribute × subgroup; small
+    subgroups marked ⚠, warnings on stderr."""
+    runs = result["runs"] if "runs" in result else {result["source"]: result}
+    cols = ["finding", "attribute", "subgroup", "n", "patients", "prev.", "AUC\n[95% CI]",
+            "TPR\n@ t", "FPR\n@ t", "TPR gap\n[95% CI]"]  # fmt: skip
+    page = Page()
+    first = next(iter(runs.values()))
+    for name, a in runs.items():
+        shown = str(name).rstrip("/").rsplit("/", 1)[-1]
+        t = Table(title=f"{shown} — subgroup audit ({a['kind']}, split {a['split']}): "
+                  f"{a['manifest']}")  # fmt: skip
+        for c in cols:
+            t.add_column(c, justify="left" if c in cols[:3] else "right",
+                         min_width=13 if "CI" in c else None)  # fmt: skip
+        for f, m in a["findings"].items():
+            for attr, groups in {"all": [m["all"]], **m["by"]}.items():
+                for s in groups:
+                    why = s.get("reasons", {})
+                    t.add_row(
+                        f, attr, escape(str(s["subgroup"])) + (" ⚠" if s["small"] else ""),
+                        str(s["n"]), str(s["patients"]), fmt(s["prevalence"], 2),
+                        _auc_short(s), fmt(s["tpr"], why=why.get("tpr")),
+                        fmt(s["fpr"], why=why.get("fpr")),
+                        "—" if attr == "all" else _gap(s, why=why.get("tpr")),
+                    )  # fmt: skip
+            t.add_section()
+        page.out(t)
+        if a.get("underdiagnosis"):
+            u = Table(title=f"{shown} — underdiagnosis (FPR of No Finding)")
+            for c in ("attribute", "subgroup", "images with\na finding", "underdiagnosis",
+                      "gap\n[95% CI]"):  # fmt: skip
+                u.add_column(c, justify="left" if c in ("attribute", "subgroup") else "right")
+            for attr, groups in a["underdiagnosis"].items():
+                for s in groups:
+                    u.add_row(attr, escape(str(s["subgroup"])) + (" ⚠" if s["small"] else ""),
+                              str(s["n_with_finding"]), fmt(s["rate"], why=s.get("reason")),
+                              _gap(s, "gap", s.get("reason")))  # fmt: skip
+            page.out(u)
+        for w in a.get("warnings") or []:
+            page.err(f"[yellow]{escape(shown)}: {escape(w)}[/]")
+    return page.out(
+        f"t: the run's threshold, chosen on its validation split. {first['gap_rule']}. AUC CI: "
+        f"{first['ci']['method']}. ⚠: fewer than {first['min_size']} scored images. "
+        + ("" if first.get("underdiagnosis") else first["underdiagnosis_rule"] + "."),
+        *[f"written: {a['dir']}" for a in runs.values() if a.get("dir")],
+    )
