@@ -39,6 +39,7 @@ from fastcxr.runs import (
     write_json,
 )
 from fastcxr.seeds import read_json, run_seeds
+from fastcxr.tracking import Tracking, tracked
 from fastcxr.train.network import Job, train_network
 from fastcxr.train.record import TEST_SET_RULE, headline, write_record
 from fastcxr.train.schedule import plan
@@ -55,6 +56,7 @@ def train_formulation(
     stages: tuple[Stage, ...] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    track: Tracking | None = None,
 ) -> dict:
     """Train `formulation` through the schedule; write its run record; return its summary.
 
@@ -71,6 +73,9 @@ def train_formulation(
     by default). Decisions use per-finding thresholds chosen on the validation predictions
     (`cfg.threshold`). With several networks (the `single` formulation), each is trained in
     turn and epochs and time are added up, as the study counts two binary networks together.
+
+    With `track`, the run is mirrored in TensorBoard, MLflow or W&B (`fastcxr.tracking`): it
+    is not part of the configuration and changes no number.
     """
     run_dir = Path(run_dir)
     init()
@@ -93,11 +98,23 @@ def train_formulation(
         if is_main():
             same_config(run_dir / "checkpoints" / "run.json",
                         _resume_key(data, form, cfg, stages), str(run_dir))  # fmt: skip
-        job = Job.create(data.root, df, data.preprocessing(cfg.size), form, cfg, stages,
-                         run_dir, log, resume)  # fmt: skip
-        t0 = time.perf_counter()
-        results = [train_network(job, net) for net in form.networks(cfg.findings)]
-        return write_record(job, data, results, wall_seconds=time.perf_counter() - t0)
+        about = _tracked_config(data, form, cfg, stages)
+        with tracked(track if is_main() else None, run_dir, about, resume, log) as tracker:
+            job = Job.create(data.root, df, data.preprocessing(cfg.size), form, cfg, stages,
+                             run_dir, log, resume, tracker)  # fmt: skip
+            t0 = time.perf_counter()
+            results = [train_network(job, net) for net in form.networks(cfg.findings)]
+            summary = write_record(job, data, results, wall_seconds=time.perf_counter() - t0)
+            tracker.finish(run_dir)
+            return summary
+
+
+def _tracked_config(data: Dataset, form: Formulation, cfg: TrainConfig, stages) -> dict:
+    """The resolved configuration a tracker records (config.json is logged whole at the end)."""
+    train = {k: v for k, v in cfg.to_dict().items() if k not in ("stages", "ablation_stages")}
+    nets = [n.name for n in form.networks(cfg.findings)]
+    return {"formulation": form.name, "networks": nets, "stages": [s.__dict__ for s in stages],
+            "train": train, "data": data.describe()}  # fmt: skip
 
 
 def check_schedule(cfg: TrainConfig, stages) -> None:
@@ -166,6 +183,7 @@ def compare(
     eval_cfg: EvalConfig = EvalConfig(),
     resume: bool = False,
     overwrite: bool = False,
+    track: Tracking | None = None,
 ) -> dict:
     """Experiment II: every formulation with the same data, split, seed and schedule.
 
@@ -181,7 +199,7 @@ def compare(
             _fresh_if(run_dir, overwrite)
             same_config(run_dir / "plan.json", _plan_key(data, cfg), str(run_dir))
         barrier()
-        return _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume)
+        return _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume, track)
 
 
 def _plan_key(data: Dataset, cfg: TrainConfig, without: tuple[str, ...] = ()) -> dict:
@@ -199,7 +217,7 @@ def _fresh_if(run_dir: Path, overwrite: bool) -> None:
         claim(run_dir, overwrite=True)
 
 
-def _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume) -> dict:
+def _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume, track) -> dict:
     out = {}
     for name in formulations:
         sub = run_dir / name
@@ -210,7 +228,7 @@ def _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume) -> dict:
             if log:
                 log({"event": "skip", "formulation": name, "reason": "complete run found"})
             continue
-        out[name] = train_formulation(data, name, cfg, sub, log, resume=resume)
+        out[name] = train_formulation(data, name, cfg, sub, log, resume=resume, track=track)
     runs = {name: load_run(run_dir / name) for name in formulations}
     preds = {name: r["predictions"] for name, r in runs.items()}
     evals = {
@@ -256,6 +274,7 @@ def unfreeze_ablation(
     log: Log | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    track: Tracking | None = None,
 ) -> dict:
     """Experiment I: the ablation stages in sequence, test metrics after each stage.
 
@@ -263,7 +282,7 @@ def unfreeze_ablation(
     """
     summary = train_formulation(
         data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages, resume=resume,
-        overwrite=overwrite,
+        overwrite=overwrite, track=track,
     )  # fmt: skip
     metrics = load_run(run_dir)["metrics"]["per_stage"]
     stages = []
@@ -309,12 +328,13 @@ def compare_seeds(
     eval_cfg: EvalConfig = EvalConfig(),
     resume: bool = False,
     overwrite: bool = False,
+    track: Tracking | None = None,
 ) -> dict:
     """`compare` once per seed (RUN/seed-K), with the spread of AUC and accuracy across seeds.
     A seed whose compare.json exists is read back (`compare` reads back finished runs too)."""
 
     def one(c: TrainConfig, sub: Path) -> dict:
-        return compare(data, c, sub, formulations, log, eval_cfg, resume)
+        return compare(data, c, sub, formulations, log, eval_cfg, resume, track=track)
 
     r = _seeded(data, cfg, run_dir, overwrite)(
         seeds, cfg, run_dir, one, lambda sub: read_json(sub / "compare.json"),
@@ -332,12 +352,13 @@ def train_seeds(
     log: Log | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    track: Tracking | None = None,
 ) -> dict:
     """`train_formulation` once per seed (RUN/seed-K); with `resume`, finished seeds are read
     back."""
 
     def one(c: TrainConfig, sub: Path) -> dict:
-        return train_formulation(data, formulation, c, sub, log, resume=resume)
+        return train_formulation(data, formulation, c, sub, log, resume=resume, track=track)
 
     def done(sub: Path) -> dict | None:
         return load_run(sub)["record"] if resume and is_complete(sub) else None
@@ -357,11 +378,12 @@ def ablation_seeds(
     log: Log | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    track: Tracking | None = None,
 ) -> dict:
     """`unfreeze_ablation` once per seed (RUN/seed-K); the aggregate is keyed by stage."""
 
     def one(c: TrainConfig, sub: Path) -> dict:
-        return unfreeze_ablation(data, c, sub, formulation, log, resume)
+        return unfreeze_ablation(data, c, sub, formulation, log, resume, track=track)
 
     def done(sub: Path) -> dict | None:
         return read_json(sub / "ablation.json") if resume else None

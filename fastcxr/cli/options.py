@@ -138,6 +138,17 @@ Resume = Annotated[
 ]
 
 
+Track = Annotated[
+    str | None,
+    typer.Option(
+        "--track",
+        help="Mirror the run in tensorboard|mlflow|wandb, or several (comma-separated): "
+        "per-epoch losses, config, test metrics, the run record as artifacts; offline, in "
+        "RUN/tracking, unless MLFLOW_TRACKING_URI / WANDB_MODE say otherwise. Needs: "
+        "pip install 'fastcxr[tracking]'.",
+    ),
+]
+
 # -- prepare ----------------------------------------------------------------------------------
 PrepViews = Annotated[
     str, typer.Option(help="Views to keep (comma-separated; 'all' for every view).")

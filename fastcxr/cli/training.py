@@ -40,6 +40,7 @@ from fastcxr.cli.options import (
     Stages,
     Target,
     Threshold,
+    Track,
     Uncertain,
     Weights,
     Workers,
@@ -109,6 +110,19 @@ def _seeds(seeds: str | None, seed: int | None) -> tuple[int, ...] | None:
     return parse_seeds(seeds)
 
 
+def _track(kind: str | None):
+    """--track checked up front (its package too), before any data or training."""
+    from fastcxr import tracking
+
+    return None if kind is None else tracking.require(kind)
+
+
+def _tracking(kind: str | None, run_dir: Path):
+    from fastcxr.tracking import Tracking
+
+    return None if kind is None else Tracking(kind, run_dir)
+
+
 def _print_json(result: dict) -> None:
     print(json.dumps(result, indent=2))
 
@@ -139,6 +153,7 @@ def compare(
     precision: Precision = None,
     compile: Compile = False,
     compile_backend: CompileBackend = None,
+    track: Track = None,
     formulations: Annotated[
         str, typer.Option(help="Comma-separated formulations.")
     ] = "single,multilabel,multiclass",
@@ -162,17 +177,20 @@ def compare(
             compile_backend=compile_backend, threshold=threshold, target=target, select=select,
         )  # fmt: skip
         seed_list = _seeds(seeds, seed)
+        _track(track)
         forms = tuple(f.strip() for f in formulations.split(",") if f.strip())
         ds = _dataset(data, cfg, _log)
         _check_resume(resume, name)
         run_dir = runs / _run_name(name, "compare", cfg.preset)
+        tr = _tracking(track, run_dir)
         if seed_list:
             result = study.compare_seeds(
-                ds, cfg, run_dir, seed_list, forms, _log, resume=resume, overwrite=overwrite
-            )
+                ds, cfg, run_dir, seed_list, forms, _log, resume=resume, overwrite=overwrite,
+                track=tr,
+            )  # fmt: skip
         else:
             result = study.compare(
-                ds, cfg, run_dir, forms, _log, resume=resume, overwrite=overwrite
+                ds, cfg, run_dir, forms, _log, resume=resume, overwrite=overwrite, track=tr
             )
     if not _is_main():
         return
@@ -210,6 +228,7 @@ def train(
     precision: Precision = None,
     compile: Compile = False,
     compile_backend: CompileBackend = None,
+    track: Track = None,
     name: RunName = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -230,16 +249,19 @@ def train(
             compile_backend=compile_backend, threshold=threshold, target=target, select=select,
         )  # fmt: skip
         seed_list = _seeds(seeds, seed)
+        _track(track)
         ds = _dataset(data, cfg, _log)
         run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
         _check_resume(resume, name)
+        tr = _tracking(track, run_dir)
         if seed_list:
             result = study.train_seeds(
-                ds, formulation, cfg, run_dir, seed_list, _log, resume=resume, overwrite=overwrite
-            )
+                ds, formulation, cfg, run_dir, seed_list, _log, resume=resume, overwrite=overwrite,
+                track=tr,
+            )  # fmt: skip
         else:
             result = study.train_formulation(
-                ds, formulation, cfg, run_dir, _log, resume=resume, overwrite=overwrite
+                ds, formulation, cfg, run_dir, _log, resume=resume, overwrite=overwrite, track=tr
             )
         result["run_dir"], result["synthetic"] = str(run_dir), ds.synthetic
     if not _is_main():
@@ -275,6 +297,7 @@ def unfreeze_ablation(
     precision: Precision = None,
     compile: Compile = False,
     compile_backend: CompileBackend = None,
+    track: Track = None,
     formulation: Annotated[str, typer.Option(help="Formulation to train.")] = "multilabel",
     dry_run: Annotated[
         bool,
@@ -302,20 +325,23 @@ def unfreeze_ablation(
             compile_backend=compile_backend, threshold=threshold, target=target, select=select,
         )  # fmt: skip
         seed_list = _seeds(seeds, seed)
+        _track(track)
         if dry_run:
             result = study.ablation_plan(cfg, formulation)
         else:
             ds = _dataset(data, cfg, _log)
             run_dir = runs / _run_name(name, "ablation", cfg.preset)
             resume = _check_resume(resume, name)
+            tr = _tracking(track, run_dir)
             if seed_list:
                 result = study.ablation_seeds(
-                    ds, cfg, run_dir, seed_list, formulation, _log, resume, overwrite
+                    ds, cfg, run_dir, seed_list, formulation, _log, resume, overwrite, track=tr
                 )
             else:
                 result = study.unfreeze_ablation(
-                    ds, cfg, run_dir, formulation, _log, resume=resume, overwrite=overwrite
-                )
+                    ds, cfg, run_dir, formulation, _log, resume=resume, overwrite=overwrite,
+                    track=tr,
+                )  # fmt: skip
     if not _is_main():
         return
     if json_out:

@@ -26,6 +26,7 @@ from fastcxr.metrics import thresholds as thresholds_for
 from fastcxr.preprocessing import Preprocessing
 from fastcxr.runs import save_torch, save_weights
 from fastcxr.stopping import STOP, Interrupted
+from fastcxr.tracking import Tracker
 from fastcxr.train.callbacks import Log, cpu_state
 from fastcxr.train.checkpoint import NetworkState, get_rng, model_state, optimizer_state, set_rng
 from fastcxr.train.learner import make_learner, seed_everything
@@ -46,6 +47,7 @@ class Job:
     run_dir: Path
     log: Log | None = None
     resume: bool = False
+    tracker: Tracker = field(default_factory=Tracker)  # `--track`: a mirror, changes no number
     test: pd.DataFrame = field(init=False)
     valid: pd.DataFrame = field(init=False)
 
@@ -54,10 +56,11 @@ class Job:
         self.valid = self.df[self.df["split"] == "valid"].reset_index(drop=True)
 
     @classmethod
-    def create(cls, root, df, prep, form, cfg, stages, run_dir, log=None, resume=False) -> Job:
+    def create(cls, root, df, prep, form, cfg, stages, run_dir, log=None, resume=False,
+               tracker: Tracker | None = None) -> Job:  # fmt: skip
         speed = resolve_speed(cfg, default_device())
         return cls(Path(root), df, prep, form, cfg, tuple(stages), speed, Path(run_dir), log,
-                   resume)  # fmt: skip
+                   resume, tracker or Tracker())  # fmt: skip
 
     def labels(self, split: str) -> np.ndarray:
         """(n, k) certain labels of the test or validation images, NaN where not scored."""
@@ -107,11 +110,13 @@ def train_network(job: Job, net: Network) -> NetworkResult:
     state = NetworkState.load(job.checkpoint_path(net)) if job.resume else None
     if state is not None and state.complete:
         job.emit(event="skip", reason=f"network {net.name} finished before the interruption")
+        job.tracker.network(net.name, state.history)
         return NetworkResult.of(net, state.summary, state.history, _numpy(state.test_probs),
                                 _numpy(state.valid_probs))  # fmt: skip
     job.emit(event="network", network=net.name)
     seed_everything(job.cfg.seed, job.speed)
     run = _NetworkRun(job, net, state)
+    job.tracker.network(net.name, run.rows)  # a resumed network's checkpointed epochs
     for si in range(run.first, len(job.stages)):
         run.stage(si)
     return run.finish()
@@ -160,6 +165,7 @@ class _NetworkRun:
 
         def checkpoint(callbacks: dict[str, dict]) -> None:
             self.save(si, callbacks)
+            job.tracker.epoch(self.net.name, self.rows)  # after the checkpoint: see tracking
             if STOP.is_set():
                 raise Interrupted(
                     f"stopped by request after epoch {callbacks['history']['epochs_done']} of "
