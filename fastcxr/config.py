@@ -19,6 +19,8 @@ from typing import Literal
 from fastcxr.errors import UsageError
 from fastcxr.findings import STUDY_FINDINGS
 
+LR_FIND = "find"  # `--lr find`: each stage's rate is the learning-rate finder's suggestion
+
 FreezeStyle = Literal["keras", "fastai"]
 LoaderChoice = Literal["auto", "fast", "datablock"]
 PrecisionChoice = Literal["auto", "bf16", "fp32"]
@@ -46,7 +48,7 @@ class Stage:
     name: str
     unfreeze: str
     max_epochs: int = 10
-    lr: float = 1e-3
+    lr: float | Literal["find"] = 1e-3  # "find": the learning-rate finder's suggestion
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -58,8 +60,10 @@ class Stage:
                 f"stage {self.name}: --epochs must be at least 1, not {self.max_epochs!r} "
                 "(a run with no epoch would record an untrained network)"
             )
-        if not _is_positive(self.lr):
-            raise UsageError(f"stage {self.name}: --lr must be a positive number, not {self.lr!r}")
+        if not _is_positive(self.lr) and self.lr != LR_FIND:
+            raise UsageError(
+                f"stage {self.name}: --lr must be a positive number or {LR_FIND!r}, not {self.lr!r}"
+            )
 
 
 def _is_int(v) -> bool:
@@ -215,7 +219,7 @@ class TrainConfig:
         batch_size: int | None = None,
         epochs: int | None = None,
         patience: int | None = None,
-        lr: float | None = None,
+        lr: float | str | None = None,
         stages: str | Sequence[str] | Sequence[Stage] | None = None,
         weights: str | Path | None = None,
         pretrained: bool | None = None,
@@ -257,8 +261,22 @@ class TrainConfig:
                 changes["findings"] = canonical_findings(names)
             except ValueError as e:
                 raise UsageError(f"--findings: {e}") from None
-        changes.update(_schedules(base, stages, epochs, lr))
+        changes.update(_schedules(base, stages, epochs, parse_lr(lr)))
         return dataclasses.replace(base, **changes)
+
+
+def parse_lr(lr: float | str | None) -> float | str | None:
+    """`--lr`: a positive number (text or number), `find` (the finder's suggestion per
+    stage), or None (the preset's rates)."""
+    if lr is None or lr == LR_FIND or not isinstance(lr, str):
+        return lr
+    try:
+        value = float(lr)
+    except ValueError:
+        raise UsageError(f"--lr must be a positive number or {LR_FIND!r}, not {lr!r}") from None
+    if not _is_positive(value):
+        raise UsageError(f"--lr must be a positive number or {LR_FIND!r}, not {lr!r}")
+    return value
 
 
 def _choices() -> dict[str, tuple]:

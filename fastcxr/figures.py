@@ -253,9 +253,44 @@ def tpr_gap_figure(audit: Mapping, title: str = "") -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=130)
+def save_figure(fig: Figure, path: Path, **kwargs) -> None:
+    fig.savefig(path, dpi=130, **kwargs)
     plt.close(fig)
+
+
+def lr_find_figure(result: Mapping) -> Figure:
+    """`fastcxr lr-find`: smoothed training loss against the head's learning rate, one line
+    per stage and one panel per network; ● valley (fastai's default suggestion), ▲ minimum."""
+    nets = result["networks"]
+    fig, axes = plt.subplots(1, len(nets), figsize=(5.2 * len(nets), 4.2), squeeze=False)
+    for ax, (net, stages) in zip(axes[0], nets.items()):
+        for i, st in enumerate(stages):
+            color = COLORS[i % len(COLORS)]
+            lrs, losses = np.asarray(st["lrs"]), np.asarray(st["losses"])
+            ax.plot(lrs, losses, color=color, lw=1.4, label=f"{st['stage']} ({st['unfreeze']})")
+            for key, marker in (("valley", "o"), ("minimum", "^")):
+                v = st.get(key)
+                if v is not None and len(lrs):
+                    ax.plot(
+                        [v],
+                        [np.interp(np.log(v), np.log(lrs), losses)],
+                        marker,
+                        color=color,
+                        ms=7,
+                        mfc="white" if key == "minimum" else color,
+                    )
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (head)")
+        ax.set_ylabel("smoothed training loss")
+        ax.set_title(f"{result['formulation']}: {net}", fontsize=9)
+        ax.legend(fontsize=7, title="● valley  △ minimum", title_fontsize=7)
+    fig.suptitle(
+        f"Learning-rate finder — {result['arch']} {result['size']}px, batch "
+        f"{result['batch_size']}, lr ratio {result['lr_ratio']:g}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
 
 
 # -- the report -----------------------------------------------------------------------------

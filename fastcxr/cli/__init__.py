@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from fastcxr.cli import audit, datasets, evaluate, tools, training
+from fastcxr.cli import audit, datasets, evaluate, lr_find, tools, training
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +29,7 @@ app.command("version")(tools.version)
 app.command("compare")(training.compare)
 app.command("train")(training.train)
 app.command("unfreeze-ablation")(training.unfreeze_ablation)
+app.command("lr-find")(lr_find.lr_find)
 app.command("labels")(datasets.labels)
 app.command("bench-prepare")(tools.bench_prepare)
 app.command("bench")(tools.bench)

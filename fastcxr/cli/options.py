@@ -30,7 +30,15 @@ Epochs = Annotated[int | None, typer.Option("--epochs", help="Max epochs per sta
 Patience = Annotated[
     int | None, typer.Option(help="Epochs without a better validation loss before a stage stops.")
 ]
-Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate of the head.")]
+Lr = Annotated[
+    str | None,
+    typer.Option(
+        "--lr",
+        help="Learning rate of the head (the other unfrozen groups get less, down to lr / "
+        "lr_ratio), or 'find': fastai's lr_find at the start of each stage, its valley "
+        "suggestion used and recorded in the run config.",
+    ),
+]
 Stages = Annotated[
     str | None,
     typer.Option(

@@ -232,7 +232,7 @@ def ablation_plan(plan: Mapping, cfg: Mapping, formulation: str) -> Page:
             f"{s['trainable_params']:,}",
             f"{s['trainable_params'] - prev:+,}",
             str(s["max_epochs"]),
-            f"{s['lr']:g}",
+            s["lr"] if isinstance(s["lr"], str) else f"{s['lr']:g}",
         )
         prev = s["trainable_params"]
     return Page().out(t, f"total parameters: {plan['total_params']:,}")
@@ -569,4 +569,36 @@ def audit(result: Mapping) -> Page:
         f"{first['ci']['method']}. ⚠: fewer than {first['min_size']} scored images. "
         + ("" if first.get("underdiagnosis") else first["underdiagnosis_rule"] + "."),
         *[f"written: {a['dir']}" for a in runs.values() if a.get("dir")],
+    )
+
+
+def lr_find(result: Mapping) -> Page:
+    """`fastcxr lr-find`: per network and stage, the finder's suggestions."""
+    page = Page()
+    for net, stages in result["networks"].items():
+        t = Table(
+            title=f"{result['formulation']}: {net} — learning-rate finder "
+            f"({result['arch']}, {result['size']}px, batch {result['batch_size']})"
+        )
+        for c in ("stage", "unfreezes", "groups", "configured lr", "valley", "minimum",
+                  "iterations"):  # fmt: skip
+            t.add_column(c, justify="left" if c in ("stage", "unfreezes") else "right")
+        for s in stages:
+            lr = s["configured_lr"]
+            t.add_row(
+                escape(s["stage"]), escape(s["unfreeze"]), str(len(s["unfrozen"])),
+                lr if isinstance(lr, str) else f"{lr:.2e}",
+                fmt(s["valley"], 2) if s["valley"] is None else f"{s['valley']:.2e}",
+                fmt(s["minimum"], 2) if s["minimum"] is None else f"{s['minimum']:.2e}",
+                str(s["iterations"]),
+            )  # fmt: skip
+        page.out(t)
+    files = result.get("files", {})
+    return page.out(
+        "valley: fastai's default suggestion (what --lr find trains with); minimum: a tenth of "
+        "the rate at the lowest loss. The rate is the head's; the other unfrozen groups follow "
+        f"at lr / {result['lr_ratio']:g} and between. Every stage swept from the starting "
+        "weights (nothing trained); `--lr find` on a training command sweeps at each stage's "
+        "real start.",
+        *[f"written: {files[k]}" for k in ("json", "plot") if k in files],
     )

@@ -83,6 +83,14 @@ def _log(ev: dict) -> None:
         err.print(f"[bold]{esc(ev['formulation'])}[/]: skipped ({esc(ev['reason'])})")
     elif ev.get("event") == "data":
         err.print(esc(ev["message"]))
+    elif ev.get("event") == "lr_find":
+        where = f"network {esc(ev['network'])}, " if "network" in ev else ""
+        def e(v) -> str:
+            return "undefined" if v is None else f"{v:.2e}"
+
+        found = (f": valley {e(ev['valley'])}, minimum {e(ev['minimum'])} → lr {e(ev['lr'])}"
+                 if "lr" in ev else "")  # fmt: skip
+        err.print(f"  [dim]lr_find: {where}stage {esc(str(ev['stage']))}{found}[/]")
 
 
 def _check_resume(resume: bool, name: str | None) -> bool:

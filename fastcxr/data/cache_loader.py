@@ -12,6 +12,7 @@ one pass per batch. fastai's and torch's internals it relies on are reached thro
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from functools import partial
 from pathlib import Path
@@ -185,7 +186,7 @@ class CacheDL(DataLoader):
             # fastai's loaders sit in a reference cycle, so they are freed by the cyclic
             # collector, which tears torch's worker queues down in no useful order: each worker
             # then takes 5 s to time out. Stop the workers first, in order.
-            weakref.finalize(self, adapters.stop_workers, self._loader)
+            weakref.finalize(self, _stop_workers_of, os.getpid(), self._loader)
         return self._loader
 
     def close(self) -> None:
@@ -260,3 +261,10 @@ def cache_loaders(
 
 
 __all__ = ["CacheDL", "cache_loaders", "gpu_augment"]
+
+
+def _stop_workers_of(owner_pid: int, loader) -> None:
+    """The finalizer: stop the workers, in the process that started them only (a process
+    forked from it inherits the finalizer but cannot test, or stop, another's children)."""
+    if os.getpid() == owner_pid:
+        adapters.stop_workers(loader)

@@ -30,6 +30,7 @@ from fastcxr.tracking import Tracker
 from fastcxr.train.callbacks import Log, cpu_state
 from fastcxr.train.checkpoint import NetworkState, get_rng, model_state, optimizer_state, set_rng
 from fastcxr.train.learner import make_learner, seed_everything
+from fastcxr.train.lr_find import summary as lr_find_summary
 from fastcxr.train.schedule import StageResult, StageResume, run_stage
 
 
@@ -235,7 +236,8 @@ def stage_dict(r: StageResult) -> dict:
         "valid_loss": r.valid_loss,
         "train_seconds": r.seconds,
         "compile_seconds": r.compile_seconds,
-        "lr": r.stage.lr,
+        "lr": r.lr,
+        **({"lr_find": lr_find_summary(r.lr_find)} if r.lr_find else {}),
     }
 
 

@@ -125,10 +125,18 @@ def _write_config(job: Job, data, results: list[NetworkResult], thresholds: dict
             "label_policy": {"uncertain": cfg.uncertain, "blank": cfg.blank,
                              "applies_to": ["train", "valid"]},
             "thresholds": _threshold_record(job, thresholds),
+            **_lr_found(results),
             "environment": {**environment(), "processes": world_size()},
             "speed": job.speed.to_dict(),
         },
     )  # fmt: skip
+
+
+def _lr_found(results: list[NetworkResult]) -> dict:
+    """`--lr find`: per network and stage, the finder's suggestions and the rate used."""
+    found = {r.net.name: {s["name"]: s["lr_find"] for s in r.summary["stages"] if "lr_find" in s}
+             for r in results}  # fmt: skip
+    return {"lr_find": found} if any(found.values()) else {}
 
 
 def predictions(rows: pd.DataFrame, probs: np.ndarray, findings, split: str) -> pd.DataFrame:

@@ -37,6 +37,12 @@ class StageResult:
     train_seconds: float
     seconds: float
     compile_seconds: float = 0.0
+    lr_find: dict | None = None  # `--lr find`: the finder's suggestions and the rate used
+
+    @property
+    def lr(self) -> float:
+        """The head's learning rate the stage trained with."""
+        return self.lr_find["used"] if self.lr_find else self.stage.lr
 
     def to_dict(self) -> dict:
         """Its fields but the stage (a checkpoint stores the schedule apart)."""
@@ -83,15 +89,17 @@ def run_stage(
     unfrozen = apply_stage(learn, stage)
     trainable = count_params(learn.model)
     cbs = StageCallbacks.make(stage.name, cfg.patience, history, log)
-    lrs = stage_lrs(learn, len(unfrozen), stage.lr, cfg.lr_ratio)
+    found = _found_lr(learn, stage, cfg, len(unfrozen), resume, log)
+    lr = stage.lr if found is None else found["used"]
+    lrs = stage_lrs(learn, len(unfrozen), lr, cfg.lr_ratio)
     if resume is not None:
         cbs.load_state_dict(resume.callbacks)
         load_optimizer(learn, resume.opt, lrs)
     start = len(history) - cbs.history.epochs_done
     remaining = 0 if cbs.early.stopping else stage.max_epochs - cbs.history.epochs_done
     extra = [FrozenBNEval()] if cfg.freeze_style == "keras" else []
-    if checkpoint is not None:
-        extra.append(EpochEnd(lambda: checkpoint(cbs.state_dict())))
+    if checkpoint is not None:  # the finder's result too: a resumed stage keeps its rate
+        extra.append(EpochEnd(lambda: checkpoint({**cbs.state_dict(), LR_FOUND: found})))
     if remaining > 0:
         learn.fit(remaining, lr=lrs, wd=cfg.weight_decay, cbs=cbs.callbacks() + extra)
     else:  # the stage had finished: its best epoch's weights are the stage's model
@@ -104,8 +112,28 @@ def run_stage(
         valid_loss=float(cbs.restore.best) if best is not None else float("nan"),
         train_seconds=sum(r["train_seconds"] for r in rows),
         seconds=sum(r["seconds"] for r in rows),
-        compile_seconds=sum(r.get("compile_seconds", 0.0) for r in rows),
+        compile_seconds=sum(r.get("compile_seconds", 0.0) for r in rows), lr_find=found,
     )  # fmt: skip
+
+
+LR_FOUND = "lr_find"  # the key of the finder's result among a stage's checkpointed states
+
+
+def _found_lr(learn, stage: Stage, cfg: TrainConfig, n_unfrozen: int,
+              resume: StageResume | None, log: Log | None) -> dict | None:  # fmt: skip
+    """With `--lr find`, the finder's result at the stage's start (run now, or the one a
+    resumed stage checkpointed); None for a fixed rate."""
+    from fastcxr.train.lr_find import LR_FIND, find_lr
+
+    if stage.lr != LR_FIND:
+        return None
+    if resume is not None and resume.callbacks.get(LR_FOUND):
+        return resume.callbacks[LR_FOUND]
+    found = find_lr(learn, n_unfrozen, cfg.lr_ratio, cfg.freeze_style == "keras")
+    if log:
+        log({"event": "lr_find", "stage": stage.name, "valley": found["valley"],
+             "minimum": found["minimum"], "lr": found["used"]})  # fmt: skip
+    return found
 
 
 def plan(learn: Learner, stages: tuple[Stage, ...]) -> list[dict]:

@@ -1,0 +1,188 @@
+"""Learning-rate finder per stage: fastai's `lr_find` under the stage's freezing and its
+discriminative learning rates (`find_lr`), and the `fastcxr lr-find` command's job (`lr_find`).
+
+fastai's finder (Smith 2015, "Cyclical learning rates for training neural networks") trains
+`num_it` mini-batches while the learning rate grows exponentially from `start_lr` to `end_lr`,
+records the smoothed training loss, and restores the weights and optimizer state it started
+from. Here the rate it sweeps is the head's; every other unfrozen group follows at the stage's
+discriminative ratio (`schedule.stage_lrs`), so the suggestion is the stage's `--lr` as
+training applies it. Suggestions are fastai's `valley` (its default: the middle of the
+longest descending stretch) and `minimum` (a tenth of the rate at the lowest loss).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from fastai.callback.core import Callback
+from fastai.learner import Learner
+
+from fastcxr.config import LR_FIND
+from fastcxr.errors import FastcxrError, UsageError
+
+SUGGESTIONS = ("valley", "minimum")
+USED = "valley"  # what `--lr find` trains with: fastai's default suggestion
+START_LR, END_LR, NUM_IT = 1e-7, 10.0, 100
+
+
+class LRFindError(FastcxrError, RuntimeError):
+    """The finder could not suggest a rate (e.g. the loss was NaN from the first batches)."""
+
+
+class _Discriminative(Callback):
+    """Spread the rate LRFinder set on every group (order 60) over the groups at `mult`."""
+
+    order = 61
+    run_valid = False
+
+    def __init__(self, mult: Sequence[float]):
+        self.mult = list(mult)
+
+    def before_batch(self) -> None:
+        head = self.opt.hypers[-1]["lr"]
+        self.opt.set_hyper("lr", [head * m for m in self.mult])
+
+
+def _finite(v) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def find_lr(
+    learn: Learner,
+    n_unfrozen: int,
+    lr_ratio: float,
+    keras_freezing: bool,
+    start_lr: float = START_LR,
+    end_lr: float = END_LR,
+    num_it: int = NUM_IT,
+) -> dict:
+    """fastai's `lr_find` on `learn` as its stage is frozen (call after `apply_stage`), the
+    groups at the stage's discriminative ratio. The weights and optimizer state are restored.
+
+    Returns `valley`, `minimum`, `used` (the valley), the swept head rates `lrs` and the
+    smoothed losses `losses`, and the settings."""
+    from fastai.callback.schedule import minimum, valley
+
+    from fastcxr.distributed import world_size
+    from fastcxr.train.callbacks import FrozenBNEval
+    from fastcxr.train.schedule import stage_lrs
+
+    if world_size() > 1:
+        raise UsageError(
+            "--lr find runs on one process: each would sweep its own shard and could suggest "
+            "another rate; find the rates with `fastcxr lr-find` and pass them with --lr"
+        )
+    if not (0 < start_lr < end_lr) or num_it < 6:
+        raise UsageError(
+            f"the finder needs 0 < start ({start_lr:g}) < end ({end_lr:g}) and at least 6 "
+            f"iterations, not {num_it}"
+        )
+    mult = stage_lrs(learn, n_unfrozen, 1.0, lr_ratio)
+    old_path, old_dir = learn.path, learn.model_dir
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastcxr-lr-find-"))
+        learn.path, learn.model_dir = Path(tmp), "."  # fastai saves the weights it restores
+        cbs = [_Discriminative(mult)] + ([FrozenBNEval()] if keras_freezing else [])
+        stack.enter_context(learn.added_cbs(cbs))
+        try:
+            found = learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it,
+                                  show_plot=False, suggest_funcs=(valley, minimum))  # fmt: skip
+        except (IndexError, RuntimeError, ValueError) as e:
+            if isinstance(e, FastcxrError):
+                raise
+            raise LRFindError(
+                f"the learning-rate finder could not suggest a rate ({type(e).__name__}: {e}); "
+                "the loss may diverge at once: try a lower start, more iterations or a "
+                "larger batch"
+            ) from None
+        finally:
+            learn.path, learn.model_dir = old_path, old_dir
+    lrs = [float(x) for x in learn.recorder.lrs]
+    losses = [float(x) for x in learn.recorder.losses]
+    out = {s: _finite(getattr(found, s)) for s in SUGGESTIONS}
+    if out[USED] is None:
+        raise LRFindError(
+            f"the learning-rate finder's {USED} suggestion is not a positive number "
+            f"({getattr(found, USED)!r}); pass --lr explicitly"
+        )
+    return {
+        **out, "used": out[USED], "suggestion": USED, "lrs": lrs, "losses": losses,
+        "start_lr": start_lr, "end_lr": end_lr, "num_it": num_it, "iterations": len(lrs),
+        "lr_ratio": lr_ratio, "group_multipliers": mult,
+    }  # fmt: skip
+
+
+def summary(found: dict | None) -> dict | None:
+    """A stage's finder result without its curve (for summaries and the run config)."""
+    if found is None:
+        return None
+    return {k: v for k, v in found.items() if k not in ("lrs", "losses")}
+
+
+# -- the `fastcxr lr-find` command -------------------------------------------------------------
+def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
+            num_it=NUM_IT, log=None) -> dict:  # fmt: skip
+    """The finder at every stage of `stages` for every network of formulation `form`.
+
+    Each stage's finder starts from the network's starting weights (ImageNet, --weights or
+    random): no stage is trained here. A training run's later stages start from the previous
+    stage's trained weights; `--lr find` on `train` runs the finder there."""
+    from fastai.torch_basics import default_device
+
+    from fastcxr.data import apply_policy, network_data
+    from fastcxr.fastpath import resolve_speed
+    from fastcxr.train.learner import make_learner, seed_everything
+    from fastcxr.train.schedule import apply_stage
+
+    df = apply_policy(data.df, cfg, cfg.findings)
+    speed = resolve_speed(cfg, default_device())
+    prep = data.preprocessing(cfg.size)
+    networks = {}
+    for net in form.networks(cfg.findings):
+        seed_everything(cfg.seed, speed)
+        nd = network_data(df, data.root, form, net, cfg, speed=speed, preprocessing=prep)
+        learn = make_learner(nd, form, net, cfg)
+        start = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+        per_stage = []
+        for st in stages:
+            learn.model.load_state_dict(start)
+            unfrozen = apply_stage(learn, st)
+            if log:
+                log({"event": "lr_find", "network": net.name, "stage": st.name})
+            found = find_lr(learn, len(unfrozen), cfg.lr_ratio, cfg.freeze_style == "keras",
+                            start_lr, end_lr, num_it)  # fmt: skip
+            per_stage.append({"stage": st.name, "unfreeze": st.unfreeze, "unfrozen": unfrozen,
+                              "configured_lr": st.lr, **found})  # fmt: skip
+        networks[net.name] = per_stage
+    return {
+        "format": "fastcxr-lr-find-1", "formulation": form.name, "arch": cfg.arch,
+        "size": cfg.size, "batch_size": cfg.batch_size, "freeze_style": cfg.freeze_style,
+        "lr_ratio": cfg.lr_ratio, "data": data.describe(),
+        "starting_weights": "the network's starting weights for every stage (no stage is "
+                            "trained by lr-find)",
+        "suggestion_used_by_lr_find": USED, "networks": networks,
+    }  # fmt: skip
+
+
+def write_lr_find(data, form, cfg, stages, out_dir, start_lr=START_LR, end_lr=END_LR,
+                  num_it=NUM_IT, log=None) -> dict:  # fmt: skip
+    """`lr_find`, then OUT/lr_find.json (the suggestions and curves) and OUT/lr_find.png
+    (loss against rate per stage, the suggestions marked), each written atomically."""
+    from fastcxr.figures import lr_find_figure, save_figure
+    from fastcxr.runs import write_atomic, write_json
+
+    out_dir = Path(out_dir)
+    result = lr_find(data, form, cfg, stages, start_lr, end_lr, num_it, log)
+    result["files"] = {"json": str(out_dir / "lr_find.json"), "plot": str(out_dir / "lr_find.png")}
+    write_atomic(out_dir / "lr_find.png",
+                 lambda t: save_figure(lr_find_figure(result), t, format="png"))  # fmt: skip
+    write_json(out_dir / "lr_find.json", result)
+    return result
+
+
+__all__ = ["LR_FIND", "LRFindError", "find_lr", "lr_find", "summary", "write_lr_find"]
