@@ -39,8 +39,11 @@ def _learner(seed: int = 0) -> Learner:
                       DataLoader(items[48:], bs=8), device="cpu")  # fmt: skip
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
-    learn = Learner(dls, model, loss_func=MSELossFlat(),
-                    splitter=lambda m: [list(m[0].parameters()), list(m[2].parameters())])  # fmt: skip
+
+    def body_and_head(m):
+        return [list(m[0].parameters()), list(m[2].parameters())]
+
+    learn = Learner(dls, model, loss_func=MSELossFlat(), splitter=body_and_head)
     return silence(learn)
 
 
@@ -124,7 +127,8 @@ def lr_run(prepared, tmp_path_factory):
     res = runner.invoke(app, ["train", "--formulation", "multilabel", "--data", str(prepared),
                               *TINY_TRAIN, "--epochs", "1", "--stages", "head,all",
                               "--no-pretrained", "--lr", "find", "--loader", "datablock",
-                              "--precision", "fp32", "--runs", str(runs), "--name", "lr"])  # fmt: skip
+                              "--precision", "fp32", "--runs", str(runs),
+                              "--name", "lr"])  # fmt: skip
     assert res.exit_code == 0, res.output
     return runs / "lr"
 
@@ -154,7 +158,7 @@ def test_lr_find_command(prepared, tmp_path):
     saved = json.loads((out / "lr_find.json").read_text())
     assert saved["networks"] == result["networks"]
     assert (out / "lr_find.png").stat().st_size > 1000
-    (net, stages), = result["networks"].items()
+    ((net, stages),) = result["networks"].items()
     assert net == "edema+pleural_effusion" and [s["stage"] for s in stages] == ["head", "all"]
     assert len(stages[0]["unfrozen"]) == 1 and len(stages[1]["unfrozen"]) > 1
     for s in stages:
