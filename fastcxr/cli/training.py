@@ -85,6 +85,7 @@ def _log(ev: dict) -> None:
         err.print(esc(ev["message"]))
     elif ev.get("event") == "lr_find":
         where = f"network {esc(ev['network'])}, " if "network" in ev else ""
+
         def e(v) -> str:
             return "undefined" if v is None else f"{v:.2e}"
 
