@@ -98,9 +98,18 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
     for f in findings:
         classes = np.unique(train[f])
         if len(classes) < 2:
+            n_all = int((manifest["split"] == "train").sum())
+            hint = ""
+            if cfg.blank != "zeros" and len(train) < n_all:
+                blank = {g: int(manifest.loc[manifest["split"] == "train", g].isna().sum())
+                         for g in findings}  # fmt: skip
+                most = max(blank, key=blank.get)
+                hint = (f"; the policy (uncertain={cfg.uncertain}, blank={cfg.blank}) kept "
+                        f"{len(train)} of {n_all} training images — {blank[most]} are blank "
+                        f"for {most}: try --blank 'drop,{most}=zeros'")  # fmt: skip
             raise DataError(
                 f"finding {f!r} has only class {classes.tolist()} in the training "
-                "split: nothing to learn"
+                f"split: nothing to learn{hint}"
             )
         if test[f].isna().all():
             raise DataError(f"finding {f!r} has no test image labelled 0 or 1: nothing to score")
