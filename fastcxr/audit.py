@@ -138,7 +138,12 @@ def choose_attributes(manifest: pd.DataFrame, by: Sequence[str] | None, source: 
         raise UsageError("--by names no attribute; e.g. --by sex,age,race,view")
     skip = {"image", "patient_id", "split"}
     for a in by:
-        if a in skip or a not in manifest.columns:
+        if a in skip:
+            raise UsageError(
+                f"--by {a!r}: {a} is not a subgroup attribute (every image or patient would be "
+                "its own subgroup, or the split is fixed to the one audited)"
+            )
+        if a not in manifest.columns:
             cols = [c for c in manifest.columns if c not in skip]
             raise UsageError(
                 f"--by {a!r}: {source} has no column {a!r}; it has: {', '.join(cols)}"

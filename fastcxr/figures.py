@@ -424,14 +424,25 @@ def audit_markdown(audits: Mapping[str, dict]) -> list[str]:
         for f, m in a["findings"].items():
             for attr, groups in {"all": [m["all"]], **m["by"]}.items():
                 for s in groups:
+                    why = s.get("reasons") or {}
                     ci = s.get("tpr_gap_ci")
-                    gap = _f(s["tpr_gap"], 3, s.get("reason")) + (
-                        f" [{ci[0]:+.3f} to {ci[1]:+.3f}]" if ci else ""
+                    gap = (
+                        "—"
+                        if attr == "all"
+                        else _f(s["tpr_gap"], 3, why.get("tpr"))
+                        + (
+                            f" [{ci[0]:+.3f} to {ci[1]:+.3f}]"
+                            if ci
+                            else f" [CI {_f(None, 3, why.get('tpr_gap_ci'))}]"
+                            if s["tpr_gap"] is not None
+                            else ""
+                        )
                     )
                     lines.append(
                         f"| {f} | {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
-                        f"{s['n']} | {s['patients']} | {_f(s['prevalence'])} | {_auc_ci(s)} | "
-                        f"{_f(s['tpr'], 3, s.get('reason'))} | {_f(s['fpr'], 3, s.get('reason'))}"
+                        f"{s['n']} | {s['patients']} | {_f(s['prevalence'])} | "
+                        f"{_auc_ci({**s, 'reason': why.get('auc')})} | "
+                        f"{_f(s['tpr'], 3, why.get('tpr'))} | {_f(s['fpr'], 3, why.get('fpr'))}"
                         f" | {gap} |"
                     )
         if a.get("underdiagnosis"):

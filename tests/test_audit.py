@@ -193,6 +193,7 @@ def test_custom_age_bins_and_no_no_finding(manifest, tmp_path):
     "args, words",
     [
         (["--by", "hospital"], ["no column 'hospital'", "it has:"]),
+        (["--by", "patient_id"], ["patient_id is not a subgroup attribute"]),
         (["--age-bins", "40,20"], ["--age-bins", "increase"]),
         (["--age-bins", "a,b"], ["--age-bins"]),
         (["--min-size", "0"], ["--min-size"]),

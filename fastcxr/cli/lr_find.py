@@ -73,7 +73,9 @@ def lr_find(
         from fastcxr.config import TrainConfig
         from fastcxr.formulations import get_formulation
         from fastcxr.study import check_schedule
-        from fastcxr.train.lr_find import write_lr_find
+        from fastcxr.train.lr_find import check_sweep, write_lr_find
+
+        check_sweep(start_lr, end_lr, num_it)
 
         cfg = TrainConfig.from_options(
             preset, arch=arch, size=size, batch_size=batch_size, stages=stages,

@@ -153,7 +153,7 @@ Track = Annotated[
         help="Mirror the run in tensorboard|mlflow|wandb, or several (comma-separated): "
         "per-epoch losses, config, test metrics, the run record as artifacts; offline, in "
         "RUN/tracking, unless MLFLOW_TRACKING_URI / WANDB_MODE say otherwise. Needs: "
-        "pip install 'fastcxr[tracking]'.",
+        "pip install 'fastcxr\\[tracking]'.",
     ),
 ]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -77,11 +78,8 @@ def find_lr(
             "--lr find runs on one process: each would sweep its own shard and could suggest "
             "another rate; find the rates with `fastcxr lr-find` and pass them with --lr"
         )
-    if not (0 < start_lr < end_lr) or num_it < 6:
-        raise UsageError(
-            f"the finder needs 0 < start ({start_lr:g}) < end ({end_lr:g}) and at least 6 "
-            f"iterations, not {num_it}"
-        )
+    check_sweep(start_lr, end_lr, num_it)
+    t0 = time.perf_counter()
     mult = stage_lrs(learn, n_unfrozen, 1.0, lr_ratio)
     old_path, old_dir = learn.path, learn.model_dir
     with ExitStack() as stack:
@@ -114,7 +112,17 @@ def find_lr(
         **out, "used": out[USED], "suggestion": USED, "lrs": lrs, "losses": losses,
         "start_lr": start_lr, "end_lr": end_lr, "num_it": num_it, "iterations": len(lrs),
         "lr_ratio": lr_ratio, "group_multipliers": mult,
+        "seconds": time.perf_counter() - t0,  # the sweep's cost, not counted as training
     }  # fmt: skip
+
+
+def check_sweep(start_lr: float, end_lr: float, num_it: int) -> None:
+    """The sweep's settings, checked before any data is read."""
+    if not (0 < start_lr < end_lr) or not math.isfinite(end_lr) or num_it < 6:
+        raise UsageError(
+            f"the finder needs 0 < start ({start_lr:g}) < end ({end_lr:g}) and at least 6 "
+            f"iterations, not {num_it}"
+        )
 
 
 def summary(found: dict | None) -> dict | None:
