@@ -222,11 +222,16 @@ def score_finding(
                                int((y if k == "tpr" else ~y).sum()))  # fmt: skip
                 gap = out[k] - whole
                 sel = mask & (y if k == "tpr" else ~y)
-                if len(set(patients[sel])) >= 2:  # one patient's images say nothing of spread
-                    boot = _rate(hit[sel], w[:, sel]) - boot_all[k]
-                    gap_ci = _percentile(boot, cfg.n_boot, cfg.level)
-                else:
+                sub_boot = _rate(hit[sel], w[:, sel])
+                if len(set(patients[sel])) < 2:  # one patient's images say nothing of spread
                     reasons[f"{k}_gap_ci"] = f"only one patient with a {label} image"
+                elif np.nanmax(sub_boot) == np.nanmin(sub_boot):
+                    reasons[f"{k}_gap_ci"] = (
+                        f"the subgroup's {k.upper()} is {np.nanmax(sub_boot):g} in every "
+                        "resample: a percentile CI would show the whole set's spread only"
+                    )
+                else:
+                    gap_ci = _percentile(sub_boot - boot_all[k], cfg.n_boot, cfg.level)
             out[f"{k}_gap"], out[f"{k}_gap_ci"] = gap, gap_ci
         if hit is None:
             reasons["tpr"] = reasons["fpr"] = "no threshold chosen on validation"

@@ -248,3 +248,18 @@ def test_report_includes_the_audit_and_flags_a_stale_one(manifest, tmp_path):
     pred.to_csv(run / "predictions.csv", index=False)
     audits = subgroup_audits({"run": run})
     assert audits["run"]["stale"] and "**stale**" in "\n".join(audit_markdown(audits))
+
+
+def test_a_subgroup_whose_tpr_cannot_vary_gets_no_gap_ci(manifest, tmp_path):
+    """Every positive of the view=AP subgroup detected: the subgroup's TPR is 1 in every
+    resample, so a percentile CI of the gap would only show the whole set's spread."""
+    run = _record(tmp_path / "run", manifest)
+    pred = pd.read_csv(run / "predictions.csv", dtype={"image": str, "patient_id": str})
+    m = _manifest(manifest.parent).set_index("image")
+    ap = (m.loc[pred["image"], "view"] == "AP").to_numpy()
+    pred.loc[ap & (pred["y_Edema"] == 1).to_numpy(), "p_Edema"] = 0.99
+    pred.to_csv(run / "predictions.csv", index=False)
+    a = audit_run(run, by=["view"], write=False)
+    s = {g["subgroup"]: g for g in a["findings"]["Edema"]["by"]["view"]}["AP"]
+    assert s["tpr"] == 1.0 and s["tpr_gap"] > 0 and s["tpr_gap_ci"] is None
+    assert "is 1 in every resample" in s["reasons"]["tpr_gap_ci"]
