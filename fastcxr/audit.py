@@ -24,7 +24,6 @@ Written (atomically, a folder swap) beside the predictions it audits:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,8 @@ import pandas as pd
 from fastcxr import stats
 from fastcxr.errors import UsageError
 from fastcxr.evaluation import EvalConfig
-from fastcxr.runs import RunError, is_complete, write_csv, write_json
+from fastcxr.manifest import file_sha256
+from fastcxr.runs import RunError, write_csv, write_json
 
 FORMAT = "fastcxr-audit-1"
 ATTRIBUTES = ("sex", "age", "race", "view")
@@ -165,32 +165,29 @@ def _rate(hit: np.ndarray, w: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (w * hit).sum(-1) / np.where(den > 0, den, 1), np.nan)
 
 
-def _percentile(vals: np.ndarray, n_boot: int, level: float) -> list[float] | None:
-    vals = vals[~np.isnan(vals)]
-    if len(vals) < n_boot / 2:
-        return None
-    a = (1 - level) / 2
-    return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
-
-
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
 def score_finding(
-    y: np.ndarray, p: np.ndarray, patients: np.ndarray, groups: Mapping[str, np.ndarray],
-    threshold: float | None, cfg: EvalConfig, min_size: int,
+    y: np.ndarray, p: np.ndarray, patients: np.ndarray,
+    groups: Mapping[str, Mapping[str, np.ndarray]], threshold: float | None, cfg: EvalConfig,
+    min_size: int,
 ) -> dict:  # fmt: skip
-    """One finding on its scored images: the whole set (`all`) and each subgroup (`groups`:
-    name → mask). TPR/FPR at `threshold`; gap CIs from one patient bootstrap of the whole set."""
+    """One finding on its scored images: the whole set (`all`) and each subgroup of each
+    attribute (`groups`: attribute → subgroup name → mask). TPR/FPR at `threshold`; gap CIs
+    from one patient bootstrap of the whole set, shared by every subgroup."""
     from fastcxr.external import auc_ci
 
     y = y.astype(bool)
     hit = p >= threshold if threshold is not None else None
     w = stats.bootstrap_weights(patients, cfg.n_boot, cfg.seed) if len(y) else None
-    boot_all = None
+    classes = {"tpr": y, "fpr": ~y}
+    whole, boot_all = {}, None
+    if hit is not None:
+        whole = {k: _ratio(int((hit & c).sum()), int(c.sum())) for k, c in classes.items()}
     if hit is not None and w is not None:
-        boot_all = {"tpr": _rate(hit[y], w[:, y]), "fpr": _rate(hit[~y], w[:, ~y])}
+        boot_all = {k: _rate(hit[c], w[:, c]) for k, c in classes.items()}
 
     def one(mask: np.ndarray, name: str) -> dict:
         ys, ps, gs = y[mask], p[mask], patients[mask]
@@ -218,10 +215,8 @@ def score_finding(
                 reasons[k] = f"no {label} image"
             gap, gap_ci = None, None
             if out[k] is not None and boot_all is not None:
-                whole = _ratio(int((hit & (y if k == "tpr" else ~y)).sum()),
-                               int((y if k == "tpr" else ~y).sum()))  # fmt: skip
-                gap = out[k] - whole
-                sel = mask & (y if k == "tpr" else ~y)
+                gap = out[k] - whole[k]
+                sel = mask & classes[k]
                 sub_boot = _rate(hit[sel], w[:, sel])
                 if len(set(patients[sel])) < 2:  # one patient's images say nothing of spread
                     reasons[f"{k}_gap_ci"] = f"only one patient with a {label} image"
@@ -231,7 +226,7 @@ def score_finding(
                         "resample: a percentile CI would show the whole set's spread only"
                     )
                 else:
-                    gap_ci = _percentile(sub_boot - boot_all[k], cfg.n_boot, cfg.level)
+                    gap_ci = stats.percentile_ci(sub_boot - boot_all[k], cfg.n_boot, cfg.level)
             out[f"{k}_gap"], out[f"{k}_gap_ci"] = gap, gap_ci
         if hit is None:
             reasons["tpr"] = reasons["fpr"] = "no threshold chosen on validation"
@@ -240,15 +235,11 @@ def score_finding(
         out["reason"] = "; ".join(f"{k.upper()}: {v}" for k, v in reasons.items()) or None
         return out
 
-    return {"all": one(np.ones(len(y), bool), "all"),
-            "subgroups": [one(m, g) for g, m in groups.items()]}  # fmt: skip
+    by = {a: [one(m, g) for g, m in masks.items()] for a, masks in groups.items()}
+    return {"threshold": threshold, "all": one(np.ones(len(y), bool), "all"), "by": by}
 
 
 # -- sources -----------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -260,6 +251,8 @@ def sources(path: Path, evaluation: str | None) -> dict[str, Path]:
     """What to audit under `path`: name → a folder holding predictions.csv (a run, an
     evaluation folder, or each formulation of a compare folder; `evaluation`: that
     evaluation of each)."""
+    from fastcxr.external import _sub_runs, evaluations_of
+
     path = Path(path).resolve()
     is_eval = (path / "metrics.json").exists() and _read_json(path / "metrics.json").get(
         "format", ""
@@ -268,25 +261,14 @@ def sources(path: Path, evaluation: str | None) -> dict[str, Path]:
         if evaluation:
             raise UsageError(f"{path} is an evaluation already; drop --evaluation")
         return {path.name: path}
-    if (path / "compare.json").exists():
-        names = _read_json(path / "compare.json").get("formulations") or []
-        runs = {n: path / n for n in names}
-        unfinished = [n for n, p in runs.items() if not is_complete(p)]
-        if unfinished:
-            raise RunError(f"{path}: formulation run(s) {', '.join(unfinished)} are not complete")
-    elif is_complete(path):
-        runs = {path.name: path}
-    elif not path.is_dir():
-        raise RunError(f"{path}: no such run directory")
-    else:
-        raise RunError(f"{path}: not a complete run, compare folder or evaluation folder")
+    runs, _ = _sub_runs(path)  # a run, or every formulation of a compare folder
     if evaluation is None:
         return runs
     out = {}
     for n, p in runs.items():
         e = p / "evaluations" / evaluation
         if not (e / "metrics.json").exists():
-            have = sorted(q.parent.name for q in (p / "evaluations").glob("*/metrics.json"))
+            have = [q.name for q in evaluations_of(p)]
             raise UsageError(
                 f"{p}: no evaluation {evaluation!r} (fastcxr evaluate); it has: "
                 + (", ".join(have) or "none")
@@ -319,7 +301,8 @@ def _source_info(folder: Path) -> dict:
     findings = [c[2:] for c in pred.columns if c.startswith("p_")]
     return {"kind": kind, "predictions": pred.reset_index(drop=True), "findings": findings,
             "thresholds": thresholds, "manifest": Path(manifest), "manifest_sha256": sha,
-            "split": split, "predictions_sha256": _sha256(folder / "predictions.csv")}  # fmt: skip
+            "split": split,
+            "predictions_sha256": file_sha256(folder / "predictions.csv")}  # fmt: skip
 
 
 def joined(pred: pd.DataFrame, manifest: pd.DataFrame, source: Path) -> pd.DataFrame:
@@ -364,7 +347,7 @@ def audit_one(
     mdf = read_manifest(manifest)
     rows = joined(info["predictions"], mdf, manifest)
     attributes = choose_attributes(mdf, by, manifest)
-    sha = _sha256(manifest)
+    sha = file_sha256(manifest)
     warnings = []
     if info["manifest_sha256"] and sha != info["manifest_sha256"]:
         warnings.append(
@@ -379,15 +362,11 @@ def audit_one(
         sub = rows[keep].reset_index(drop=True)
         y, p = y_all[keep].astype(int), sub[f"p_{f}"].to_numpy(float)
         pats = sub["patient_id"].astype(str).to_numpy()
-        t = info["thresholds"].get(f)
-        per_attr = {}
+        masks = {}
         for a in attributes:
             g = subgroups(sub, a, edges).to_numpy(object)
-            masks = {name: g == name for name in group_order(a, list(g), edges)}
-            per_attr[a] = score_finding(y, p, pats, masks, t, cfg, min_size)
-        whole = next(iter(per_attr.values()))["all"] if per_attr else None
-        findings[f] = {"threshold": t, "all": whole,
-                       "by": {a: v["subgroups"] for a, v in per_attr.items()}}  # fmt: skip
+            masks[a] = {name: g == name for name in group_order(a, list(g), edges)}
+        findings[f] = score_finding(y, p, pats, masks, info["thresholds"].get(f), cfg, min_size)
     under = None
     if NO_FINDING in findings:
         under = {a: [{"subgroup": s["subgroup"], "n_with_finding": s["n"] - s["positives"],
@@ -480,7 +459,7 @@ def read_audit(folder: Path) -> dict:
     """A saved audit, with `stale` set when the predictions it audited have changed."""
     a = _read_json(folder / "audit.json")
     pred = Path(folder).parent / "predictions.csv"  # beside it, wherever the run is now
-    a["stale"] = not pred.exists() or _sha256(pred) != a.get("predictions_sha256")
+    a["stale"] = not pred.exists() or file_sha256(pred) != a.get("predictions_sha256")
     return a
 
 

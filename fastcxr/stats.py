@@ -283,11 +283,19 @@ def patient_bootstrap(
         )
     else:
         raise ValueError(f"unknown bootstrap statistic {stat!r}: auc or pr_auc")
+    ci = percentile_ci(vals, n_boot, level)
+    return None if ci is None else (ci[0], ci[1])
+
+
+def percentile_ci(vals: np.ndarray, n_boot: int, level: float = 0.95) -> list[float] | None:
+    """Percentile interval of bootstrap statistics `vals` (NaN: an undefined resample, left
+    out); None when fewer than half of the `n_boot` resamples are defined."""
+    vals = np.asarray(vals, float)
     vals = vals[~np.isnan(vals)]
     if len(vals) < n_boot / 2:
         return None
     a = (1 - level) / 2
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+    return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
 
 
 def bootstrap_reason(y: np.ndarray, groups: Sequence) -> str | None:
