@@ -271,12 +271,17 @@ class _Mirror(Tracker, ABC):
         """Log the test metrics (at the last step) and the record's files."""
 
     # the run ids a resume continues: RUN/tracking/runs.json, {kind: {label: {...}}}
-    def _ids(self) -> dict:
-        path = self.tracking.folder / "runs.json"
+    def _every_id(self) -> dict:
+        """runs.json whole ({} while there is none, or it is unreadable)."""
         try:
-            return json.loads(path.read_text()).get(self.kind, {})
-        except (OSError, ValueError, AttributeError):
+            every = json.loads((self.tracking.folder / "runs.json").read_text())
+        except (OSError, ValueError):
             return {}
+        return every if isinstance(every, dict) else {}
+
+    def _ids(self) -> dict:
+        ids = self._every_id().get(self.kind, {})
+        return ids if isinstance(ids, dict) else {}
 
     def _prior(self) -> dict | None:
         return self._ids().get(self.label or ".") if self.resume else None
@@ -285,10 +290,7 @@ class _Mirror(Tracker, ABC):
         from fastcxr.runs import write_json
 
         path = self.tracking.folder / "runs.json"
-        try:
-            every = json.loads(path.read_text())
-        except (OSError, ValueError):
-            every = {}
+        every = self._every_id()
         every.setdefault(self.kind, {})[self.label or "."] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, every)
