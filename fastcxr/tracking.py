@@ -246,10 +246,21 @@ class _Mirror(Tracker, ABC):
             "the run is checkpointed: add --resume once the tracker works (or resume without "
             "--track)"
         )
+        import random
+
+        import numpy as np
+
+        # A tracker's client may draw from the global generators (MLflow does, now and then,
+        # e.g. for retry jitter), which fastai's random transforms also use: put them back so
+        # tracking never changes a number.
+        state, np_state = random.getstate(), np.random.get_state()
         try:
             yield
         except self.errors as e:
             raise FastcxrError(f"--track {self.kind}: {_first_line(e)}; {then}") from None
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
 
     def values(self, name: str, row: dict) -> dict[str, float]:
         """A history row's numbers, named `<network>/<column>`, and its stage's index."""
