@@ -6,7 +6,7 @@ FASTCXR := $(VENV)/bin/fastcxr
 RUNS ?= runs
 DEMO_RUN ?= demo-compare
 
-.PHONY: install demo ablation figures bench test lint clean
+.PHONY: install demo ablation figures bench gpu-check test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,15 @@ bench: install
 	mkdir -p reports/build
 	set -o pipefail; $(FASTCXR) bench --json $(BENCH_ARGS) | tee reports/build/bench.json.part
 	mv reports/build/bench.json.part reports/build/bench.json
+
+## The GPU path checked in one command (pytest -m gpu, bench, compiled bench, an end-to-end
+## compare --preset paper with NVML utilisation): gpu-check.json + gpu-check.log in
+## GPU_CHECK_OUT. SMOKE=1 runs the same code path on a CPU, tiny. On a machine whose Python
+## already has the dependencies (a GPU node): make gpu-check PY=python3
+GPU_CHECK_OUT ?= reports/build/gpu
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),install)
+	$(PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(SMOKE),--smoke) $(GPU_CHECK_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

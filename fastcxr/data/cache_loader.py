@@ -182,6 +182,11 @@ class CacheDL(DataLoader):
                 pin_memory=self.pin_memory,
                 persistent_workers=workers > 0 and persistent,
                 prefetch_factor=2 if workers > 0 else None,
+                # Starting the workers draws their base seed from this generator; torch's
+                # global one would advance once more in a resumed run (whose workers start
+                # again mid-schedule) than in the uninterrupted run, and every later shuffle
+                # and augmentation would differ. The workers only decode: nothing random.
+                generator=torch.Generator().manual_seed(0),
             )
             # fastai's loaders sit in a reference cycle, so they are freed by the cyclic
             # collector, which tears torch's worker queues down in no useful order: each worker
