@@ -27,6 +27,7 @@ NVML are then reported as skipped), so that CI keeps the script working between 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -96,7 +97,8 @@ def run_streamed(cmd, log: Log, timeout: float, stdout_path: Path | None = None,
     proc = subprocess.Popen(
         [str(c) for c in cmd], stdout=out or subprocess.PIPE,
         stderr=subprocess.STDOUT if out is None else subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}, cwd=ROOT,
+        start_new_session=True,
     )  # fmt: skip
     killed, done = [], threading.Event()
 
@@ -104,7 +106,10 @@ def run_streamed(cmd, log: Log, timeout: float, stdout_path: Path | None = None,
         if done.wait(timeout):
             return
         killed.append(f"killed after {timeout:.0f} s (time budget)")
-        try:
+        try:  # SIGABRT first: with PYTHONFAULTHANDLER set, Python prints where it was
+            os.kill(proc.pid, signal.SIGABRT)
+            if done.wait(5):
+                return
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -211,6 +216,11 @@ class Checker:
     def left(self) -> float:
         return self.args.budget - (time.monotonic() - self.t0)
 
+    def limit(self, name: str) -> float:
+        """Seconds a check's command may run: what is left of the budget, and no more than
+        1.3 times its estimate, so that one hung check leaves time to the next."""
+        return max(min(self.left(), 1.3 * self.p["estimates"][name]), 1.0)
+
     def fastcxr(self, *args) -> list:
         return [self.py, "-m", "fastcxr", *args]
 
@@ -282,8 +292,12 @@ class Checker:
         xml = self.out / "pytest-gpu.xml"
         rec = self.out / "gpu-tests.json"
         rec.unlink(missing_ok=True)
-        cmd = [self.py, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
-               f"--junitxml={xml}", "--durations=0", *gpu_test_files()]  # fmt: skip
+        cmd = [self.py, "-m", "pytest", "-m", "gpu", "-v", "--tb=short", "-rA",
+               "-p", "no:cacheprovider", f"--junitxml={xml}", "--durations=0",
+               # a test that hangs shows its stack (and is stopped, with pytest-timeout)
+               "-o", "faulthandler_timeout=90", *gpu_test_files()]  # fmt: skip
+        if importlib.util.find_spec("pytest_timeout"):
+            cmd[4:4] = ["--timeout=150"]
         rc, killed = run_streamed(cmd, self.log, self.left(), env={
             **self.env, "GPU_CHECK_OUT": str(self.out)})  # fmt: skip
         tests = _junit(xml) if xml.exists() else []
@@ -308,7 +322,8 @@ class Checker:
         )  # fmt: skip
 
     def _bench(self, key: str, path: Path, *extra):
-        rc, killed = run_streamed(self._bench_cmd(*extra), self.log, self.left(),
+        name = "bench" if key == "bench" else "bench-compile"
+        rc, killed = run_streamed(self._bench_cmd(*extra), self.log, self.limit(name),
                                   stdout_path=path, env=self.env)  # fmt: skip
         if rc != 0 or killed:
             return False, {"reason": killed or f"fastcxr bench exited {rc}"}
@@ -361,7 +376,8 @@ class Checker:
                 ends.append((t, line))
 
         with Nvml() as nvml:
-            rc, killed = run_streamed(cmd, self.log, self.left(), self.work / "e2e.json",
+            limit = self.limit("end-to-end")
+            rc, killed = run_streamed(cmd, self.log, limit, self.work / "e2e.json",
                                       env=self.env, on_line=on_line)  # fmt: skip
         if rc != 0 or killed:
             return False, {"reason": killed or f"fastcxr compare exited {rc}"}

@@ -12,13 +12,14 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny import TINY_TRAIN, epochs_done, fastcxr, wait_for
+from tiny import TINY_TRAIN, epochs_done, fastcxr
 
 from fastcxr.config import DEMO, PAPER_STAGES, Stage
 from fastcxr.data import apply_policy, network_data
@@ -217,20 +218,28 @@ def test_sigkill_and_resume_on_the_gpu_match_the_uninterrupted_run(prepared, tmp
     whole = []
     for name in ("a", "b"):
         r = subprocess.run(_train_cmd(prepared, tmp_path, name, *args), capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
+                           text=True, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
         whole.append(_test_probs(tmp_path / name))
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())["speed"]
     assert cfg["device"].startswith("cuda") and cfg["loader"] == "fast"
     cmd = _train_cmd(prepared, tmp_path, "k", *args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "k.log"
+    with log.open("w") as f:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
     ckpt = tmp_path / "k" / "checkpoints" / "edema+pleural_effusion.pt"
-    wait_for(ckpt, 6, proc)
+    deadline = time.monotonic() + 90
+    while epochs_done(ckpt) < 6:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"6 epochs not checkpointed (exit {proc.poll()}); the run "
+                                 f"printed:\n{log.read_text()[-3000:]}")  # fmt: skip
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = epochs_done(ckpt)
     assert 6 <= done < 10
-    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count(" epoch ") == 10 - done
     resumed = _test_probs(tmp_path / "k")
@@ -247,7 +256,7 @@ def cuda_run(prepared, tmp_path_factory):
     runs = tmp_path_factory.mktemp("cuda-runs")
     r = subprocess.run(
         _train_cmd(prepared, runs, "cuda", "--stages", "head,all", "--epochs", "2"),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads((runs / "cuda" / "config.json").read_text())["speed"]["device"] != "cpu"

@@ -168,7 +168,7 @@ def network_data(
     y_train = y[df["split"].to_numpy() == "train"]
     if speed.loader == "fast":
         root = Path(root).resolve()
-        device = device if device is not None else torch.device(speed.device)  # never None:
+        device = torch.device(device if device is not None else speed.device)  # never None:
         # a fastai loader without a device leaves batches (and so the model) on the CPU
         split = df["split"].to_numpy()
         parts = [
