@@ -82,6 +82,20 @@ def stop_workers(loader) -> None:
     shutdown()
 
 
+def disown_workers(loader) -> None:
+    """In a process forked from the one that owns `loader` (a loader worker): mark the copy of
+    its persistent iterator as shut down (torch 2.14.1: `_iterator._shutdown`), so that the
+    copy's `__del__` does not run `_shutdown_workers()` from here — through the queues and
+    events it shares with the owner, that would signal the owner's workers to stop, and it
+    fails on `is_alive()` ("can only test a child process")."""
+    it = getattr(loader, "_iterator", None)
+    if it is None:
+        return
+    if not hasattr(it, "_shutdown"):
+        raise _changed("torch", f"{type(it).__name__}._shutdown", TORCH, "an iterator's state")
+    it._shutdown = True
+
+
 def compile_count() -> int:
     """A counter that moves whenever dynamo captures (compiles) something (torch 2.14.1:
     the sum of `torch._dynamo.utils.counters["stats"]`)."""

@@ -382,8 +382,7 @@ class FastcxrArm(Arm):
         return len(self.nd.valid) / (time.perf_counter() - t0)
 
     def close(self) -> None:
-        for dl in (*self.nd.dls.loaders, self.nd.test_dl):
-            dl.close()
+        self.nd.close()
 
 
 class DefaultsArm(Arm):
@@ -409,6 +408,7 @@ class DefaultsArm(Arm):
 
 
 def _defaults_learner(job: BenchJob):
+    import fastai.callback.fp16  # noqa: F401  (adds `Learner.to_bf16`)
     import torch
     from fastai.data.block import DataBlock
     from fastai.data.transforms import ColReader, ColSplitter, Normalize

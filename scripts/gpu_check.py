@@ -297,7 +297,7 @@ class Checker:
                # a test that hangs shows its stack (and is stopped, with pytest-timeout)
                "-o", "faulthandler_timeout=90", *gpu_test_files()]  # fmt: skip
         if importlib.util.find_spec("pytest_timeout"):
-            cmd[4:4] = ["--timeout=150"]
+            cmd.insert(cmd.index("-v"), "--timeout=150")
         rc, killed = run_streamed(cmd, self.log, self.left(), env={
             **self.env, "GPU_CHECK_OUT": str(self.out)})  # fmt: skip
         tests = _junit(xml) if xml.exists() else []

@@ -3,6 +3,8 @@ as it was found."""
 
 import math
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -126,3 +128,31 @@ def test_no_private_imports_from_other_modules():
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module.startswith("fastcxr"):
             assert not [a.name for a in node.names if a.name.startswith("_")], node.module
+
+
+def test_the_fastai_defaults_arm_can_cast_to_bf16(tmp_path):
+    """On a GPU the defaults arm calls `learn.to_bf16()`, a method fastai adds to `Learner`
+    only once `fastai.callback.fp16` is imported: the first GPU run of `fastcxr bench` stopped
+    there ("'Sequential' object has no attribute 'to_bf16'"). Built in a fresh interpreter,
+    as `fastcxr bench` builds it, the arm's learner can be cast."""
+    code = """
+import sys
+from pathlib import Path
+import torch
+from fastcxr.bench import BenchJob, _defaults_learner, write_bench_cache
+from fastcxr.config import DEMO
+from fastcxr.data.dataset import Dataset
+from fastcxr.fastpath import resolve_speed
+from fastcxr.formulations import get_formulation
+cfg = DEMO.replace(size=32, batch_size=8, workers=0, loader="fast")
+form = get_formulation("multilabel")
+net = form.networks(cfg.findings)[0]
+ds = Dataset.load(write_bench_cache(Path(sys.argv[1]), 40, 32, 1))
+job = BenchJob(cfg, resolve_speed(cfg, "cpu"), form, net, ds, 1, 1, torch.device("cpu"))
+learn = _defaults_learner(job).to_bf16()
+print(type(learn).__name__, [type(c).__name__ for c in learn.cbs if "Precision" in str(c)])
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["Learner", "['MixedPrecision']"]

@@ -7,6 +7,7 @@ that wraps `fastcxr.study.train_formulation`, as the CLI calls it, and dumps wha
 returned and logged: its epochs, early-stopping decisions, test metrics and environment.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -82,6 +84,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_nodes(cmds, nodes, logs: Path, timeout: float) -> list[tuple[str, str]]:
+    """Each node's command at once (in its node's folder, stdout and stderr kept in `logs`);
+    their (stdout, stderr) once all exit 0 within `timeout` seconds."""
+    logs.mkdir()
+    procs = []
+    for cmd, node in zip(cmds, nodes):
+        env = {**os.environ, "SPY": str(node / "spy"), "OMP_NUM_THREADS": "1"}
+        with (
+            open(logs / f"{node.name}.out", "w") as out,
+            open(logs / f"{node.name}.err", "w") as err,
+        ):
+            procs.append(subprocess.Popen(cmd, cwd=node, env=env, stdout=out, stderr=err))
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs):  # one failed: the other would wait for it
+                break
+            time.sleep(0.2)
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for p in hung:  # ranks that disagree wait for each other until killed
+            for pid in _process_tree(p.pid):  # torchrun starts workers in their own sessions
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.wait()
+    outs = [
+        ((logs / f"{n.name}.out").read_text(), (logs / f"{n.name}.err").read_text()) for n in nodes
+    ]
+    for p, node, (_, err) in zip(procs, nodes, outs):
+        assert p.returncode == 0, (
+            f"{node.name} ({'killed' if p in hung else 'failed'}): {err[-3000:]}"
+        )
+    return outs
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop(0))
+        todo += children.get(tree[-1], [])
+    return tree
+
+
 def _without_timing(x):
     """A summary without its clock readings (which differ between processes)."""
     if isinstance(x, dict):
@@ -107,34 +160,27 @@ def _early_stop(valid_losses: list[float], patience: int, max_epochs: int) -> tu
 
 @pytest.mark.slow
 def test_two_nodes_train_one_record(prepared, tmp_path):
+    """`torchrun --nnodes 2 --nproc_per_node 1`, twice, each "node" with its own --runs:
+    one complete record, by global rank 0 alone; both ranks saw the same validation losses,
+    stopped at the same epoch and reached the same test metrics; the fast loader's default
+    workers are the node's cores, not a share of the world's."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     driver = tmp_path / "spy.py"
     driver.write_text(SPY)
     endpoint = f"127.0.0.1:{_free_port()}"
     before = sorted((str(p), p.stat().st_mtime_ns) for p in prepared.rglob("*"))
     nodes = [tmp_path / f"node{i}" for i in (0, 1)]  # each node's own disk
-    procs = []
-    for i, node in enumerate(nodes):
-        (node / "spy").mkdir(parents=True)
-        cmd = [
+    cmds = [
+        [
             torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, str(driver),
             "train", "--data", str(prepared), *map(str, ARGS), "--runs", str(node / "runs"),
-        ]  # fmt: skip
-        env = {**os.environ, "SPY": str(node / "spy"), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(cmd, cwd=node, env=env, text=True, start_new_session=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=240))
-    finally:  # ranks that disagree wait for each other forever
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        ]
+        for i, node in enumerate(nodes)
+    ]  # fmt: skip
+    for node in nodes:
+        (node / "spy").mkdir(parents=True)
+    outs = _run_nodes(cmds, nodes, tmp_path / "logs", timeout=240)
 
     # which agent got global rank 0 is the rendezvous's choice (c10d ignores --node_rank)
     views = [json.loads(next((n / "spy").glob("rank*.json")).read_text()) for n in nodes]

@@ -192,6 +192,7 @@ class CacheDL(DataLoader):
             # collector, which tears torch's worker queues down in no useful order: each worker
             # then takes 5 s to time out. Stop the workers first, in order.
             weakref.finalize(self, _stop_workers_of, os.getpid(), self._loader)
+            _LIVE.add(self._loader)
         return self._loader
 
     def close(self) -> None:
@@ -265,7 +266,29 @@ def cache_loaders(
     return train_dl, valid_dl, test_dl
 
 
-__all__ = ["CacheDL", "cache_loaders", "gpu_augment"]
+__all__ = ["CacheDL", "cache_loaders", "close_loaders", "gpu_augment"]
+
+
+# Every torch loader with persistent workers in this process: a worker forked later inherits
+# a copy of each, and must not stop their workers when it frees the copy (`_disown_all`).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _disown_all() -> None:
+    for loader in list(_LIVE):
+        adapters.disown_workers(loader)
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_disown_all)
+
+
+def close_loaders(*loaders) -> None:
+    """Stop the worker processes of those of `loaders` that hold some (the fast path's
+    `CacheDL`; fastai's own loaders start new workers each epoch and stop them after it)."""
+    for dl in loaders:
+        if isinstance(dl, CacheDL):
+            dl.close()
 
 
 def _stop_workers_of(owner_pid: int, loader) -> None:

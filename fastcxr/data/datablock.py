@@ -19,7 +19,7 @@ from fastai.vision.core import PILImageBW
 from PIL import Image
 
 from fastcxr.config import TrainConfig
-from fastcxr.data.cache_loader import cache_loaders
+from fastcxr.data.cache_loader import cache_loaders, close_loaders
 from fastcxr.errors import FastcxrError
 from fastcxr.fastpath import AUGMENT, Speed, resolve_speed
 from fastcxr.findings import LabelPolicy
@@ -53,6 +53,11 @@ class NetworkData:
     y_train: np.ndarray  # (n, k) 0/1 labels of the network's findings
     speed: Speed
     preprocessing: Preprocessing | None = None
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes (the fast path's persist across epochs): once a
+        network is done, so that the next network's workers are not forked beside them."""
+        close_loaders(*self.dls.loaders, self.test_dl)
 
 
 def scored(finding: str) -> str:
