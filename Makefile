@@ -6,15 +6,31 @@ FASTCXR := $(VENV)/bin/fastcxr
 RUNS ?= runs
 DEMO_RUN ?= demo-compare
 
-.PHONY: install demo ablation figures bench gpu-check test lint clean
+# The tested set: every package pinned, with hashes (uv pip compile; see README, Development).
+LOCK ?= requirements.lock
+# Where pip is capped (this project's machines cap torch at the release on their disk), the
+# lock is refreshed under the same cap.
+LOCK_CONSTRAINTS ?= $(wildcard /etc/xdg/pip/constraints.txt)
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install lock demo ablation figures bench gpu-check test test-fast lint clean
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
+
+## Refresh the lock to the newest releases pyproject.toml's ranges allow, install it, run the tests.
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --upgrade \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  $(if $(LOCK_CONSTRAINTS),-c $(LOCK_CONSTRAINTS)) -o $(LOCK)
+	$(MAKE) test
 
 ## The main job: Experiment II (three formulations) on the built-in synthetic dataset.
 demo: install
@@ -46,7 +62,11 @@ gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),install)
 	$(PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(SMOKE),--smoke) $(GPU_CHECK_ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+## The edit loop: everything not marked slow.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=10 tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

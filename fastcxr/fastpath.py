@@ -130,7 +130,9 @@ class Accelerated(Callback):
         self._prepare()
         rec = getattr(self.learn, "recorder", None)
         if rec is not None and type(rec.smooth_loss) is AvgSmoothLoss:
-            rec.smooth_loss = DeviceSmoothLoss(rec.smooth_loss.beta)
+            # the Recorder's own attribute, replaced: fastai's `Callback.__setattr__` would warn
+            # that it shadows `learn.smooth_loss` (which is this very attribute, forwarded)
+            object.__setattr__(rec, "smooth_loss", DeviceSmoothLoss(rec.smooth_loss.beta))
 
     def before_validate(self):  # also reached by `get_preds` without a fit
         self._prepare()

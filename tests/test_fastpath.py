@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -435,3 +436,16 @@ def test_a_compare_with_loader_workers_prints_no_worker_errors(prepared, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "can only test a child process" not in r.stderr
     assert "Exception ignored" not in r.stderr
+
+
+def test_training_on_the_fast_path_prints_no_library_warning(prepared, tmp_path):
+    """fastai warned "You are shadowing an attribute (smooth_loss)" in every run on the fast
+    path (the Recorder's smoothed loss replaced through `Callback.__setattr__`)."""
+    cmd = fastcxr(
+        "train", "--data", prepared, *TINY_TRAIN, "--loader", "fast", "--stages", "all",
+        "--epochs", "1", "--runs", tmp_path, "--name", "q",
+        launch=(sys.executable, "-W", "error::UserWarning", "-W", "error::FutureWarning"),
+    )  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr, r.stderr

@@ -283,9 +283,14 @@ def synthetic_demographics(
 
 
 def write_synthetic_mimic(
-    out: str | Path, spec: SyntheticSpec = SyntheticSpec(), workers: int | None = None
+    out: str | Path,
+    spec: SyntheticSpec = SyntheticSpec(),
+    workers: int | None = None,
+    demographics: bool = True,
 ) -> Path:
-    """Write the miniature MIMIC-CXR tree under `out`; returns `out`.
+    """Write the miniature MIMIC-CXR tree under `out`; returns `out`. With `demographics`,
+    also MIMIC-IV's `patients.csv` and `admissions.csv` (drawn last, from their own generator:
+    the images and label files are the same without them).
 
     Deterministic for `spec` (each image has its own seeded generator, so the worker count
     does not change a pixel); images already on disk are kept (an interrupted run resumes).
@@ -406,6 +411,8 @@ def write_synthetic_mimic(
         pd.DataFrame(split_rows, columns=["dicom_id", "study_id", "subject_id", "split"]),
         compression="gzip",
     )
+    if not demographics:
+        return out
     # Demographics last, from their own generator: the tree above is the same without them.
     patients, admissions = synthetic_demographics(subjects, study_dates, spec.seed)
     write_csv(out / "patients.csv", patients)
