@@ -237,7 +237,8 @@ def grad_cam(
     feats: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda m, i, o: feats.append(o)) for m in stages]
     try:
-        x = torch.from_numpy(np.ascontiguousarray(image)).float()[None, None].to(device)
+        x = torch.from_numpy(np.array(image, np.float32))[None, None].to(device)  # a copy:
+        # the image may be a read-only view of a decoded file, which torch would warn about
         with torch.enable_grad():
             prob = pm(x)[0, index]
             # hooks fire in forward order: feats = [layer3, layer4] for a ResNet

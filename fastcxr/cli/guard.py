@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-import warnings
 from collections.abc import Iterator
 
 import typer
@@ -62,14 +61,6 @@ def stdout_to_stderr() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def no_future_warnings() -> Iterator[None]:
-    """FutureWarnings (torch's and fastai's deprecations) are not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
-
-
 def _is_out_of_memory(e: BaseException) -> bool:
     torch = sys.modules.get("torch")  # not imported: the error cannot be torch's
     return torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)
@@ -111,5 +102,5 @@ def expected_errors() -> Iterator[None]:
 def guarded() -> Iterator[None]:
     """A command's work: expected errors mapped, signals stop it cleanly, stdout kept for
     the result (print it after this block), FutureWarnings hidden."""
-    with expected_errors(), stop_on_signals(), stdout_to_stderr(), no_future_warnings():
+    with expected_errors(), stop_on_signals(), stdout_to_stderr():
         yield
