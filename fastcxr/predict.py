@@ -71,7 +71,7 @@ class Predictor:
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
         run_dir = Path(run_dir)
         if not is_complete(run_dir):
-            raise RunError(f"{run_dir}: not a complete run (no complete record.json)")
+            raise RunError(_not_one_run(run_dir))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cfg = json.loads((run_dir / "config.json").read_text())
         findings = tuple(cfg["train"]["findings"])
@@ -150,6 +150,24 @@ class Predictor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out[:, cols] = n.model(x).float().cpu().numpy()
         return out
+
+
+def _not_one_run(run_dir: Path) -> str:
+    """Why `run_dir` cannot predict: not a complete run, or a folder of several (a compare
+    run's formulations, a `--seeds` run's seeds), which it names."""
+    inside = sorted(
+        str(p.parent.relative_to(run_dir))
+        for pattern in ("*/record.json", "*/*/record.json")
+        for p in run_dir.glob(pattern)
+        if is_complete(p.parent)
+    )
+    if not inside:
+        return f"{run_dir}: not a complete run (no complete record.json)"
+    what = "a compare run" if (run_dir / "compare.json").exists() else "a folder"
+    return (
+        f"{run_dir} is {what} of {len(inside)} trained runs ({', '.join(inside)}): predict "
+        f"with one of them, e.g. fastcxr predict {run_dir / inside[0]} ..."
+    )
 
 
 def _weights_of(run_dir: Path, cfg: dict) -> list[Path]:

@@ -9,11 +9,13 @@ Pure: no I/O and no imports beyond rich, so each is unit-tested on a hand-made d
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from copy import copy
 from typing import Any
 
-from rich.console import RenderableType
+from rich.console import Console, ConsoleOptions, RenderableType
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Table as RichTable
+from rich.text import Text
 
 SELECT_TEXT = {
     "best": "the stage with the lowest validation loss",
@@ -42,6 +44,51 @@ class Page:
     @property
     def stderr(self) -> list[RenderableType]:
         return [x for s, x in self.items if s == "err"]
+
+
+class Table(RichTable):
+    """A rich `Table` that fits its console without cutting a word.
+
+    Rich alone narrows the widest columns first and cuts the words of a column with long
+    ones. Here, when the table is wider than the console, every column first gets its longest
+    word, then the rest is shared: each column gets what shows its cells on one line, or an
+    equal share of what is left (max-min fair). When the longest words alone are too wide, the
+    padding between columns goes first."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        table = self
+        if sum(r.minimum for r in self._ranges(console, options)) > self._room(options):
+            table = copy(self)
+            table.collapse_padding, table.pad_edge = True, False
+        yield from RichTable.__rich_console__(table, console, options)
+
+    def _room(self, options: ConsoleOptions) -> int:
+        return (self.width or options.max_width) - self._extra_width
+
+    def _ranges(self, console: Console, options: ConsoleOptions) -> list:
+        options = options.update_width(self._room(options))
+        return [self._measure_column(console, options, c) for c in self.columns]
+
+    def _calculate_column_widths(self, console: Console, options: ConsoleOptions) -> list[int]:
+        ranges = [self._measure_column(console, options, c) for c in self.columns]
+        lo, hi = [r.minimum for r in ranges], [r.maximum for r in ranges]
+        if sum(hi) <= options.max_width or sum(lo) > options.max_width:
+            return super()._calculate_column_widths(console, options)
+        extra = fair_share(options.max_width - sum(lo), [b - a for a, b in zip(lo, hi)])
+        return [a + e for a, e in zip(lo, extra)]
+
+
+def fair_share(spare: int, needs: Sequence[int]) -> list[int]:
+    """`spare` split over `needs`: the smallest needs met first, the rest shared evenly."""
+    got = [0] * len(needs)
+    order = sorted(range(len(needs)), key=lambda i: needs[i])
+    for k, i in enumerate(order):
+        got[i] = min(needs[i], spare // (len(order) - k))
+        spare -= got[i]
+    for i in reversed(order):  # what integer division left, to the largest needs
+        if spare and got[i] < needs[i]:
+            got[i], spare = got[i] + 1, spare - 1
+    return got
 
 
 # -- cells --------------------------------------------------------------------------------------
@@ -74,11 +121,49 @@ def spread(a: Mapping, digits: int = 3) -> str:
     return f"{a['mean']:.{digits}f}{sd}\n[{a['min']:.{digits}f}–{a['max']:.{digits}f}]"
 
 
-def threshold_label(cfg: Mapping) -> str:
+def threshold_rule(cfg: Mapping) -> str:
+    """How each finding's threshold t was chosen on validation: `youden`, `sensitivity 0.9`."""
     t = cfg["threshold"]
-    if t != "youden":
-        t += f" {cfg['threshold_target']:g}"
-    return f"acc @ t\n({t})"
+    return t if t == "youden" else f"{t} {cfg['threshold_target']:g}"
+
+
+def threshold_label(cfg: Mapping) -> str:
+    return f"acc @ t\n({threshold_rule(cfg)})"
+
+
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+class Footnotes:
+    """Undefined cells as a short mark, `–¹`, each reason numbered once and listed under the
+    table (`caption`): a long reason would otherwise widen its column on every row."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def fmt(self, v, digits: int = 3, why: str | None = None) -> str:
+        """A number, or the mark of why it is undefined (None/NaN)."""
+        if v is None or (isinstance(v, float) and v != v):
+            return self.mark(why)
+        return f"{v:.{digits}f}"
+
+    def mark(self, why: str | None) -> str:
+        why = why or "no reason recorded"
+        if why not in self.reasons:
+            self.reasons.append(why)
+        return "–" + str(self.reasons.index(why) + 1).translate(SUPERSCRIPT)
+
+    def caption(self) -> str | None:
+        """`¹ undefined: why` per reason, or None when every cell is defined."""
+        return "\n".join(
+            f"{str(i).translate(SUPERSCRIPT)} undefined: {why}"
+            for i, why in enumerate(self.reasons, 1)
+        ) or None
+
+    def under(self, t: Table) -> Table:
+        """`t` with the footnotes as its caption, left-aligned."""
+        t.caption, t.caption_justify = self.caption(), "left"
+        return t
 
 
 def ratio(median, rng: Sequence | None, suffix: str = "") -> str:
@@ -129,7 +214,7 @@ def compare(result: Mapping, cfg: Mapping) -> Page:
     t = Table(title=title)
     t.add_column("formulation")
     for f in findings:
-        t.add_column(f"{f}\n{threshold_label(cfg)}", justify="right")
+        t.add_column(f"{f}\nacc @ t", justify="right")
         t.add_column(f"{f}\nAUC", justify="right")
     for c in ("epochs", "s/epoch", "train time (s)"):
         t.add_column(c, justify="right")
@@ -152,8 +237,8 @@ def compare(result: Mapping, cfg: Mapping) -> Page:
         t.add_row(*cells)
     page.out(
         t,
-        f"acc @ t: accuracy at each finding's threshold t, chosen ({cfg['threshold']}) on the "
-        "validation predictions; accuracy at 0.5 is in --json and `fastcxr report`.",
+        f"acc @ t: accuracy at each finding's threshold t, chosen ({threshold_rule(cfg)}) on "
+        "the validation predictions; accuracy at 0.5 is in --json and `fastcxr report`.",
         f"AUC 95% CI: {result.get('auc_ci_method', '')}. Model reported and saved: "
         f"{SELECT_TEXT[cfg['select']]}: "
         + "; ".join(
@@ -248,29 +333,33 @@ def ablation(result: Mapping, cfg: Mapping, formulation: str, run_dir: Any) -> P
             aggregate_table(result, findings, title, "stage"),
             f"training time over all seeds {result['train_seconds']:.0f} s — {run_dir}",
         )
-    t = Table(title=title)
-    for c in ("stage", "unfrozen", "trainable params", "epochs", "valid loss"):
-        t.add_column(c, justify="left" if c in ("stage", "unfrozen") else "right")
+    t, notes = Table(title=title), Footnotes()
+    names = [s["name"] + (" ★" if s["name"] == result["best_stage"] else "") for s in result["stages"]]
+    t.add_column("stage", min_width=max(map(len, names)))  # the ★ stays beside its stage
+    t.add_column("unfrozen")
+    for c in ("trainable params", "epochs", "valid loss"):
+        t.add_column(c, justify="right")
     for f in findings:
-        t.add_column(f"{f}\n{threshold_label(cfg)}", justify="right")
+        t.add_column(f"{f}\nacc @ t", justify="right")
         t.add_column(f"{f}\nAUC", justify="right")
-    for s in result["stages"]:
-        best = s["name"] == result["best_stage"]
-        unfrozen = [g for g in s["unfrozen"] if g != "head"]
-        shown = "head" + (f" + {len(unfrozen)} blocks ({unfrozen[0]}…)" if unfrozen else "")
+    for name, s in zip(names, result["stages"]):
+        blocks = [g for g in s["unfrozen"] if g != "head"]
         cells = [
-            s["name"] + (" ★" if best else ""),
-            shown,
+            name,
+            "head" + (f" + 1 block ({blocks[0]})" if len(blocks) == 1 else "")
+            + (f" + {len(blocks)} blocks ({blocks[0]}…)" if len(blocks) > 1 else ""),
             f"{s['trainable_params']:,}",
             str(s["epochs"]),
             f"{s['valid_loss']:.4f}",
         ]
         for f in findings:
-            m = s["findings"][f]
-            cells += [fmt(m["accuracy"], why=m.get("reason")), fmt(m["auc"], why=m.get("reason"))]
-        t.add_row(*cells, style="bold" if best else None)
+            m, why = s["findings"][f], s["findings"][f].get("reason")
+            cells += [notes.fmt(m["accuracy"], why=why), notes.fmt(m["auc"], why=why)]
+        t.add_row(*cells, style="bold" if s["name"] == result["best_stage"] else None)
     return page.out(
-        t,
+        notes.under(t),
+        f"acc @ t: accuracy at each finding's threshold t, chosen ({threshold_rule(cfg)}) on "
+        "the validation predictions.",
         f"★ best stage by validation loss: {result['best_stage']}; the run's model "
         f"({cfg['select']}): {stages(result['selected_stage'])} — run record: "
         f"{result['run_dir']}",
@@ -329,14 +418,14 @@ def render_demographics(result: Mapping, page: Page | None = None) -> Page:
 
 def prepare(report: Mapping, root: Any, out_dir: Any) -> Page:
     """`fastcxr prepare …`: images, conversions, failures and split sizes."""
-    t = Table(title=f"prepared {root} → {out_dir}")
+    t = Table()
     t.add_column("")
     t.add_column("", justify="right")
     for k in ("images", "converted", "skipped", "failures"):
         t.add_row(k, str(report[k]))
     for k, v in report["splits"].items():
         t.add_row(f"split {k}", str(v))
-    page = Page().out(t)
+    page = Page().out(f"prepared {root} → {out_dir}", t)
     if report["failures"]:
         page.err(
             f"[yellow]{report['failures']} file(s) could not be read or were skipped (e.g. not "
@@ -357,9 +446,9 @@ def bench(result: Mapping, defaults: bool = True) -> Page:
         f"{result['batch_size']}, {sp['precision']}, channels_last={sp['channels_last']}, "
         f"compile={sp['compile']} on {result['device']}"
     )
-    cols = ["stage", "freezing", "limit", "fastcxr", "fastcxr/limit"]
+    cols = ["stage", "freezing", "limit", "fastcxr", "fastcxr / limit"]
     if defaults:
-        cols += ["fastai defaults", "fastcxr/defaults"]
+        cols += ["fastai defaults", "fastcxr / defaults"]
     if sp["compile"]:
         cols += ["compile s (fastcxr)"]
     for c in cols:
@@ -468,8 +557,8 @@ def evaluation(result: Mapping) -> Page:
     internal against external AUC with CIs, the decisions at the run's threshold and
     calibration; mismatches and unreadable images on stderr."""
     runs = result["runs"] if "runs" in result else {result["run"]: result}
-    cols = ["finding", "internal AUC\n[95% CI]", "external AUC\n[95% CI]", "n", "positives",
-            "t", "acc\n@ t", "sens\n@ t", "spec\n@ t", "ECE", "Brier"]  # fmt: skip
+    cols = ["finding", "internal AUC\n[95% CI]", "external AUC\n[95% CI]", "n", "pos.",
+            "t", "acc\n@ t", "sens\n@ t", "spec\n@ t", "ECE\nBrier"]  # fmt: skip
     page = Page()
     first = next(iter(next(iter(runs.values()))["findings"].values()), {})
     method = first.get("auc_ci_method") or "percentile bootstrap over patients"
@@ -489,7 +578,7 @@ def evaluation(result: Mapping) -> Page:
                 str(m["positives"]), fmt(m["threshold"], why=why), fmt(m["accuracy"], why=why),
                 fmt(m["sensitivity"], why="no positive image" if not m["positives"] else why),
                 fmt(m["specificity"], why="no negative image" if m["n"] == m["positives"] else why),
-                fmt(m["ece"]), fmt(m["brier"]),
+                f"{fmt(m['ece'])}\n{fmt(m['brier'])}",
             )  # fmt: skip
         page.out(t)
         for w in r.get("preprocessing_mismatch") or []:
@@ -502,71 +591,90 @@ def evaluation(result: Mapping) -> Page:
             )
     return page.out(
         "internal: the run's own test split; external: the images of this split labelled 0 "
-        f"or 1 for the finding. AUC 95% CI: {method}; t: the run's threshold, chosen on its "
-        "validation split. " + result.get("calibration_method", "ECE over 10 equal-width bins"),
+        f"or 1 for the finding; pos.: those labelled 1. AUC 95% CI: {method}; t: the run's "
+        "threshold, chosen on its validation split; ECE above Brier. "
+        + result.get("calibration_method", "ECE over 10 equal-width bins"),
         f"written: {result['dir']}",
     )
 
 
-def _gap(s: Mapping, key: str = "tpr_gap", why: str | None = None) -> str:
+def _gap(s: Mapping, notes: Footnotes, key: str = "tpr_gap", why: str | None = None) -> str:
     ci = s.get(f"{key}_ci")
     if s.get(key) is None:
-        return fmt(None, why=why)
-    return f"{s[key]:+.3f}" + (f"\n[{ci[0]:+.3f}–{ci[1]:+.3f}]" if ci else "\n[CI undefined]")
+        return notes.mark(why)
+    if ci:
+        return f"{s[key]:+.3f}\n[{ci[0]:+.3f}–{ci[1]:+.3f}]"
+    ci_why = s.get("reasons", {}).get(f"{key}_ci")
+    return f"{s[key]:+.3f}\n[CI {notes.mark(ci_why) if ci_why else 'undefined'}]"
 
 
-def _auc_short(s: Mapping) -> str:
+def _auc_short(s: Mapping, notes: Footnotes) -> str:
     """AUC and its CI in a narrow cell (the reasons are in the JSON)."""
     if s.get("auc") is None:
-        return fmt(None, why=s.get("reasons", {}).get("auc"))
+        return notes.mark(s.get("reasons", {}).get("auc"))
     ci = s.get("auc_ci")
     return f"{s['auc']:.3f}\n" + (f"[{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "[CI undefined]")
 
 
+def _subgroup(s: Mapping) -> str:
+    return escape(str(s["subgroup"])) + (" ⚠" if s["small"] else "")
+
+
+def audit_table(title: str, m: Mapping) -> Table:
+    """One finding: the whole set, then each attribute's subgroups under its name; undefined
+    values as marks with their reasons under the table."""
+    t, notes = Table(title=title), Footnotes()
+    for c in ("subgroup", "n", "patients", "prev.", "AUC\n[95% CI]", "TPR\n@ t", "FPR\n@ t",
+              "TPR gap\n[95% CI]"):  # fmt: skip
+        t.add_column(c, justify="left" if c == "subgroup" else "right")
+    for attr, groups in {"all": [m["all"]], **m["by"]}.items():
+        if attr != "all":
+            t.add_section()
+            t.add_row(Text(escape(str(attr)), style="bold"))
+        for s in groups:
+            why = s.get("reasons", {})
+            t.add_row(
+                _subgroup(s), str(s["n"]), str(s["patients"]), fmt(s["prevalence"], 2),
+                _auc_short(s, notes), notes.fmt(s["tpr"], why=why.get("tpr")),
+                notes.fmt(s["fpr"], why=why.get("fpr")),
+                "ref." if attr == "all" else _gap(s, notes, why=why.get("tpr")),
+            )  # fmt: skip
+    return notes.under(t)
+
+
+def underdiagnosis_table(title: str, under: Mapping) -> Table:
+    t, notes = Table(title=title), Footnotes()
+    for c in ("attribute", "subgroup", "images with\na finding", "underdiagnosis",
+              "gap\n[95% CI]"):  # fmt: skip
+        t.add_column(c, justify="left" if c in ("attribute", "subgroup") else "right")
+    for attr, groups in under.items():
+        for s in groups:
+            t.add_row(escape(str(attr)), _subgroup(s), str(s["n_with_finding"]),
+                      notes.fmt(s["rate"], why=s.get("reason")),
+                      _gap(s, notes, "gap", s.get("reason")))  # fmt: skip
+    return notes.under(t)
+
+
 def audit(result: Mapping) -> Page:
-    """`fastcxr audit`: per audited run (or evaluation), finding × attribute × subgroup; small
-    subgroups marked ⚠, warnings on stderr."""
+    """`fastcxr audit`: per audited run (or evaluation) and finding, a table of its subgroups
+    by attribute; small subgroups marked ⚠, warnings on stderr."""
     runs = result["runs"] if "runs" in result else {result["source"]: result}
-    cols = ["finding", "attribute", "subgroup", "n", "patients", "prev.", "AUC\n[95% CI]",
-            "TPR\n@ t", "FPR\n@ t", "TPR gap\n[95% CI]"]  # fmt: skip
     page = Page()
     first = next(iter(runs.values()))
     for name, a in runs.items():
         shown = str(name).rstrip("/").rsplit("/", 1)[-1]
-        t = Table(title=f"{shown} — subgroup audit ({a['kind']}, split {a['split']}): "
-                  f"{a['manifest']}")  # fmt: skip
-        for c in cols:
-            t.add_column(c, justify="left" if c in cols[:3] else "right",
-                         min_width=13 if "CI" in c else None)  # fmt: skip
+        where = f"({a['kind']}, split {a['split']}): {a['manifest']}"
         for f, m in a["findings"].items():
-            for attr, groups in {"all": [m["all"]], **m["by"]}.items():
-                for s in groups:
-                    why = s.get("reasons", {})
-                    t.add_row(
-                        f, attr, escape(str(s["subgroup"])) + (" ⚠" if s["small"] else ""),
-                        str(s["n"]), str(s["patients"]), fmt(s["prevalence"], 2),
-                        _auc_short(s), fmt(s["tpr"], why=why.get("tpr")),
-                        fmt(s["fpr"], why=why.get("fpr")),
-                        "—" if attr == "all" else _gap(s, why=why.get("tpr")),
-                    )  # fmt: skip
-            t.add_section()
-        page.out(t)
+            page.out(audit_table(f"{shown} — {f} — subgroup audit {where}", m))
         if a.get("underdiagnosis"):
-            u = Table(title=f"{shown} — underdiagnosis (FPR of No Finding)")
-            for c in ("attribute", "subgroup", "images with\na finding", "underdiagnosis",
-                      "gap\n[95% CI]"):  # fmt: skip
-                u.add_column(c, justify="left" if c in ("attribute", "subgroup") else "right")
-            for attr, groups in a["underdiagnosis"].items():
-                for s in groups:
-                    u.add_row(attr, escape(str(s["subgroup"])) + (" ⚠" if s["small"] else ""),
-                              str(s["n_with_finding"]), fmt(s["rate"], why=s.get("reason")),
-                              _gap(s, "gap", s.get("reason")))  # fmt: skip
-            page.out(u)
+            title = f"{shown} — underdiagnosis (FPR of No Finding)"
+            page.out(underdiagnosis_table(title, a["underdiagnosis"]))
         for w in a.get("warnings") or []:
             page.err(f"[yellow]{escape(shown)}: {escape(w)}[/]")
     return page.out(
-        f"t: the run's threshold, chosen on its validation split. {first['gap_rule']}. AUC CI: "
-        f"{first['ci']['method']}. ⚠: fewer than {first['min_size']} scored images. "
+        f"t: the run's threshold, chosen on its validation split. {first['gap_rule']}; ref.: "
+        f"the whole set, the reference. AUC CI: {first['ci']['method']}. ⚠: fewer than "
+        f"{first['min_size']} scored images. "
         + ("" if first.get("underdiagnosis") else first["underdiagnosis_rule"] + "."),
         *[f"written: {a['dir']}" for a in runs.values() if a.get("dir")],
     )
