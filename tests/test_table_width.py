@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from fastcxr.cli import console, render
+from fastcxr.cli import render
 
 WIDTHS = (100, 120)
 FINDINGS = ("Edema", "Pleural Effusion")  # the study's (the default --findings)
@@ -19,7 +19,8 @@ CFG = {
     "freeze_style": "keras",
 }  # fmt: skip
 RACES = ("WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO - PUERTO RICAN",
-         "ASIAN - SOUTH EAST ASIAN", "AMERICAN INDIAN/ALASKA NATIVE", "UNABLE TO OBTAIN")  # fmt: skip
+         "ASIAN - SOUTH EAST ASIAN", "AMERICAN INDIAN/ALASKA NATIVE",
+         "UNABLE TO OBTAIN")  # fmt: skip
 BORDER_START, BORDER_END = "┏┃┡│├└", "┓┃┩│┤┘"
 
 
@@ -83,7 +84,8 @@ def compare_result() -> dict:
         if undefined:
             fs["Pleural Effusion"] = metric(None, None, UNDEFINED)
         return {"networks": nets, "findings": fs, "epochs": 38, "seconds_per_epoch": 1234.5,
-                "train_seconds": 46911.0, "selected_stage": {n: "conv4_last3" for n in nets}}  # fmt: skip
+                "train_seconds": 46911.0,
+                "selected_stage": {n: "conv4_last3" for n in nets}}  # fmt: skip
 
     pair = {"finding": FINDINGS[0], "a": "multilabel", "b": "multiclass",
             "patients": 12345, "auc_diff": 0.0123, "diff_ci": [-0.0456, 0.0789],
@@ -177,7 +179,8 @@ def evaluation_result() -> dict:
 def lr_find_result() -> dict:
     def stage(name, valley):
         return {"stage": name, "unfreeze": "conv4_block-3", "unfrozen": STAGES[name],
-                "configured_lr": 1e-4, "valley": valley, "minimum": 3.1e-3, "iterations": 100}  # fmt: skip
+                "configured_lr": 1e-4, "valley": valley, "minimum": 3.1e-3,
+                "iterations": 100}  # fmt: skip
 
     return {"formulation": "multilabel", "arch": "resnet152", "size": 512, "batch_size": 64,
             "lr_ratio": 10.0, "files": {"json": "reports/build/lr-find/lr_find.json"},
@@ -191,7 +194,8 @@ def bench_result() -> dict:
                 "fastcxr_img_s": 1100.2, "fastcxr_vs_limit_median": 0.89,
                 "fastcxr_vs_limit": 0.89, "fastcxr_vs_limit_range": [0.85, 0.93],
                 "defaults_img_s": 312.4, "fastcxr_vs_defaults": 3.52,
-                "fastcxr_vs_defaults_range": [3.41, 3.62], "compile_s": {"fastcxr": 45.3}}  # fmt: skip
+                "fastcxr_vs_defaults_range": [3.41, 3.62],
+                "compile_s": {"fastcxr": 45.3}}  # fmt: skip
 
     return {"arch": "resnet152", "size": 512, "batch_size": 64, "device": "NVIDIA H200",
             "rounds": 3, "speed": {"precision": "bf16", "channels_last": True, "compile": True},
@@ -216,29 +220,65 @@ PAGES = {
         aggregate_result(["single", "multilabel", "multiclass"]), CFG
     ),
     "train": lambda: render.train(
-        {"findings": compare_result()["formulations"]["multilabel"]["findings"],
-         "selected_stage": "conv4_last3", "epochs": 38, "seconds_per_epoch": 1234.5,
-         "train_seconds": 46911.0, "compile_seconds": 45.0}, CFG, "multilabel", "runs/t"),  # fmt: skip
+        {
+            "findings": compare_result()["formulations"]["multilabel"]["findings"],
+            "selected_stage": "conv4_last3",
+            "epochs": 38,
+            "seconds_per_epoch": 1234.5,
+            "train_seconds": 46911.0,
+            "compile_seconds": 45.0,
+        },
+        CFG,
+        "multilabel",
+        "runs/t",
+    ),  # fmt: skip
     "unfreeze-ablation": lambda: render.ablation(ablation_result(), CFG, "multilabel", "runs/a"),
     "unfreeze-ablation --seeds": lambda: render.ablation(
         aggregate_result(list(STAGES)), CFG, "multilabel", "runs/a"
     ),
     "unfreeze-ablation --dry-run": lambda: render.ablation_plan(
-        {"total_params": 58_143_810, "stages": [
-            {"name": s, "unfrozen": g, "trainable_params": 4_098 + i, "max_epochs": 10,
-             "lr": "find" if i else 1e-3} for i, (s, g) in enumerate(STAGES.items())]},
-        CFG, "multilabel"),  # fmt: skip
+        {
+            "total_params": 58_143_810,
+            "stages": [
+                {
+                    "name": s,
+                    "unfrozen": g,
+                    "trainable_params": 4_098 + i,
+                    "max_epochs": 10,
+                    "lr": "find" if i else 1e-3,
+                }
+                for i, (s, g) in enumerate(STAGES.items())
+            ],
+        },
+        CFG,
+        "multilabel",
+    ),  # fmt: skip
     "labels": lambda: render.labels(labels_result(), FINDINGS, "uncertain=drop, blank=drop"),
     "prepare": lambda: render.prepare(
-        {"images": 377110, "converted": 377000, "skipped": 100, "failures": 10,
-         "manifest": "out/manifest.csv", "splits": {"train": 368960, "valid": 2991,
-                                                    "test": 5159}},
-        "/data/physionet.org/files/mimic-cxr/2.0.0", "/data/mimic-cxr/prepared-512"),  # fmt: skip
+        {
+            "images": 377110,
+            "converted": 377000,
+            "skipped": 100,
+            "failures": 10,
+            "manifest": "out/manifest.csv",
+            "splits": {"train": 368960, "valid": 2991, "test": 5159},
+        },
+        "/data/physionet.org/files/mimic-cxr/2.0.0",
+        "/data/mimic-cxr/prepared-512",
+    ),  # fmt: skip
     "bench": lambda: render.bench(bench_result()),
     "bench-prepare": lambda: render.bench_prepare(
-        {"rows": 3056, "cols": 2544, "bits_stored": 12, "baseline_images_per_s_per_core": 1.234,
-         "fastcxr_images_per_s_per_core": 4.567, "ratio": 3.7, "mimic_minutes_on_16_cores": 85.2},
-        512),  # fmt: skip
+        {
+            "rows": 3056,
+            "cols": 2544,
+            "bits_stored": 12,
+            "baseline_images_per_s_per_core": 1.234,
+            "fastcxr_images_per_s_per_core": 4.567,
+            "ratio": 3.7,
+            "mimic_minutes_on_16_cores": 85.2,
+        },
+        512,
+    ),  # fmt: skip
     "evaluate": lambda: render.evaluation(evaluation_result()),
     "audit": lambda: render.audit(audit_result()),
     "lr-find": lambda: render.lr_find(lr_find_result()),

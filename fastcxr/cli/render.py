@@ -155,10 +155,13 @@ class Footnotes:
 
     def caption(self) -> str | None:
         """`¹ undefined: why` per reason, or None when every cell is defined."""
-        return "\n".join(
-            f"{str(i).translate(SUPERSCRIPT)} undefined: {why}"
-            for i, why in enumerate(self.reasons, 1)
-        ) or None
+        return (
+            "\n".join(
+                f"{str(i).translate(SUPERSCRIPT)} undefined: {why}"
+                for i, why in enumerate(self.reasons, 1)
+            )
+            or None
+        )
 
     def under(self, t: Table) -> Table:
         """`t` with the footnotes as its caption, left-aligned."""
@@ -334,7 +337,9 @@ def ablation(result: Mapping, cfg: Mapping, formulation: str, run_dir: Any) -> P
             f"training time over all seeds {result['train_seconds']:.0f} s — {run_dir}",
         )
     t, notes = Table(title=title), Footnotes()
-    names = [s["name"] + (" ★" if s["name"] == result["best_stage"] else "") for s in result["stages"]]
+    names = [
+        s["name"] + (" ★" if s["name"] == result["best_stage"] else "") for s in result["stages"]
+    ]
     t.add_column("stage", min_width=max(map(len, names)))  # the ★ stays beside its stage
     t.add_column("unfrozen")
     for c in ("trainable params", "epochs", "valid loss"):
@@ -346,7 +351,8 @@ def ablation(result: Mapping, cfg: Mapping, formulation: str, run_dir: Any) -> P
         blocks = [g for g in s["unfrozen"] if g != "head"]
         cells = [
             name,
-            "head" + (f" + 1 block ({blocks[0]})" if len(blocks) == 1 else "")
+            "head"
+            + (f" + 1 block ({blocks[0]})" if len(blocks) == 1 else "")
             + (f" + {len(blocks)} blocks ({blocks[0]}…)" if len(blocks) > 1 else ""),
             f"{s['trainable_params']:,}",
             str(s["epochs"]),
