@@ -7,6 +7,7 @@ and intensity mode, squash to size x size (the cache's resize), 1 channel, norma
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,11 +349,16 @@ def export(pred: Predictor, out: Path, format: str = "torch") -> list[Path]:
         onnx_modules()  # missing packages are refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     written, info = (_export_onnx if format == "onnx" else _export_torch)(pred, out)
+    # the preprocessing, without fastcxr (pydicom, numpy, Pillow), pixel for pixel as ours
+    prep_py = out / "preprocess.py"
+    shutil.copyfile(Path(__file__).parent / "standalone" / "preprocess.py", prep_py)
+    written.append(prep_py)
     meta = {"format": "fastcxr-export-1", "model_format": format,
             "findings": list(pred.findings), "networks": info.pop("networks"),
             "input": info.pop("input"),
             "preprocessing": {**pred.preprocessing.to_dict(),
-                              "dicom": "fastcxr.dicom.read_dicom"},
+                              "dicom": "fastcxr.dicom.read_dicom",
+                              "standalone": "preprocess.py (pydicom, numpy, Pillow)"},
             "thresholds": pred.thresholds, **info}  # fmt: skip
     (out / "export.json").write_text(json.dumps(meta, indent=2))
     return [*written, out / "export.json"]

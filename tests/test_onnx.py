@@ -83,7 +83,8 @@ def exported(request, multilabel, prepared, tmp_path_factory):
          "--format", "onnx", "--json"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["exported"] == [str(out / "model.onnx"), str(out / "export.json")]
+    names = ["model.onnx", "preprocess.py", "export.json"]
+    assert json.loads(res.stdout)["exported"] == [str(out / n) for n in names]
     return form, run, out
 
 
@@ -102,7 +103,7 @@ def test_onnx_matches_the_predictor_on_the_runs_own_images(exported, multilabel,
     assert spec["input"] == {"name": "image", "dtype": "uint8", "shape": ["batch", 1, 32, 32]}
     assert spec["output"]["dtype"] == "float32" and spec["output"]["shape"] == ["batch", 2]
     assert len(meta["networks"]) == (2 if form == "single" else 1)
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx", "preprocess.py"]
 
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()

@@ -1,0 +1,1 @@
+"""Files fastcxr ships into an export folder, to be used there without fastcxr."""
