@@ -21,7 +21,7 @@ test whose difference has zero variance. The DeLong functions say why in `reason
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.stats import norm, rankdata
@@ -264,27 +264,39 @@ def patient_bootstrap(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float] | None:
     """Percentile CI of the ROC AUC (`stat="auc"`) or PR AUC (`"pr_auc"`), resampling
     patients with replacement; resamples with one class are skipped. `None` when it is
-    undefined (`bootstrap_reason` says why)."""
+    undefined (`bootstrap_reason` says why). `progress(done, n_boot)` hears of the resamples
+    as they are scored (the same numbers either way)."""
     y, s = np.asarray(y).astype(int), np.asarray(s, float)
     if bootstrap_reason(y, groups) is not None:
         return None
     w = bootstrap_weights(groups, n_boot, seed)
-    if stat == "auc":
-        vals = weighted_auc(y, s, w)
-    elif stat == "pr_auc":
-        vals = np.array(
-            [
-                average_precision_score(y, s, sample_weight=wi) if (wi * y).sum() > 0 else np.nan
-                for wi in w
-            ]
-        )
-    else:
+    if stat not in ("auc", "pr_auc"):
         raise ValueError(f"unknown bootstrap statistic {stat!r}: auc or pr_auc")
+
+    def score(ws: np.ndarray) -> np.ndarray:
+        if stat == "auc":
+            return weighted_auc(y, s, ws)
+        return np.array([average_precision_score(y, s, sample_weight=wi)
+                         if (wi * y).sum() > 0 else np.nan for wi in ws])  # fmt: skip
+
+    vals = _by_rows(score, w, progress)
     ci = percentile_ci(vals, n_boot, level)
     return None if ci is None else (ci[0], ci[1])
+
+
+def _by_rows(fn, w: np.ndarray, progress: Callable[[int, int], None] | None) -> np.ndarray:
+    """`fn` over the rows of `w`: at once, or in 20 parts reported to `progress`."""
+    if progress is None:
+        return fn(w)
+    step, parts = max(1, len(w) // 20), []
+    for i in range(0, len(w), step):
+        parts.append(fn(w[i : i + step]))
+        progress(min(i + step, len(w)), len(w))
+    return np.concatenate(parts)
 
 
 def percentile_ci(vals: np.ndarray, n_boot: int, level: float = 0.95) -> list[float] | None:

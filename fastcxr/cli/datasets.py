@@ -83,11 +83,13 @@ def _run_prepare(fn, json_out: bool, out_dir: Path, **kwargs) -> None:
     report as JSON or a table."""
     from dataclasses import asdict
 
-    with guarded(), progress() as bar:
-        task = bar.add_task("converting", total=None)
-        report = fn(
-            out=out_dir, progress=lambda i, n: bar.update(task, completed=i, total=n), **kwargs
-        )
+    with guarded(), progress(not json_out) as bar:
+        task = bar.add_task("reading the labels and listing the images", total=None)
+
+        def converted(i: int, n: int) -> None:
+            bar.update(task, completed=i, total=n, description="converting")
+
+        report = fn(out=out_dir, progress=converted, **kwargs)
     if json_out:
         print(json.dumps(asdict(report), indent=2))
         return

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from fastcxr.cli import render
-from fastcxr.cli.console import show
+from fastcxr.cli.console import report, reporting, show
 from fastcxr.cli.guard import guarded
 from fastcxr.cli.options import (
     Arch,
@@ -68,7 +68,7 @@ def lr_find(
     discriminative groups), with fastai's valley and minimum suggestions; each stage sweeps
     from the starting weights, nothing is trained. `--lr find` on train/compare/
     unfreeze-ablation runs the finder at each stage's real start instead."""
-    with guarded():
+    with guarded(), reporting(not json_out):
         from fastcxr.cli.training import _dataset, _log
         from fastcxr.config import TrainConfig
         from fastcxr.formulations import get_formulation
@@ -87,7 +87,8 @@ def lr_find(
         schedule = cfg.ablation_stages if ablation else cfg.stages
         check_schedule(cfg, schedule)
         ds = _dataset(data, cfg, _log)
-        result = write_lr_find(ds, form, cfg, schedule, out_dir, start_lr, end_lr, num_it, _log)
+        result = write_lr_find(ds, form, cfg, schedule, out_dir, start_lr, end_lr, num_it,
+                               lambda ev: report(ev) or _log(ev))  # fmt: skip
     if json_out:
         print(json.dumps(result, indent=2))
         return

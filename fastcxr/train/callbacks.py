@@ -13,6 +13,12 @@ history, weights and decisions.
 * `SmoothLoss`: fastai's smoothed training loss, which `Recorder` resets at every fit.
 * `EpochEnd`: after every epoch, hands the stage's state to a function (the checkpoint).
 * `FrozenBNEval`: Keras-style freezing (no state).
+* `EpochProgress`: the stage's epochs and each epoch's images as progress events for `log`
+  (no state, changes nothing in training).
+
+A progress event is `{"event": "progress", "id", "label", "done", "total", "unit"}` (a new
+`label` on the same `id` starts that bar over), or `{"event": "progress", "id", "end": True}`
+when it is done; it has no `epoch` key, so a log that prints epoch rows skips it.
 """
 
 from __future__ import annotations
@@ -26,11 +32,22 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Recorder
+from fastai.torch_core import find_bs
 from torch import nn
 
 from fastcxr.distributed import unwrap
 
 Log = Callable[[dict], None]
+
+
+def progress_event(key: str, label: str, done: int, total: int | None, unit: str) -> dict:
+    """A progress event (see the module's docstring)."""
+    return {"event": "progress", "id": key, "label": label, "done": done, "total": total,
+            "unit": unit}  # fmt: skip
+
+
+def progress_end(key: str) -> dict:
+    return {"event": "progress", "id": key, "end": True}
 
 
 class FrozenBNEval(Callback):
@@ -221,18 +238,63 @@ class EpochEnd(Callback):
         self.fn()
 
 
+class EpochProgress(Callback):
+    """Progress events for `log`: bar `stage` counts the stage's epochs (those of a resumed
+    stage's earlier fit included), bar `epoch` the images of the current epoch's training,
+    then of its validation. No state: a resumed stage reads its epochs from `History`."""
+
+    order = Recorder.order + 2
+
+    def __init__(self, stage: str, log: Log, history: History):
+        self.stage, self.log, self.history = stage, log, history
+
+    def before_fit(self):
+        self.done = self.history.epochs_done
+        self.total = self.done + self.n_epoch
+        self._stage()
+
+    def _stage(self) -> None:
+        self.log(progress_event("stage", f"stage {self.stage}", self.done, self.total, "epoch"))
+
+    def before_train(self):
+        self.images = 0
+
+    def before_validate(self):
+        self.images = 0
+
+    def after_batch(self):
+        bs = find_bs(self.learn.yb)
+        self.images += bs
+        phase = "train" if self.training else "valid"
+        total = self.images + (self.n_iter - self.iter - 1) * bs
+        label = f"{self.stage} · epoch {self.done + 1}/{self.total} · {phase}"
+        self.log(progress_event("epoch", label, self.images, total, "img"))
+
+    def after_epoch(self):
+        self.done += 1
+        self._stage()
+
+    def after_fit(self):
+        self.log(progress_end("epoch"))
+        self.log(progress_end("stage"))
+
+
 @dataclass
 class StageCallbacks:
-    """The stateful callbacks of one stage, saved and loaded together by name."""
+    """The stateful callbacks of one stage, saved and loaded together by name (and, with a
+    log, its progress events, which have no state)."""
 
     restore: RestoreBest
     early: EarlyStop
     history: History
     smooth: SmoothLoss
+    progress: EpochProgress | None = None
 
     @classmethod
     def make(cls, stage: str, patience: int, rows: list[dict], log: Log | None = None):
-        return cls(RestoreBest(), EarlyStop(patience), History(stage, rows, log), SmoothLoss())
+        history = History(stage, rows, log)
+        progress = EpochProgress(stage, log, history) if log else None
+        return cls(RestoreBest(), EarlyStop(patience), history, SmoothLoss(), progress)
 
     def state_dict(self) -> dict[str, dict]:
         return {name: cb.state_dict() for name, cb in self._named().items()}
@@ -246,4 +308,4 @@ class StageCallbacks:
                 "history": self.history, "smooth_loss": self.smooth}  # fmt: skip
 
     def callbacks(self) -> list[Callback]:
-        return list(self._named().values())
+        return list(self._named().values()) + ([self.progress] if self.progress else [])

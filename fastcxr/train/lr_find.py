@@ -24,6 +24,7 @@ from fastai.learner import Learner
 
 from fastcxr.config import LR_FIND
 from fastcxr.errors import FastcxrError, UsageError
+from fastcxr.train.callbacks import FrozenBNEval, Log, progress_end, progress_event
 
 SUGGESTIONS = ("valley", "minimum")
 USED = "valley"  # what `--lr find` trains with: fastai's default suggestion
@@ -32,6 +33,23 @@ START_LR, END_LR, NUM_IT = 1e-7, 10.0, 100
 
 class LRFindError(FastcxrError, RuntimeError):
     """The finder could not suggest a rate (e.g. the loss was NaN from the first batches)."""
+
+
+class _SweepProgress(Callback):
+    """The sweep's iterations as progress events for `log` (bar `lr_find`)."""
+
+    order = 62
+    run_valid = False
+
+    def __init__(self, log, label: str, num_it: int):
+        self.log, self.label, self.num_it = log, label, num_it
+
+    def after_batch(self) -> None:
+        done = min(self.train_iter, self.num_it)
+        self.log(progress_event("lr_find", self.label, done, self.num_it, "it"))
+
+    def after_fit(self) -> None:
+        self.log(progress_end("lr_find"))
 
 
 class _Discriminative(Callback):
@@ -61,16 +79,18 @@ def find_lr(
     start_lr: float = START_LR,
     end_lr: float = END_LR,
     num_it: int = NUM_IT,
+    progress: Log | None = None,
+    label: str = "lr_find",
 ) -> dict:
     """fastai's `lr_find` on `learn` as its stage is frozen (call after `apply_stage`), the
     groups at the stage's discriminative ratio. The weights and optimizer state are restored.
+    `progress` receives the sweep's iterations as progress events, on a bar named `label`.
 
     Returns `valley`, `minimum`, `used` (the valley), the swept head rates `lrs` and the
     smoothed losses `losses`, and the settings."""
     from fastai.callback.schedule import minimum, valley
 
     from fastcxr.distributed import world_size
-    from fastcxr.train.callbacks import FrozenBNEval
     from fastcxr.train.schedule import stage_lrs
 
     if world_size() > 1:
@@ -86,6 +106,7 @@ def find_lr(
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastcxr-lr-find-"))
         learn.path, learn.model_dir = Path(tmp), "."  # fastai saves the weights it restores
         cbs = [_Discriminative(mult)] + ([FrozenBNEval()] if keras_freezing else [])
+        cbs += [_SweepProgress(progress, label, num_it)] if progress else []
         stack.enter_context(learn.added_cbs(cbs))
         try:
             found = learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it,
@@ -150,8 +171,9 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
     df = apply_policy(data.df, cfg, cfg.findings)
     speed = resolve_speed(cfg, default_device())
     prep = data.preprocessing(cfg.size)
-    networks = {}
-    for net in form.networks(cfg.findings):
+    networks, nets = {}, form.networks(cfg.findings)
+    swept, sweeps = 0, len(nets) * len(stages)
+    for net in nets:
         seed_everything(cfg.seed, speed)
         nd = network_data(df, data.root, form, net, cfg, speed=speed, preprocessing=prep)
         learn = make_learner(nd, form, net, cfg)
@@ -162,11 +184,16 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
             unfrozen = apply_stage(learn, st)
             if log:
                 log({"event": "lr_find", "network": net.name, "stage": st.name})
+                log(progress_event("sweeps", "stages swept", swept, sweeps, "stage"))
             found = find_lr(learn, len(unfrozen), cfg.lr_ratio, cfg.freeze_style == "keras",
-                            start_lr, end_lr, num_it)  # fmt: skip
+                            start_lr, end_lr, num_it, log,
+                            f"{net.name} · stage {st.name}")  # fmt: skip
+            swept += 1
             per_stage.append({"stage": st.name, "unfreeze": st.unfreeze, "unfrozen": unfrozen,
                               "configured_lr": st.lr, **found})  # fmt: skip
         networks[net.name] = per_stage
+    if log:
+        log(progress_end("sweeps"))
     return {
         "format": "fastcxr-lr-find-1", "formulation": form.name, "arch": cfg.arch,
         "size": cfg.size, "batch_size": cfg.batch_size, "freeze_style": cfg.freeze_style,
