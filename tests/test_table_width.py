@@ -304,3 +304,18 @@ def test_the_check_catches_a_cut_table():
     narrow.add_row("word " * 30)
     with pytest.raises(AssertionError):
         assert_fits(narrow, 100)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_star_stays_beside_its_stage_and_undefined_cells_are_footnoted(width):
+    (t,) = tables(PAGES["unfreeze-ablation"]())
+    out = assert_fits(t, width)
+    assert re.search(r"│\s*conv4_last3 ★\s*│", out)
+    assert "–¹" in out and "¹ undefined: one class in the test set: AUC undefined" in out
+    assert "undefined (" not in out.split("¹ undefined")[0]  # no reason inside the table
+    audit = tables(PAGES["audit"]())
+    out = assert_fits(audit[0], width)
+    assert re.search(r"│ UNABLE TO OBTAIN\s*│.*–¹ │\s*–² │.*–² │", out)
+    assert "¹ undefined: one class in the subgroup" in out
+    assert "² undefined: no positive image" in out
+    assert re.search(r"│ BLACK/AFRICAN( AMERICAN)?\s*│", out)  # whole words, wrapped at most
