@@ -36,7 +36,8 @@ lock:
 demo: install
 	$(FASTCXR) compare --name $(DEMO_RUN) --runs $(RUNS)
 
-## Experiment I (progressive unfreezing) on the built-in synthetic dataset.
+## Experiment I (progressive unfreezing) on the built-in synthetic dataset; run again, it shows
+## the finished result (as demo does; --overwrite in the command retrains).
 ablation: install
 	$(FASTCXR) unfreeze-ablation --name demo-ablation --runs $(RUNS)
 

@@ -33,8 +33,52 @@ def resnet10(weights=None, **kwargs) -> ResNet:
     return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
+class NarrowResNet(ResNet):
+    """torchvision's BasicBlock ResNet with stage widths `widths` instead of 64/128/256/512.
+
+    The same modules, names and forward as `ResNet` (so `block_groups` splits it the same
+    way); only the channel counts differ. Initialised as torchvision initialises a ResNet.
+    """
+
+    def __init__(self, layers: list[int], widths=(32, 64, 128, 256), num_classes: int = 1000):
+        nn.Module.__init__(self)  # ResNet.__init__ fixes the widths; the rest is the same
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+def resnet22n(weights=None, **kwargs) -> ResNet:
+    """A narrow ResNet-22 (BasicBlocks [2, 2, 3, 3], half of torchvision's widths): the CPU
+    demo's architecture.
+
+    Three blocks in conv5 and in conv4, as in the study's ResNet152, so each of the study's
+    stages (conv5 block 3; all of conv5; the last 3 blocks of conv4) unfreezes something the
+    one before did not; at half width it trains faster on a CPU than `resnet10` (4.5 M
+    parameters). No ImageNet weights exist for it.
+    """
+    if weights is not None:
+        raise UsageError("resnet22n has no pretrained weights; use --no-pretrained")
+    return NarrowResNet([2, 2, 3, 3], **kwargs)
+
+
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet10": resnet10,
+    "resnet22n": resnet22n,
     **{n: getattr(torchvision.models, n) for n in
        ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
         "densenet121", "densenet161", "densenet169", "densenet201")},
@@ -205,6 +249,7 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
 
 __all__ = [
     "ARCHS",
+    "NarrowResNet",
     "TorchvisionArch",
     "block_groups",
     "block_splitter",
@@ -213,4 +258,6 @@ __all__ = [
     "group_names",
     "load_state_dict",
     "resolve_unfreeze",
+    "resnet10",
+    "resnet22n",
 ]

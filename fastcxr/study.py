@@ -42,7 +42,7 @@ from fastcxr.seeds import read_json, run_seeds
 from fastcxr.tracking import Tracking, tracked
 from fastcxr.train.network import Job, train_network
 from fastcxr.train.record import TEST_SET_RULE, headline, write_record
-from fastcxr.train.schedule import plan
+from fastcxr.train.schedule import check_stages, plan
 
 Log = Callable[[dict], None]
 
@@ -118,16 +118,19 @@ def _tracked_config(data: Dataset, form: Formulation, cfg: TrainConfig, stages) 
 
 
 def check_schedule(cfg: TrainConfig, stages) -> None:
-    """Architecture, loader, precision and every stage's unfreeze spec checked before any
+    """Architecture, loader, precision, every stage's unfreeze spec, and that each stage
+    unfreezes more or other groups than the one before (`check_stages`), checked before any
     folder is written (the model is built on the meta device: no memory, no weights)."""
     resolve_speed(cfg, default_device())
     with torch.device("meta"):
-        names = group_names(build_model(cfg.arch, 1))
+        model = build_model(cfg.arch, 1)
+    names = group_names(model)
     for st in stages:
         try:
             resolve_unfreeze(st.unfreeze, names)
         except ValueError as e:
             raise UsageError(f"--stages: stage {st.name}: {e}") from None
+    check_stages(model, tuple(stages), cfg.arch)
 
 
 def _comparable(train: dict) -> dict:
@@ -194,6 +197,7 @@ def compare(
     Holm-adjusted over all pairs and findings).
     """
     run_dir = Path(run_dir)
+    check_schedule(cfg, cfg.stages)  # before plan.json: a refused schedule leaves no folder
     with main_lock(run_dir):
         if is_main():
             _fresh_if(run_dir, overwrite)
@@ -279,10 +283,15 @@ def unfreeze_ablation(
     """Experiment I: the ablation stages in sequence, test metrics after each stage.
 
     The best stage is the one with the lowest validation loss (chosen without the test set).
+    A complete run in `run_dir` is read back and shown, not retrained, as `compare` reads
+    back its finished formulations (`make ablation` twice shows the same result); it must
+    hold the same configuration and data, else the differences are listed. `overwrite`
+    trains it again; an interrupted run still needs `resume`.
     """
+    finished = not overwrite and is_complete(run_dir)
     summary = train_formulation(
-        data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages, resume=resume,
-        overwrite=overwrite, track=track,
+        data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages,
+        resume=resume or finished, overwrite=overwrite, track=track,
     )  # fmt: skip
     metrics = load_run(run_dir)["metrics"]["per_stage"]
     stages = []
@@ -333,6 +342,8 @@ def compare_seeds(
     """`compare` once per seed (RUN/seed-K), with the spread of AUC and accuracy across seeds.
     A seed whose compare.json exists is read back (`compare` reads back finished runs too)."""
 
+    check_schedule(cfg, cfg.stages)  # before the series' plan.json
+
     def one(c: TrainConfig, sub: Path) -> dict:
         return compare(data, c, sub, formulations, log, eval_cfg, resume, track=track)
 
@@ -356,6 +367,8 @@ def train_seeds(
 ) -> dict:
     """`train_formulation` once per seed (RUN/seed-K); with `resume`, finished seeds are read
     back."""
+
+    check_schedule(cfg, cfg.stages)  # before the series' plan.json
 
     def one(c: TrainConfig, sub: Path) -> dict:
         return train_formulation(data, formulation, c, sub, log, resume=resume, track=track)
@@ -381,6 +394,8 @@ def ablation_seeds(
     track: Tracking | None = None,
 ) -> dict:
     """`unfreeze_ablation` once per seed (RUN/seed-K); the aggregate is keyed by stage."""
+
+    check_schedule(cfg, cfg.ablation_stages)  # before the series' plan.json
 
     def one(c: TrainConfig, sub: Path) -> dict:
         return unfreeze_ablation(data, c, sub, formulation, log, resume, track=track)
@@ -429,7 +444,7 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
         splitter=block_splitter,
         train_bn=cfg.freeze_style == "fastai",
     )
-    stages = plan(learn, cfg.ablation_stages)
+    stages = plan(learn, cfg.ablation_stages, cfg.arch)
     return {
         "stages": stages,
         "arch": cfg.arch,

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from fastai.learner import Learner
+from torch import nn
 
 from fastcxr.config import Stage, TrainConfig
-from fastcxr.models import count_params, group_names, resolve_unfreeze
+from fastcxr.errors import UsageError
+from fastcxr.models import block_groups, count_params, group_names, resolve_unfreeze
 from fastcxr.train.callbacks import EpochEnd, FrozenBNEval, Log, StageCallbacks
 from fastcxr.train.checkpoint import load_optimizer
 
@@ -136,8 +138,34 @@ def _found_lr(learn, stage: Stage, cfg: TrainConfig, n_unfrozen: int,
     return found
 
 
-def plan(learn: Learner, stages: tuple[Stage, ...]) -> list[dict]:
-    """Per stage: what it unfreezes and how many parameters train (no training)."""
+def check_stages(model: nn.Module, stages: tuple[Stage, ...], arch: str = "this network") -> None:
+    """Refuse a schedule in which a stage unfreezes the same groups as the stage before it.
+
+    Such a stage adds nothing to unfreeze: in Experiment I its row would repeat the one
+    before under another name (on `resnet10`, with one block per stage, "conv5_block3" and
+    "conv5" are both `conv5_block1`), and in a schedule it only trains the same parameters
+    on. The message names both stages, the groups and their parameter count.
+    """
+    groups = block_groups(model)
+    names = [n for n, _ in groups]
+    ns = [resolve_unfreeze(st.unfreeze, names) for st in stages]
+    for (a, na), (b, nb) in zip(zip(stages, ns), zip(stages[1:], ns[1:])):
+        if na != nb:
+            continue
+        live = names[-na:]
+        shown = ", ".join(live) if len(live) <= 4 else f"{live[0]} … {live[-1]}, {len(live)} groups"
+        n = sum(p.numel() for _, mods in groups[-na:] for m in mods for p in m.parameters())
+        raise UsageError(
+            f"stages {a.name} ({a.unfreeze}) and {b.name} ({b.unfreeze}) unfreeze the "
+            f"same groups of {arch} ({shown}: {n:,} parameters), so {b.name} would add nothing; "
+            "drop one of them (--stages), or choose an architecture with more blocks per stage"
+        )
+
+
+def plan(learn: Learner, stages: tuple[Stage, ...], arch: str = "this network") -> list[dict]:
+    """Per stage: what it unfreezes and how many parameters train (no training); a stage
+    that unfreezes the same groups as the one before is refused (`check_stages`)."""
+    check_stages(learn.model, stages, arch)
     out = []
     for st in stages:
         unfrozen = apply_stage(learn, st)
