@@ -15,10 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import auc, roc_curve  # noqa: E402
 
 from fastcxr.evaluation import EvalConfig, evaluate, pairwise, table, with_holm  # noqa: E402
 from fastcxr.runs import RunError, is_complete, load_run  # noqa: E402
+from fastcxr.seeds import SEEDS_FILE  # noqa: E402
 
 COLORS = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c"]
 
@@ -293,6 +294,102 @@ def lr_find_figure(result: Mapping) -> Figure:
     return fig
 
 
+# -- a --seeds series -------------------------------------------------------------------------
+def seed_runs(seed_dir: Path) -> dict[str, Path]:
+    """The runs of one seed of a series (RUN/seed-K): its formulations for a compare, else
+    the seed's run itself (train, or an ablation: its selected model), by formulation."""
+    if (seed_dir / "compare.json").exists():
+        names = json.loads((seed_dir / "compare.json").read_text())["formulations"]
+        return {n: seed_dir / n for n in names}
+    if not is_complete(seed_dir):
+        raise RunError(f"{seed_dir}: not a complete run (an unfinished seed?)")
+    return {json.loads((seed_dir / "config.json").read_text())["formulation"]: seed_dir}
+
+
+def series_config(path: Path, series: dict) -> dict:
+    """The configuration (config.json) of the series' first run: every seed shares it but
+    the seed (`compare --seeds` checks that)."""
+    run = next(iter(seed_runs(path / f"seed-{series['seeds'][0]}").values()))
+    return json.loads((run / "config.json").read_text())
+
+
+def roc_seeds_figure(curves: Mapping[str, list[tuple]], finding: str, title: str) -> Figure:
+    """ROC curves for one finding, one line per seed, one colour per formulation; the legend
+    gives each formulation's AUC mean ± sd over its seeds. `curves`: name → [(seed, fpr,
+    tpr, auc)]."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for i, (name, per_seed) in enumerate(curves.items()):
+        aucs = np.array([a for *_, a in per_seed])
+        sd = f" ± {aucs.std(ddof=1):.3f}" if len(aucs) > 1 else ""
+        for j, (_, fpr, tpr, _) in enumerate(per_seed):
+            label = f"{name}: AUC {aucs.mean():.3f}{sd} ({len(aucs)} seeds)" if j == 0 else None
+            ax.plot(fpr, tpr, color=COLORS[i % len(COLORS)], lw=1.2, alpha=0.75, label=label)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set_xlabel("1 − specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"ROC per seed — {finding}\n{title}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
+def seed_curves(path: Path, series: dict, finding: str) -> dict[str, list[tuple]]:
+    """Each seed's test ROC curve for `finding`, by formulation (see `roc_seeds_figure`)."""
+    out: dict[str, list[tuple]] = {}
+    for seed in series["seeds"]:
+        for name, run in seed_runs(path / f"seed-{seed}").items():
+            t = _test(pd.read_csv(run / "predictions.csv"))
+            t = t[t[f"y_{finding}"].notna()]  # scored images only
+            y = t[f"y_{finding}"].astype(int)
+            if y.nunique() < 2:
+                continue  # no curve without both classes
+            fpr, tpr, _ = roc_curve(y, t[f"p_{finding}"])
+            out.setdefault(name, []).append((seed, fpr, tpr, float(auc(fpr, tpr))))
+    return out
+
+
+def _spread(a: Mapping) -> tuple[str, str]:
+    """(mean ± sd, min–max) of a `seeds.spread`, or why it is undefined."""
+    if a.get("mean") is None:
+        return _f(None, 3, a.get("reason")), ""
+    sd = f" ± {a['sd']:.3f}" if a.get("sd") is not None else " (one seed: no sd)"
+    return f"{a['mean']:.3f}{sd}", f"{a['min']:.3f}–{a['max']:.3f}"
+
+
+def _is_ablation(path: Path, series: dict) -> bool:
+    return (path / f"seed-{series['seeds'][0]}" / "ablation.json").exists()
+
+
+def seeds_markdown(series: list[tuple[Path, dict]]) -> list[str]:
+    """results.md's sections for `--seeds` series: mean ± sd and range per row and finding."""
+    lines: list[str] = []
+    for d, s in series:
+        kind = "stage" if _is_ablation(d, s) else "formulation"
+        cfg = series_config(d, s)
+        tc = cfg["train"]
+        lines += [
+            "",
+            f"## Across seeds — {d.name} (seeds {', '.join(map(str, s['seeds']))}; "
+            f"{tc['arch']}, {tc['size']}px, preset {tc['preset']})"
+            + (" — **synthetic data**" if cfg["data"].get("synthetic") else ""),
+            "",
+            "Test AUC and accuracy (at each seed's threshold chosen on its validation split), "
+            "as each seed's run recorded them: mean ± sd (n − 1) and range over the seeds. "
+            f"One seed's figures and tables: `fastcxr report {d}/seed-K`.",
+            "",
+            f"| {kind} | finding | seeds | AUC mean ± sd | AUC range | acc @ t mean ± sd | "
+            "acc @ t range |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row, by_f in s["aggregate"].items():
+            for f, m in by_f.items():
+                a, c = _spread(m["auc"]), _spread(m["accuracy"])
+                lines.append(f"| {row} | {f} | {m['auc']['n']} | {a[0]} | {a[1]} | {c[0]} | "
+                             f"{c[1]} |")  # fmt: skip
+    return lines
+
+
 # -- the report -----------------------------------------------------------------------------
 def _runs_of(path: Path) -> tuple[dict[str, Path], dict | None]:
     """Formulation runs under `path` (a compare folder, or one run) and an ablation, if any."""
@@ -303,7 +400,14 @@ def _runs_of(path: Path) -> tuple[dict[str, Path], dict | None]:
         return {}, json.loads((path / "ablation.json").read_text())
     if is_complete(path):
         return {path.name: path}, None
-    raise RunError(f"{path}: not a complete run, compare or ablation folder")
+    seeds = sorted(p.name for p in path.glob("seed-*") if p.is_dir())
+    if seeds:
+        raise RunError(
+            f"{path}: a --seeds series without {SEEDS_FILE} (unfinished: run its command again "
+            f"with --resume to finish it); one seed can be reported alone: fastcxr report "
+            f"{path / seeds[0]}"
+        )
+    raise RunError(f"{path}: not a complete run, compare, ablation or --seeds folder")
 
 
 def build_report(
@@ -318,8 +422,11 @@ def build_report(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, ablations = {}, []
+    runs, ablations, series = {}, [], []
     for d in map(Path, run_dirs):
+        if (d / SEEDS_FILE).exists():  # a --seeds series: across seeds (RUN/seed-K: one seed)
+            series.append((d, json.loads((d / SEEDS_FILE).read_text())))
+            continue
         found, abl = _runs_of(d)
         runs.update(found)
         if abl:
@@ -351,6 +458,14 @@ def build_report(
     for d, abl in ablations:
         save(ablation_figure(abl), f"ablation_{d.name}.png")
         save(curves_figure(load_run(d)["history"], "Experiment I"), f"curves_ablation_{d.name}.png")
+    for d, s in series:
+        what = "each seed's selected stage" if _is_ablation(d, s) else "seeds"
+        title = f"{d.name}: {what} {', '.join(map(str, s['seeds']))}"
+        for f in series_config(d, s)["train"]["findings"]:
+            curves = seed_curves(d, s, f)
+            if curves:
+                slug = f.lower().replace(" ", "_")
+                save(roc_seeds_figure(curves, f, title), f"roc_seeds_{d.name}_{slug}.png")
     audits = subgroup_audits(runs)
     for key, a in audits.items():
         if not a["stale"]:
@@ -368,6 +483,7 @@ def build_report(
         [p.name for p in written],
         external=external_validations(runs, eval_cfg),
         audits=audits,
+        seeds=series,
     )
     (out / "results.md").write_text(md)
     written.append(out / "results.md")
@@ -534,9 +650,10 @@ def _selected(record: dict) -> str:
 
 
 def results_markdown(intro, recs, evals, findings, ablations, pairs, figures, external=None,
-                     audits=None) -> str:  # fmt: skip
+                     audits=None, seeds=None) -> str:  # fmt: skip
     """results.md: the tables behind the figures, the policy, split sizes and the config,
-    and every external validation (`external_validations`)."""
+    every external validation (`external_validations`) and `--seeds` series (`seeds`:
+    [(folder, its seeds.json)])."""
     lines = ["# Results", ""]
     if recs:
         first = next(iter(recs.values()))
@@ -656,6 +773,7 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures, ex
                 )
                 + " |"
             )
+    lines += seeds_markdown(seeds or [])
     lines += external_markdown(external or {}, evals)
     lines += audit_markdown(audits or {})
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]

@@ -32,7 +32,10 @@ it, e.g. `multilabel` or `seed-1/single`, empty for `train`):
 * mlflow: the user's `MLFLOW_TRACKING_URI`, else a file store `file:RUN/tracking/mlruns`
   (with `MLFLOW_ALLOW_FILE_STORE=true`, which MLflow 3 wants for it, and
   `MLFLOW_DISABLE_TELEMETRY=true`, unless set); experiment `MLFLOW_EXPERIMENT_NAME`, else
-  "fastcxr"; run name `RUN-NAME/LABEL`;
+  "fastcxr"; run name `RUN-NAME/LABEL`. Reading that store back needs
+  `MLFLOW_ALLOW_FILE_STORE=true` too (MlflowClient, or mlflow-skinny's `mlflow experiments
+  search` / `mlflow runs list` / `mlflow runs describe`); `mlflow ui` needs the full `mlflow`
+  package (mlflow-skinny has no UI server);
 * wandb: `WANDB_MODE` if set, else offline (with `WANDB_ERROR_REPORTING=false` unless set;
   `wandb sync` uploads it later), in `WANDB_DIR`, else RUN/tracking; project `WANDB_PROJECT`,
   else "fastcxr"; group RUN-NAME.
@@ -430,7 +433,9 @@ class _MLflow(_Mirror):
                        "experiment_id": exp_id})  # fmt: skip
 
     def where(self) -> str:
-        return f"MLflow run {self.run_id} in {self.uri}"
+        # MLflow 3 reads a file store only when allowed, and mlflow-skinny serves no UI
+        read = " (read it with MLFLOW_ALLOW_FILE_STORE=true)" if self.local else ""
+        return f"MLflow run {self.run_id} in {self.uri}{read}"
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
