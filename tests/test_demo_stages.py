@@ -64,9 +64,11 @@ def test_a_stage_unfreezing_the_same_groups_as_the_one_before_is_refused():
         ablation_plan(cfg)
     msg = str(e.value)
     assert "stages conv5_block3 (conv5_block-1) and conv5 (conv5)" in msg
-    assert "conv5_block1, head" in msg and "resnet10" in msg
-    same = n(resnet10().layer4) + n(build_model("resnet10", 2)[1])
-    assert f"{same:,} parameters" in msg  # 4,201,472, the count the issue quotes
+    assert "groups of resnet10 (conv5_block1 and the head: " in msg
+    assert f"{n(resnet10().layer4):,} backbone parameters" in msg
+    # the dry run's count with the head, as the issue quotes it (4,201,472 both)
+    plan = ablation_plan(DEMO.replace(arch="resnet22n"))  # (resnet10's is refused)
+    assert plan["stages"][0]["trainable_params"] == n(build_model("resnet22n", 2)[1])
     with pytest.raises(UsageError, match="stages conv5_block3 .* and conv5 "):
         check_schedule(cfg, cfg.ablation_stages)  # train/compare/ablation: before any folder
     # named by what they unfreeze, not by their names: two specs for one group are refused too

@@ -144,7 +144,8 @@ def check_stages(model: nn.Module, stages: tuple[Stage, ...], arch: str = "this 
     Such a stage adds nothing to unfreeze: in Experiment I its row would repeat the one
     before under another name (on `resnet10`, with one block per stage, "conv5_block3" and
     "conv5" are both `conv5_block1`), and in a schedule it only trains the same parameters
-    on. The message names both stages, the groups and their parameter count.
+    on. The message names both stages, the groups and the backbone parameters they hold
+    (the head's depend on the formulation).
     """
     groups = block_groups(model)
     names = [n for n, _ in groups]
@@ -152,13 +153,17 @@ def check_stages(model: nn.Module, stages: tuple[Stage, ...], arch: str = "this 
     for (a, na), (b, nb) in zip(zip(stages, ns), zip(stages[1:], ns[1:])):
         if na != nb:
             continue
-        live = names[-na:]
-        shown = ", ".join(live) if len(live) <= 4 else f"{live[0]} … {live[-1]}, {len(live)} groups"
-        n = sum(p.numel() for _, mods in groups[-na:] for m in mods for p in m.parameters())
+        body = groups[-na:-1]
+        n = sum(p.numel() for _, mods in body for m in mods for p in m.parameters())
+        live = [g for g, _ in body]
+        shown = ", ".join(live) if len(live) <= 3 else f"{len(live)} groups {live[0]} … {live[-1]}"
+        what = f"{shown} and the head: {n:,} backbone parameters" if live else "the head only"
+        # two specs, one set of groups: the network has fewer blocks than the specs name
+        other = ", or choose an architecture with more blocks per stage"
         raise UsageError(
-            f"stages {a.name} ({a.unfreeze}) and {b.name} ({b.unfreeze}) unfreeze the "
-            f"same groups of {arch} ({shown}: {n:,} parameters), so {b.name} would add nothing; "
-            "drop one of them (--stages), or choose an architecture with more blocks per stage"
+            f"stages {a.name} ({a.unfreeze}) and {b.name} ({b.unfreeze}) unfreeze the same "
+            f"groups of {arch} ({what}), so {b.name} would add nothing; drop one of them "
+            f"(--stages){other if a.unfreeze != b.unfreeze else ''}"
         )
 
 
