@@ -27,8 +27,9 @@ NIH_ONLY_FINDINGS = ("Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis",
                      "Pleural Thickening", "Hernia")  # fmt: skip
 ALL_FINDINGS = CHEXPERT_FINDINGS + NIH_ONLY_FINDINGS
 STUDY_FINDINGS = ("Edema", "Pleural Effusion")  # the study's two findings, in its order
-# `composition`'s age groups: [lower, upper) in years; the last is open-ended.
-AGE_GROUPS = (("0-20", 0, 20), ("20-40", 20, 40), ("40-60", 40, 60), ("60-80", 60, 80),
+# `composition`'s age groups: [lower, upper) in years, named by the whole years they hold as
+# `audit` names its bins (20-39); the last is open-ended.
+AGE_GROUPS = (("0-19", 0, 20), ("20-39", 20, 40), ("40-59", 40, 60), ("60-79", 60, 80),
               ("80+", 80, float("inf")))  # fmt: skip
 
 # Other spellings users and datasets use (lower-case) → the canonical name.
@@ -160,7 +161,7 @@ def composition(df: pd.DataFrame, findings: Sequence[str], policy: LabelPolicy) 
     """Per split: how many images hold each label combination under `policy` (the study's
     Table 2; keys like "0,1" in the order of `findings`), each finding's raw counts, and
     `demographics`: the split's images (before the policy) by sex (F, M, unknown) and by age
-    group (0-20, 20-40, 40-60, 60-80, 80+ years, lower bound included, and unknown); all
+    group (0-19, 20-39, 40-59, 60-79, 80+ years, and unknown); all
     unknown for a manifest without the `sex` / `age` columns."""
     kept = policy.apply(df, findings)
     out: dict = {"splits": {}}

@@ -166,7 +166,9 @@ class RunLock:
 
     The lock is `flock` on `.NAME.lock` beside the folder (so replacing the folder keeps it):
     the kernel releases it when its process ends, even by SIGKILL, so a stale lock never
-    blocks a resume. A second process fails at once, naming the holder's pid.
+    blocks a resume. A second process fails at once, naming the holder's pid. The holder
+    removes the file when it is done (still holding the lock); a process that locked a file
+    just removed that way sees that the path no longer names it, and locks anew.
     """
 
     def __init__(self, run_dir: str | Path):
@@ -178,16 +180,20 @@ class RunLock:
         import fcntl
 
         writable_folder(self.run_dir.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunError(
-                f"{self.run_dir} is being written by another fastcxr process (pid {holder}); "
-                "wait for it to finish, or choose another --name"
-            ) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunError(
+                    f"{self.run_dir} is being written by another fastcxr process (pid "
+                    f"{holder}); wait for it to finish, or choose another --name"
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # its holder removed it between our open and our lock: again
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -198,9 +204,21 @@ class RunLock:
 
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
+            if _same_file(self.fd, self.path):
+                self.path.unlink()  # under the lock: nothing is left beside the run
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def writable_folder(folder: str | Path) -> Path:

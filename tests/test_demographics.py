@@ -340,7 +340,7 @@ def demo_manifest(tmp_path):
 
 def _expected_counts(df: pd.DataFrame) -> dict:
     bins = pd.cut(df["age"], [0, 20, 40, 60, 80, np.inf], right=False,
-                  labels=["0-20", "20-40", "40-60", "60-80", "80+"])  # fmt: skip
+                  labels=["0-19", "20-39", "40-59", "60-79", "80+"])  # fmt: skip
     df = df.assign(sex=df["sex"].fillna("unknown"),
                    group=bins.astype(object).fillna("unknown"))  # fmt: skip
     by_sex = df.groupby(["split", "sex"]).size()
@@ -350,7 +350,7 @@ def _expected_counts(df: pd.DataFrame) -> dict:
         out[split] = {
             "sex": {k: int(by_sex.get((split, k), 0)) for k in ("F", "M", "unknown")},
             "age": {k: int(by_age.get((split, k), 0))
-                    for k in ("0-20", "20-40", "40-60", "60-80", "80+", "unknown")},
+                    for k in ("0-19", "20-39", "40-59", "60-79", "80+", "unknown")},
         }  # fmt: skip
     return out
 
