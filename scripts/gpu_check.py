@@ -18,8 +18,9 @@ of one is recorded and the next goes on), and writes into `--out` (default
 `gpu-check.json` holds `device`, `checks` ([{name, ok, seconds, ...}]; `ok` is null for a
 check that was skipped — no GPU, or not enough of the time budget left), the bench and
 end-to-end figures, and the design's targets with whether each was met; `gpu-check.log` the
-whole output. Exit status 1 when a check failed (a skipped check is not a failure; a target
-missed is reported, not failed: it is a measurement).
+whole output. Exit status 0 when every check ran and passed, 1 when one failed (or was
+interrupted: 130), 3 when none failed but some were skipped (`ok` null: incomplete); a target
+missed is reported, not failed: it is a measurement.
 
 `--smoke` runs the same code path on a CPU with a tiny architecture and size (the GPU tests and
 NVML are then reported as skipped), so that CI keeps the script working between GPU sessions.
@@ -64,9 +65,11 @@ FULL = {
     "estimates": {"bench": 150, "end-to-end": 150, "pytest-gpu": 200, "bench-compile": 180},
 }  # fmt: skip
 SMOKE = {
-    "arch": "resnet10", "size": 32, "batch_size": 8, "warmup": 1, "steps": 2, "rounds": 3,
+    "arch": "resnet22n", "size": 32, "batch_size": 8, "warmup": 1, "steps": 2, "rounds": 3,
+    "bench_stages": "head,all",  # the same code as the study's five, in less CPU time
     "e2e_images": 160,
-    "estimates": {"pytest-gpu": 60, "bench": 60, "end-to-end": 60, "bench-compile": 60},
+    # generous: a shared 2-core CI runner can be 5x slower than a quiet one
+    "estimates": {"pytest-gpu": 120, "bench": 150, "end-to-end": 150, "bench-compile": 150},
 }  # fmt: skip
 STUDY_STAGES = "head,conv5_block3=conv5_block-1,conv5,conv4_last3=conv4_block-3,all"
 
@@ -117,12 +120,21 @@ def run_streamed(cmd, log: Log, timeout: float, stdout_path: Path | None = None,
 
     threading.Thread(target=watchdog, daemon=True).start()
     stream = proc.stdout if out is None else proc.stderr
-    for line in stream:
-        log.raw(line)
-        if on_line:
-            on_line(time.time(), line)
-    rc = proc.wait()
-    done.set()
+    try:
+        for line in stream:
+            log.raw(line)
+            if on_line:
+                on_line(time.time(), line)
+        rc = proc.wait()
+    except BaseException:  # interrupted (SIGINT, SIGTERM): the check's processes go with it
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    finally:
+        done.set()
     if out:
         out.close()
     return rc, "; ".join(killed)
@@ -206,10 +218,12 @@ class Checker:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = Log(self.out / "gpu-check.log")
-        self.work = Path(args.work or tempfile.mkdtemp(prefix="fastcxr-gpu-check-"))
-        self.work.mkdir(parents=True, exist_ok=True)
+        if args.work:  # the user's folder: a scratch folder is made inside it, and only
+            Path(args.work).mkdir(parents=True, exist_ok=True)  # that one is removed
+        self.work = Path(tempfile.mkdtemp(prefix="fastcxr-gpu-check-", dir=args.work))
         self.t0 = time.monotonic()
         self.checks: list[dict] = []
+        self.current = "environment"
         self.summary: dict = {"smoke": args.smoke, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.py = sys.executable
         self.env = {"PYTHONUNBUFFERED": "1", "FASTCXR_HOME": str(self.work / "home")}
@@ -227,7 +241,7 @@ class Checker:
 
     def check(self, name: str, fn) -> None:
         est = self.p["estimates"].get(name, 0)
-        if self.left() < est:
+        if name != "environment" and self.left() < est:
             why = (f"skipped: {self.left():.0f} s of the {self.args.budget:.0f} s budget left, "
                    f"the check needs about {est} s")  # fmt: skip
             self._add(name, None, 0.0, reason=why)
@@ -344,7 +358,8 @@ class Checker:
         return True, {"rows": len(res["rows"])}
 
     def bench(self):
-        return self._bench("bench", self.out / "bench.json", "--stages", STUDY_STAGES)
+        stages = self.p.get("bench_stages", STUDY_STAGES)
+        return self._bench("bench", self.out / "bench.json", "--stages", stages)
 
     def bench_compile(self):
         return self._bench("bench_compile", self.out / "bench-compile.json", "--compile",
@@ -368,7 +383,18 @@ class Checker:
             "1", "--runs", runs, "--name", "e2e", "--json",
         )  # fmt: skip
         if self.args.smoke:
-            cmd += ["--arch", p["arch"], "--size", p["size"], "--batch-size", p["batch_size"]]
+            cmd += [
+                "--arch",
+                p["arch"],
+                "--size",
+                p["size"],
+                "--batch-size",
+                p["batch_size"],
+                "--loader",
+                "fast",
+                "--workers",
+                "1",
+            ]
         ends: list[tuple[float, str]] = []
         epoch = re.compile(r"^\s*(\S+) epoch\s+(\d+)\s.*\s([\d.]+)s\s*$")
 
@@ -387,8 +413,9 @@ class Checker:
         bs = p["batch_size"]
         trained = n_train // bs * bs  # the fast loader drops the last partial batch
         epochs, windows = [], []
-        hist = [pd.read_csv(h).assign(formulation=h.parent.name)
-                for h in sorted((runs / "e2e").glob("*/history.csv"))]  # fmt: skip
+        order = json.loads((runs / "e2e" / "compare.json").read_text())["formulations"]
+        hist = [pd.read_csv(runs / "e2e" / f / "history.csv").assign(formulation=f)
+                for f in order]  # in training order, as the epoch lines arrived  # fmt: skip
         hist = pd.concat(hist, ignore_index=True)
         if len(hist) != len(ends):
             self.log(f"note: {len(ends)} epoch lines for {len(hist)} history rows")
@@ -481,20 +508,36 @@ class Checker:
         self.check("environment", self.environment)
         if self.checks[-1]["ok"] is False:
             return self.finish()
+        try:
+            self._run_checks()
+        except KeyboardInterrupt:
+            self._add(self.current, False, 0.0, reason="interrupted (SIGINT/SIGTERM)")
+            self.finish()
+            return 130
+        return self.finish()
+
+    def _run_checks(self) -> None:
         # the speed table first (bench, end-to-end): what a short GPU session is for
         checks = {"bench": self.bench, "end-to-end": self.end_to_end,
                   "pytest-gpu": self.pytest_gpu, "bench-compile": self.bench_compile}  # fmt: skip
-        for name in self.args.only or checks:
+        for name in dict.fromkeys(self.args.only or checks):
             if name in checks:
+                self.current = name
                 self.check(name, checks[name])
-        return self.finish()
 
     def finish(self) -> int:
         self.summary["checks"] = self.checks
         self.e2e_vs_bench()
         self.summary["targets"] = self.targets()
         self.summary["seconds"] = round(time.monotonic() - self.t0, 1)
-        self.summary["ok"] = not any(c["ok"] is False for c in self.checks)
+        failed = any(c["ok"] is False for c in self.checks)
+        skipped = any(
+            c["ok"] is None and c["name"] != "pytest-gpu" or c["ok"] is None and not self.args.smoke
+            for c in self.checks
+        )
+        # ok: true only when every check ran and passed (the GPU tests may skip in smoke
+        # mode); null when one was skipped (incomplete: nothing failed, not all measured)
+        self.summary["ok"] = False if failed else (None if skipped else True)
         path = self.out / "gpu-check.json"
         tmp = path.with_suffix(".part")
         tmp.write_text(json.dumps(self.summary, indent=2, default=str))
@@ -506,11 +549,12 @@ class Checker:
             met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
             v = "-" if t["value"] is None else f"{t['value']:.3g}"
             self.log(f"target {t['name']}: {v} (target {t['target']}) {met}")
-        self.log(f"gpu-check {'passed' if self.summary['ok'] else 'FAILED'} in "
-                 f"{self.summary['seconds']:.0f} s; summary in {path}")  # fmt: skip
+        word = {True: "passed", False: "FAILED", None: "INCOMPLETE (checks skipped)"}
+        self.log(f"gpu-check {word[self.summary['ok']]} in {self.summary['seconds']:.0f} s; "
+                 f"summary in {path}")  # fmt: skip
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
-        return 0 if self.summary["ok"] else 1
+        return {True: 0, False: 1, None: 3}[self.summary["ok"]]
 
 
 def gpu_test_files() -> list[str]:
@@ -559,6 +603,14 @@ def main(argv=None) -> int:
     unknown = set(args.only or ()) - {"pytest-gpu", "bench", "end-to-end", "bench-compile"}
     if unknown:
         ap.error(f"--only: unknown check(s) {', '.join(sorted(unknown))}")
+    if args.budget <= 0:
+        ap.error(f"--budget must be a positive number of seconds, not {args.budget:g}")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
     return Checker(args).run()
 
 
