@@ -69,7 +69,8 @@ SMOKE = {
     "bench_stages": "head,all",  # the same code as the study's five, in less CPU time
     "e2e_images": 160,
     # generous: a shared 2-core CI runner can be 5x slower than a quiet one
-    "estimates": {"pytest-gpu": 120, "bench": 150, "end-to-end": 150, "bench-compile": 150},
+    "estimates": {"pytest-gpu": 120, "bench": 150, "end-to-end": 240, "bench-compile": 150},
+    "formulations": "multilabel,multiclass",  # two networks, each through the paper's stages
 }  # fmt: skip
 STUDY_STAGES = "head,conv5_block3=conv5_block-1,conv5,conv4_last3=conv4_block-3,all"
 
@@ -394,6 +395,8 @@ class Checker:
                 "fast",
                 "--workers",
                 "1",
+                "--formulations",
+                p["formulations"],
             ]
         ends: list[tuple[float, str]] = []
         epoch = re.compile(r"^\s*(\S+) epoch\s+(\d+)\s.*\s([\d.]+)s\s*$")
