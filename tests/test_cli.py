@@ -124,7 +124,17 @@ def test_saved_weights_load_safely(prepared, tmp_path):
 
 def test_ablation_table_and_json(prepared, tmp_path):
     res = run(
-        "unfreeze-ablation", "--data", prepared, *TINY, "--runs", tmp_path, "--name", "a", "--json"
+        "unfreeze-ablation",
+        "--data",
+        prepared,
+        *TINY,
+        "--arch",
+        "resnet22n",
+        "--runs",
+        tmp_path,
+        "--name",
+        "a",
+        "--json",
     )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -132,11 +142,12 @@ def test_ablation_table_and_json(prepared, tmp_path):
     assert names == ["head", "conv5_block3", "conv5", "conv4_last3"]
     assert out["best_stage"] in names
     params = [s["trainable_params"] for s in out["stages"]]
-    assert params[0] < params[1] <= params[2] < params[3]  # resnet10: conv5 has one block
+    assert params[0] < params[1] < params[2] < params[3]  # resnet22n: 3 blocks in conv5
     assert out["stages"][0]["unfrozen"] == ["head"]
     rep = run("report", tmp_path / "a", "--out", tmp_path / "fig")
     assert rep.exit_code == 0 and (tmp_path / "fig" / "ablation_a.png").exists(), rep.output
-    table = run("unfreeze-ablation", "--data", prepared, *TINY, "--runs", tmp_path, "--name", "a2")
+    table = run("unfreeze-ablation", "--data", prepared, *TINY, "--arch", "resnet22n", "--runs",
+                tmp_path, "--name", "a2")  # fmt: skip
     assert table.exit_code == 0 and "★" in table.stdout and "SYNTHETIC" not in table.stdout
 
 
