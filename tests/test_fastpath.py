@@ -258,7 +258,7 @@ def test_bench_json(tmp_path):
                         capture_output=True, timeout=600)  # fmt: skip
     assert r2.returncode == 0, r2.stderr
     assert manifest.stat().st_mtime_ns == before
-    assert "fastcxr/limit" in r2.stdout and "defaults" not in r2.stdout
+    assert "fastcxr / limit" in r2.stdout and "defaults" not in r2.stdout
 
 
 def test_bench_compiled_reports_compile_time_of_each_measurement(tmp_path):
