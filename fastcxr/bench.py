@@ -514,7 +514,9 @@ def close_arms(arms: dict) -> None:
         arm.close()
 
 
-def run_rounds(arms: dict, stages, rounds: int, fresh_compile: bool, say) -> dict[str, list]:
+def run_rounds(
+    arms: dict, stages, rounds: int, fresh_compile: bool, say, progress=None
+) -> dict[str, list]:
     """{stage name: [{arm key: measured} per round]}. Per stage every arm enters the stage;
     then each round measures every arm, in `arms` order, so that drift of a shared machine
     reaches the arms of a round alike.
@@ -523,10 +525,11 @@ def run_rounds(arms: dict, stages, rounds: int, fresh_compile: bool, say) -> dic
     `fresh_compile`, each arm's first round of a stage starts from an empty compile cache, so
     its compile time is that of a fresh run (the arms' graphs are alike and would otherwise be
     reused); a later round's warmup may recompile what another arm's fresh start discarded,
-    untimed."""
+    untimed. `progress(done, total)` hears of each measurement done (arms × rounds × stages)."""
     import torch
 
     out: dict[str, list] = {}
+    total, done = len(stages) * rounds * len(arms), 0
     for st in stages:
         for arm in arms.values():
             arm.enter(st)
@@ -540,6 +543,9 @@ def run_rounds(arms: dict, stages, rounds: int, fresh_compile: bool, say) -> dic
                     torch.compiler.reset()
                 _set_cudnn(*arm.cudnn)
                 got[key] = arm.measure(f"bench ({what})")
+                done += 1
+                if progress:
+                    progress(done, total)
             out[st.name].append(got)
     return out
 
@@ -636,7 +642,7 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_all(jobs: list[BenchJob], stages, rounds: int, defaults: bool, say):
+def measure_all(jobs: list[BenchJob], stages, rounds: int, defaults: bool, say, progress=None):
     """(`run_rounds`'s measurements, evaluation img/s of the first style's fastcxr loop), with
     the process's global settings restored afterwards and every arm closed."""
     compiled = jobs[0].speed.compile
@@ -647,7 +653,7 @@ def measure_all(jobs: list[BenchJob], stages, rounds: int, defaults: bool, say):
             raise_compile_cache_limits()  # every arm's graphs of a stage, cached together
         arms = build_arms(jobs, defaults, say)
         try:
-            measured = run_rounds(arms, stages, rounds, compiled, say)
+            measured = run_rounds(arms, stages, rounds, compiled, say, progress)
             eval_ips = arms["fastcxr", jobs[0].style].eval_img_s()
         finally:
             close_arms(arms)
@@ -670,6 +676,7 @@ def bench_train(
     project_images: int = 34_000,
     log=None,
     rounds: int = 3,
+    progress=None,
 ) -> dict:
     """Training img/s per stage and freezing style: model-only limit, fastcxr, fastai defaults.
 
@@ -677,7 +684,8 @@ def bench_train(
     `rounds` interleaved rounds per stage (`run_rounds`); each row reports the median img/s of
     each arm, the median and range of the per-round ratios fastcxr/limit and fastcxr/defaults
     (what to read), and whether the range is too wide to trust (`WIDE`). Leaves the process's
-    global settings as it found them (`restored_globals`).
+    global settings as it found them (`restored_globals`). `log(message)` hears what is
+    measured; `progress(done, total)` counts the measurements (arms × rounds × stages).
     """
     import torch
 
@@ -701,7 +709,7 @@ def bench_train(
         BenchJob(cfg.replace(freeze_style=s), speed, form, net, ds, warmup, steps, device)
         for s in freeze_styles
     ]
-    measured, eval_ips = measure_all(jobs, stages, rounds, defaults, say)
+    measured, eval_ips = measure_all(jobs, stages, rounds, defaults, say, progress)
     rows = _rows(stages, freeze_styles, measured, defaults)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

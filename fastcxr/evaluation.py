@@ -58,11 +58,21 @@ def _scored(rows: pd.DataFrame, finding: str) -> pd.DataFrame:
     return rows[rows[f"y_{finding}"].notna()]
 
 
+def _bootstrap_bar(log, label: str):
+    """`progress(done, n)` for a bootstrap: progress events of bar "bootstrap" for `log`."""
+    if log is None:
+        return None
+    from fastcxr.train.callbacks import progress_event
+
+    return lambda done, n: log(progress_event("bootstrap", label, done, n, "resample"))
+
+
 def finding_report(
-    pred: pd.DataFrame, finding: str, cfg: EvalConfig = EvalConfig(), recorded=None
+    pred: pd.DataFrame, finding: str, cfg: EvalConfig = EvalConfig(), recorded=None, log=None
 ) -> dict:
     """Everything about one finding on the test split; threshold chosen on validation
-    (`recorded`: the run's threshold rule, used unless `cfg` names one)."""
+    (`recorded`: the run's threshold rule, used unless `cfg` names one). `log` hears of the
+    bootstrap resamples as progress events (the same numbers either way)."""
     test, valid = _scored(_split(pred, "test"), finding), _scored(_split(pred, "valid"), finding)
     y, s = test[f"y_{finding}"].to_numpy(int), test[f"p_{finding}"].to_numpy(float)
     groups = test["patient_id"].astype(str).to_numpy()
@@ -71,12 +81,18 @@ def finding_report(
         d = stats.auc_ci_delong(y, s, cfg.level, groups=groups)
         auc_ci, ci_reason, method = d["ci"], d["reason"], CLUSTERED
     else:
-        auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level)
+        auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level,
+                                         _bootstrap_bar(log, f"{finding}: AUC bootstrap"))
         ci_reason = None if auc_ci else _bootstrap_reason(y, groups)
         method = f"percentile bootstrap over patients ({cfg.n_boot} resamples)"
     pr_ci = stats.patient_bootstrap(
-        y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level
+        y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level,
+        _bootstrap_bar(log, f"{finding}: PR AUC bootstrap"),
     )
+    if log is not None:
+        from fastcxr.train.callbacks import progress_end
+
+        log(progress_end("bootstrap"))
     how, target = cfg.rule(recorded)
     t = stats.choose_threshold(
         valid[f"y_{finding}"].to_numpy(int), valid[f"p_{finding}"].to_numpy(float), how, target
@@ -104,9 +120,11 @@ def _bootstrap_reason(y: np.ndarray, groups) -> str:
 
 
 def evaluate(
-    pred: pd.DataFrame, findings: Sequence[str], cfg: EvalConfig = EvalConfig(), recorded=None
+    pred: pd.DataFrame, findings: Sequence[str], cfg: EvalConfig = EvalConfig(), recorded=None,
+    log=None,
 ) -> dict[str, dict]:
-    return {f: finding_report(pred, f, cfg, recorded) for f in findings}
+    """`finding_report` of each finding (`log`: progress events of its bootstraps)."""
+    return {f: finding_report(pred, f, cfg, recorded, log) for f in findings}
 
 
 def pairwise(preds: Mapping[str, pd.DataFrame], findings: Sequence[str]) -> list[dict]:

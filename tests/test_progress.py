@@ -132,6 +132,52 @@ def test_a_bootstrap_reports_its_resamples_and_finds_the_same_interval(stat):
     assert [i for i, _ in calls] == sorted(i for i, _ in calls)
 
 
+def test_an_evaluation_reports_each_findings_bootstraps_and_finds_the_same_numbers():
+    import pandas as pd
+
+    from fastcxr.evaluation import EvalConfig, evaluate
+
+    rng = np.random.default_rng(1)
+    n = 240
+    y = rng.integers(0, 2, (n, 2))
+    pred = pd.DataFrame({
+        "split": np.repeat(["valid", "test"], n // 2), "patient_id": np.arange(n) // 2,
+        "y_a": y[:, 0], "p_a": rng.random(n) * 0.5 + 0.4 * y[:, 0],
+        "y_b": y[:, 1], "p_b": rng.random(n) * 0.5 + 0.4 * y[:, 1],
+    })  # fmt: skip
+    cfg = EvalConfig(n_boot=100)
+    events: list[dict] = []
+    got = evaluate(pred, ["a", "b"], cfg, log=events.append)
+    assert got == evaluate(pred, ["a", "b"], cfg)
+    bars = _progress(events, "bootstrap")
+    labels = [b[0] for b in bars if b != "end"]
+    assert list(dict.fromkeys(labels)) == ["a: AUC bootstrap", "a: PR AUC bootstrap",
+                                           "b: AUC bootstrap", "b: PR AUC bootstrap"]  # fmt: skip
+    assert bars.count("end") == 2 and bars[-1] == "end"
+    assert ("a: AUC bootstrap", 100, 100) in bars  # every resample counted, to the last
+
+
+def test_bench_counts_its_measurements():
+    from fastcxr.bench import run_rounds
+
+    class Arm:
+        def __init__(self, label):
+            self.label, self.cudnn, self.seen = label, (False, False), []
+
+        def enter(self, st):
+            self.seen.append(st.name)
+
+        def measure(self, what):
+            return 1.0
+
+    stages = [SimpleNamespace(name="head"), SimpleNamespace(name="all")]
+    calls: list[tuple[int, int]] = []
+    out = run_rounds({"a": Arm("a"), "b": Arm("b")}, stages, 3, False, lambda m: None,
+                     lambda *a: calls.append(a))  # fmt: skip
+    assert calls == [(i, 12) for i in range(1, 13)]
+    assert len(out["head"]) == len(out["all"]) == 3
+
+
 # -- the bars -------------------------------------------------------------------------------------
 def _event(done, total=10, label="head · epoch 1/2 · train", unit="img"):
     return {"event": "progress", "id": "epoch", "label": label, "done": done, "total": total,
@@ -195,6 +241,27 @@ def test_lr_find_shows_bars_on_a_terminal_only(prepared, tmp_path, stderr_termin
     assert res.exit_code == 0, res.output
     assert stderr_terminal.getvalue() == ""
     assert "lr_find: network" in res.stderr  # the log lines stay as they were
+
+
+def test_train_shows_stage_and_epoch_bars_on_a_terminal_only(prepared, tmp_path,
+                                                             stderr_terminal):
+    args = ["train", "--data", str(prepared), *TINY_TRAIN, "--stages", "head,all",
+            "--epochs", "1", "--no-pretrained", "--loader", "datablock", "--precision", "fp32",
+            "--formulation", "multilabel", "--runs", str(tmp_path)]  # fmt: skip
+    res = runner.invoke(app, [*args, "--name", "a"])
+    assert res.exit_code == 0, res.output
+    drawn = stderr_terminal.getvalue()
+    # the stage bar counts epochs, the epoch bar images of the training then validation pass
+    assert "stage head" in drawn and "stage all" in drawn and "epoch" in drawn
+    assert "head · epoch 1/1 · train" in drawn and "all · epoch 1/1 · valid" in drawn
+    assert " img/s" in drawn
+    assert re.search(r"train\s+[0-9.]+\s+valid", res.stderr)  # the epoch rows stay as they were
+    stderr_terminal.truncate(0)
+    stderr_terminal.seek(0)
+    res = runner.invoke(app, [*args, "--name", "b", "--json"])
+    assert res.exit_code == 0, res.output
+    assert stderr_terminal.getvalue() == ""
+    assert "· epoch" not in res.stderr and "progress" not in res.stderr
 
 
 def _fake_prepare(monkeypatch):

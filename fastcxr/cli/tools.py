@@ -80,7 +80,7 @@ def bench(
 ) -> None:
     """Training speed per stage: the model-only limit (random tensors on the device), fastcxr's
     real loop on an image cache, and fastai's defaults, measured in one run."""
-    with guarded():
+    with guarded(), progress(not json_out) as bar:
         from fastcxr import bench
         from fastcxr.config import FREEZE_STYLES, TrainConfig, parse_stages
 
@@ -94,10 +94,12 @@ def bench(
             freeze_style=styles[0], workers=workers, compile=compile,
             **{k: v for k, v in given.items() if v is not None},
         )  # fmt: skip
+        task = bar.add_task("measuring", total=None, unit="measurement")
         r = bench.bench_train(
             cfg, parse_stages(stages), styles, warmup, steps, images, cache,
             defaults=not no_defaults, formulation=formulation, project_images=project_images,
             rounds=rounds, log=None if json_out else (lambda m: err.print(f"[dim]{esc(m)}[/]")),
+            progress=lambda i, n: bar.update(task, completed=i, total=n),
         )  # fmt: skip
     if json_out:
         print(json.dumps(r, indent=2))

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from fastcxr.cli import render
-from fastcxr.cli.console import err, esc, show
+from fastcxr.cli.console import err, esc, report, reporting, show
 from fastcxr.cli.guard import guarded
 from fastcxr.cli.options import (
     Arch,
@@ -64,7 +64,7 @@ def _is_main() -> bool:
 
 def _log(ev: dict) -> None:
     """Training events on stderr (rank 0 alone reports when several processes train)."""
-    if not _is_main():
+    if not _is_main() or report(ev):  # a progress event moves a bar (a terminal only)
         return
     if "epoch" in ev:
         err.print(
@@ -173,7 +173,7 @@ def compare(
     json_out: Json = False,
 ) -> None:
     """Experiment II: train single / multilabel / multiclass on the same data and compare."""
-    with guarded():
+    with guarded(), reporting(not json_out):
         from fastcxr import study
         from fastcxr.config import TrainConfig
 
@@ -245,7 +245,7 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Train one formulation through the schedule and write its run record."""
-    with guarded():
+    with guarded(), reporting(not json_out):
         from fastcxr import study
         from fastcxr.config import TrainConfig
 
@@ -321,7 +321,7 @@ def unfreeze_ablation(
     json_out: Json = False,
 ) -> None:
     """Experiment I: progressive block unfreezing, test metrics after each stage."""
-    with guarded():
+    with guarded(), reporting(not json_out):
         from fastcxr import study
         from fastcxr.config import TrainConfig
 
