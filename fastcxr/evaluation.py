@@ -81,13 +81,13 @@ def finding_report(
         d = stats.auc_ci_delong(y, s, cfg.level, groups=groups)
         auc_ci, ci_reason, method = d["ci"], d["reason"], CLUSTERED
     else:
-        auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level,
-                                         _bootstrap_bar(log, f"{finding}: AUC bootstrap"))
+        bar = _bootstrap_bar(log, f"{finding}: AUC bootstrap")
+        auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level, bar)
         ci_reason = None if auc_ci else _bootstrap_reason(y, groups)
         method = f"percentile bootstrap over patients ({cfg.n_boot} resamples)"
+    bar = _bootstrap_bar(log, f"{finding}: PR AUC bootstrap")
     pr_ci = stats.patient_bootstrap(
-        y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level,
-        _bootstrap_bar(log, f"{finding}: PR AUC bootstrap"),
+        y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level, bar
     )
     if log is not None:
         from fastcxr.train.callbacks import progress_end
@@ -120,7 +120,10 @@ def _bootstrap_reason(y: np.ndarray, groups) -> str:
 
 
 def evaluate(
-    pred: pd.DataFrame, findings: Sequence[str], cfg: EvalConfig = EvalConfig(), recorded=None,
+    pred: pd.DataFrame,
+    findings: Sequence[str],
+    cfg: EvalConfig = EvalConfig(),
+    recorded=None,
     log=None,
 ) -> dict[str, dict]:
     """`finding_report` of each finding (`log`: progress events of its bootstraps)."""

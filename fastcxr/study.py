@@ -236,8 +236,7 @@ def _compare(data, cfg, run_dir, formulations, log, eval_cfg, resume, track) -> 
     runs = {name: load_run(run_dir / name) for name in formulations}
     preds = {name: r["predictions"] for name, r in runs.items()}
     evals = {
-        name: evaluate(r["predictions"], cfg.findings, eval_cfg, r["config"].get("thresholds"),
-                       log)
+        name: evaluate(r["predictions"], cfg.findings, eval_cfg, r["config"].get("thresholds"), log)
         for name, r in runs.items()
     }
     for name, by_f in evals.items():
