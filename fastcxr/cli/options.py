@@ -22,7 +22,10 @@ Preset = Annotated[
 ]
 Arch = Annotated[
     str | None,
-    typer.Option(help="Architecture (resnet10/18/34/50/101/152, densenet121/161/169/201)."),
+    typer.Option(
+        help="Architecture (resnet10/18/34/50/101/152, densenet121/161/169/201, resnet22n: "
+        "the demo's, no pretrained weights)."
+    ),
 ]
 Size = Annotated[int | None, typer.Option(help="Image size (square).")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Batch size.")]
