@@ -118,10 +118,38 @@ def internal(run: Mapping, findings: Sequence[str], cfg: EvalConfig = EvalConfig
 
 
 # -- the dataset -----------------------------------------------------------------------------------
-def default_name(manifest: Path, split: str) -> str:
-    """`<manifest folder>-<split>` as a slug, e.g. `prepared-32-test`."""
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{manifest.parent.name}-{split}".lower()).strip("-")
-    return slug or f"dataset-{split}"
+def default_name(manifest: Path, split: str, folders: Sequence[Path] = ()) -> str:
+    """`<manifest folder>-<split>` as a slug, e.g. `prepared-32-test`. When an evaluation of
+    that name in one of `folders` (the `evaluations/` folders it would be written to) was made
+    on another manifest, the folders above it are added (`nih-prepared-32-test`), then a
+    number: two datasets prepared into folders of the same name do not collide. The same
+    manifest keeps its name (evaluating it again needs --overwrite)."""
+    manifest = Path(manifest).resolve()
+    above = [p.name for p in manifest.parents if p.name]  # its folder, then the ones above
+
+    def slug(words: Sequence[str]) -> str:
+        s = re.sub(r"[^a-z0-9]+", "-", "-".join([*words, split]).lower()).strip("-")
+        return s if s and s != split.lower() else f"dataset-{split}"
+
+    def free(name: str) -> bool:
+        return all(_made_from(f / name) in (None, manifest) for f in folders)
+
+    names = [slug(above[k::-1]) for k in range(len(above))] or [slug([])]
+    names += [slug([*above[:1], str(i)]) for i in range(2, 1000)]
+    for name in names:
+        if free(name):
+            return name
+    raise UsageError(f"no free evaluation name for {manifest}; choose one with --name")
+
+
+def _made_from(folder: Path) -> Path | None:
+    """The manifest an existing evaluation folder was made on (None: no evaluation there)."""
+    if not folder.exists():
+        return None
+    try:
+        return Path(json.loads((folder / "metrics.json").read_text())["manifest"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder  # unreadable: taken by something else
 
 
 def _check_name(name: str) -> str:
@@ -191,7 +219,7 @@ def preprocessing_check(run_prep, manifest: Path) -> dict:
                     "source": ds.source},
         "applied": f"{run_prep.intensity}, squashed to "
                    + (f"{first} then " if first != run_prep.size else "")
-                   + f"{run_prep.size} px ({run_prep.resize}), mean {run_prep.mean}, "
+                   + f"{run_prep.size} px: {run_prep.resize}; mean {run_prep.mean}, "
                    f"std {run_prep.std}",
         "mismatch": mismatch,
         "notes": notes,
@@ -354,10 +382,12 @@ def evaluate_run(
     run_dir = Path(run_dir).resolve()
     subs, is_compare = _sub_runs(run_dir)
     dataset = Dataset.load(manifest)
-    name = _check_name(name) if name is not None else default_name(dataset.manifest, split)
-    targets = [p / "evaluations" / name for p in subs.values()]
+    folders = [p / "evaluations" for p in subs.values()]
     if is_compare:
-        targets.append(run_dir / "evaluations" / name)
+        folders.append(run_dir / "evaluations")
+    if name is None:
+        name = default_name(dataset.manifest, split, folders)
+    targets = [f / _check_name(name) for f in folders]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise UsageError(

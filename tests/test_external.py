@@ -7,6 +7,7 @@ predictions.csv and the manifest with sklearn / numpy / a hand loop, not with fa
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,6 +181,26 @@ def test_refusals_are_one_line(run, external, tmp_path):
     assert not [p for p in (run / "evaluations").iterdir() if p.name.startswith(".")]
     _one_line_error(runner.invoke(app, ["evaluate", str(run), "--data", str(external),
                                         "--name", "../x"]), "--name")  # fmt: skip
+
+
+def test_default_names_of_two_same_named_dataset_folders_do_not_collide(run, external, tmp_path):
+    a, b = tmp_path / "site-a" / "prepared-32", tmp_path / "site-b" / "prepared-32"
+    for d in (a, b):
+        shutil.copytree(external, d)
+    _cli("evaluate", run, "--data", a, "--split", "valid")
+    _cli("evaluate", run, "--data", b, "--split", "valid")
+    made = {}
+    for name in ("prepared-32-valid", "site-b-prepared-32-valid"):
+        metrics = json.loads((run / "evaluations" / name / "metrics.json").read_text())
+        made[name] = Path(metrics["manifest"]).resolve()
+    assert made == {"prepared-32-valid": (a / "manifest.csv").resolve(),
+                    "site-b-prepared-32-valid": (b / "manifest.csv").resolve()}  # fmt: skip
+    # the same dataset again keeps its name: refused without --overwrite, replaced with it
+    _one_line_error(runner.invoke(app, ["evaluate", str(run), "--data", str(a), "--split",
+                                        "valid"]), "prepared-32-valid", "exists")  # fmt: skip
+    _cli("evaluate", run, "--data", b, "--split", "valid", "--overwrite")
+    assert sorted(p.name for p in (run / "evaluations").iterdir() if "prepared" in p.name) == [
+        "prepared-32-valid", "site-b-prepared-32-valid"]  # fmt: skip
 
 
 def test_intensity_mismatch_and_unreadable_images_are_recorded(run, external, tmp_path):

@@ -19,9 +19,9 @@ from fastcxr.cli.options import (
     PrepOut,
     PrepSize,
     PrepViews,
+    PrepWorkers,
     Shard,
     Uncertain,
-    Workers,
 )
 
 
@@ -53,7 +53,9 @@ def synthetic(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     rows: Annotated[int, typer.Option(help="DICOM rows.")] = 224,
     cols: Annotated[int, typer.Option(help="DICOM columns.")] = 192,
-    workers: Workers = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes that write DICOMs (default: one per core).")
+    ] = None,
 ) -> None:
     """Write a miniature MIMIC-CXR (DICOMs + label files in the real layout)."""
     with guarded():
@@ -100,7 +102,7 @@ def mimic(
     root: Annotated[Path, typer.Argument(help="MIMIC-CXR root (files/ + the label CSVs).")],
     out_dir: PrepOut,
     size: PrepSize = 512,
-    workers: Workers = None,
+    workers: PrepWorkers = None,
     views: PrepViews = "PA,AP",
     intensity: Annotated[
         str,
@@ -162,7 +164,7 @@ def chexpert(
     root: Annotated[Path, typer.Argument(help="CheXpert folder (train.csv, valid.csv, train/).")],
     out_dir: PrepOut,
     size: PrepSize = 512,
-    workers: Workers = None,
+    workers: PrepWorkers = None,
     views: PrepViews = "PA,AP",
     test_fraction: Annotated[
         float, typer.Option(help="Share of training patients held out as the test split.")
@@ -197,7 +199,7 @@ def nih(
     ],
     out_dir: PrepOut,
     size: PrepSize = 512,
-    workers: Workers = None,
+    workers: PrepWorkers = None,
     views: PrepViews = "PA,AP",
     valid_fraction: Annotated[
         float, typer.Option(help="Share of train_val patients held out for validation.")

@@ -34,7 +34,8 @@ def evaluate(
         str | None,
         typer.Option(
             help="Evaluation name: RUN/evaluations/NAME (default: the manifest's folder and "
-            "the split, e.g. prepared-512-test)."
+            "the split, e.g. prepared-512-test; the folders above it are added when another "
+            "dataset's evaluation has that name)."
         ),
     ] = None,
     overwrite: Annotated[

@@ -108,6 +108,9 @@ Select = Annotated[
     ),
 ]
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
+PrepWorkers = Annotated[
+    int | None, typer.Option(help="Processes that convert images (default: one per core).")
+]
 Loader = Annotated[
     str | None,
     typer.Option(
