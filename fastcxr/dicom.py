@@ -253,7 +253,9 @@ class _Reader:
                 self.fp = _Tracked(self.f, self.name)
                 ds = read_partial(self.fp, stop_when=self.stop)  # type: ignore[arg-type]
         except InvalidDicomError as e:
-            raise DicomError(f"{path}: not a DICOM file ({e})") from e
+            # pydicom's "Use force=True …" hint is advice to a pydicom programmer, not to us
+            why = str(e).split(" Use force=True")[0].rstrip(" .")
+            raise DicomError(f"{path}: not a DICOM file ({why})") from e
         except _TooLarge:
             raise DicomError(
                 f"{path}: the deflated header inflates past {MAX_HEADER_BYTES >> 20} MB "

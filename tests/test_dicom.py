@@ -345,3 +345,13 @@ def test_modality_filter_reads_only_the_header(tmp_path, ramp):
     assert read_dicom(cr, modalities=RADIOGRAPH_MODALITIES).shape == ramp.shape
     ok = make_dicom(tmp_path / "ct_ok.dcm", ramp, Modality="CT")
     assert read_dicom(ok).shape == ramp.shape  # no filter unless asked for
+
+
+def test_a_file_that_is_not_dicom_gets_fastcxrs_words_not_pydicoms_advice(tmp_path):
+    p = tmp_path / "notes.dcm"
+    p.write_bytes(b"these are a radiologist's notes, not an image\n" * 20)
+    with pytest.raises(DicomError) as e:
+        read_dicom(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: not a DICOM file (") and msg.endswith(")")
+    assert "force" not in msg.lower()  # pydicom's hint to its programmers

@@ -319,3 +319,16 @@ def test_the_star_stays_beside_its_stage_and_undefined_cells_are_footnoted(width
     assert "¹ undefined: one class in the subgroup" in out
     assert "² undefined: no positive image" in out
     assert re.search(r"│ BLACK/AFRICAN( AMERICAN)?\s*│", out)  # whole words, wrapped at most
+
+
+def test_the_audits_footnote_reads_as_sentences():
+    from fastcxr.cli import render
+
+    a = audit_result()
+    a["underdiagnosis"] = None
+    a["underdiagnosis_rule"] = "the run does not predict No Finding: not defined for it"
+    items = [str(x) for _, x in render.audit(a).items if isinstance(x, str)]
+    note = next(x for x in items if x.startswith("t: the run's threshold"))
+    assert "images. The run does not predict No Finding: not defined for it." in note
+    sentences = [s for s in note.split(". ") if s]
+    assert all(s[0].isupper() or not s[0].isalpha() or s.startswith("t:") for s in sentences)

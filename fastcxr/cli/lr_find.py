@@ -66,7 +66,7 @@ def lr_find(
 ) -> None:
     """The loss against the learning rate at each stage (that stage's freezing and
     discriminative groups), with fastai's valley and minimum suggestions; each stage sweeps
-    from the starting weights, nothing is trained. `--lr find` on train/compare/
+    from the starting weights, nothing is trained. `--lr find` on train, compare or
     unfreeze-ablation runs the finder at each stage's real start instead."""
     with guarded(), reporting(not json_out):
         from fastcxr.cli.training import _dataset, _log

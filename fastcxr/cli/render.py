@@ -681,9 +681,15 @@ def audit(result: Mapping) -> Page:
         f"t: the run's threshold, chosen on its validation split. {first['gap_rule']}; ref.: "
         f"the whole set, the reference. AUC CI: {first['ci']['method']}. ⚠: fewer than "
         f"{first['min_size']} scored images. "
-        + ("" if first.get("underdiagnosis") else first["underdiagnosis_rule"] + "."),
+        + ("" if first.get("underdiagnosis") else _sentence(first["underdiagnosis_rule"])),
         *[f"written: {a['dir']}" for a in runs.values() if a.get("dir")],
     )
+
+
+def _sentence(text: str) -> str:
+    """`text` as a sentence: its first letter capital, a full stop at the end."""
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 def lr_find(result: Mapping) -> Page:
