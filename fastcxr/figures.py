@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import auc, roc_curve  # noqa: E402
 
 from fastcxr.evaluation import EvalConfig, evaluate, pairwise, table, with_holm  # noqa: E402
@@ -149,11 +150,29 @@ def calibration_figure(evals, finding: str) -> Figure:
 
 
 def ablation_figure(ablation: dict) -> Figure:
-    """Experiment I: validation loss and per-finding test AUC per unfreezing stage."""
+    """Experiment I: validation loss and per-finding test AUC per unfreezing stage; the best
+    stage (lowest validation loss, ★) and the run's selected stage (`--select`, ringed) are
+    marked on both panels."""
     st = ablation["stages"]
     names = [s["name"] for s in st]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     a1.plot(names, [s["valid_loss"] for s in st], "o-", color=COLORS[0])
+    best, selected = ablation.get("best_stage"), ablation.get("selected_stage")
+    for ax in (a1, a2):
+        if best in names:
+            ax.axvline(names.index(best), color="grey", ls=":", lw=1)
+            ax.text(names.index(best), 1.0, "★ best", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7)  # fmt: skip
+    by_net = selected if isinstance(selected, Mapping) else {"": selected}  # {network: stage}
+    chosen = [n for n in names if n in by_net.values()]
+    if chosen:
+        ks = [names.index(n) for n in chosen]
+        label = "selected: the run's model"
+        if len(chosen) > 1:  # the networks of `single` chose different stages
+            label += " (" + "; ".join(f"{n}: {s}" for n, s in by_net.items()) + ")"
+        a1.plot(ks, [st[k]["valid_loss"] for k in ks], "o", ms=12, mfc="none", color="black",
+                label=label)  # fmt: skip
+        a1.legend(fontsize=8)
     a1.set_ylabel("best validation loss")
     a1.set_title("validation loss per stage")
     for i, f in enumerate(st[0]["findings"]):
@@ -173,6 +192,19 @@ def ablation_figure(ablation: dict) -> Figure:
     return fig
 
 
+def restored_epochs(h: pd.DataFrame) -> np.ndarray:
+    """Row positions of the epoch each stage restored: its lowest validation loss, the
+    earliest on a tie (as `RestoreBest`, which keeps an epoch only when strictly better)."""
+    loss, stage = h["valid_loss"].to_numpy(float), h["stage"].to_numpy()
+    out = []
+    for name in dict.fromkeys(stage):
+        rows = np.flatnonzero(stage == name)
+        finite = rows[np.isfinite(loss[rows])]
+        if len(finite):
+            out.append(finite[np.argmin(loss[finite])])
+    return np.array(out, int)
+
+
 def curves_figure(history: pd.DataFrame, title: str) -> Figure:
     """Training curves: train and validation loss per epoch, stages shaded, per network."""
     nets = list(history["network"].unique()) if "network" in history else [None]
@@ -182,6 +214,10 @@ def curves_figure(history: pd.DataFrame, title: str) -> Figure:
         x = np.arange(1, len(h) + 1)
         ax.plot(x, h["train_loss"], "o-", ms=3, color=COLORS[0], label="train loss")
         ax.plot(x, h["valid_loss"], "o-", ms=3, color=COLORS[1], label="valid loss")
+        kept = restored_epochs(h)
+        ax.plot(x[kept], h["valid_loss"].to_numpy()[kept], "o", ms=9, mfc="none",
+                color="black", label="restored (best of its stage)")  # fmt: skip
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for k, stage in enumerate(h["stage"].unique()):
             lo = x[h["stage"].to_numpy() == stage].min() - 0.5
             hi = x[h["stage"].to_numpy() == stage].max() + 0.5
