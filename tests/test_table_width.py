@@ -49,6 +49,10 @@ def assert_fits(t: Table, width: int) -> str:
     out = rendered(t, width)
     lines = out.splitlines()
     assert max(map(len, lines)) <= width
+    title = 0
+    while title < len(lines) and lines[title][:1] not in BORDER_START:
+        title += 1
+    assert title <= 2, f"the title takes {title} lines at {width}:\n{out}"
     for ln in lines:
         if ln[:1] and ln[0] in BORDER_START:
             assert ln.rstrip()[-1] in BORDER_END, f"no right border at {width}:\n{out}"
@@ -76,6 +80,13 @@ def metric(acc, auc, reason=None):
 
 
 UNDEFINED = "one class in the test set: AUC undefined"
+# where users keep their data: long paths
+MIMIC_MANIFEST = (
+    "/scratch/users/jdoe/datasets/physionet.org/files/mimic-cxr/2.1.0/prepared-512/manifest.csv"
+)
+CHEXPERT_MANIFEST = (
+    "/scratch/users/jdoe/datasets/stanford/CheXpert-v1.0-small/prepared-512/manifest.csv"
+)
 
 
 def compare_result() -> dict:
@@ -157,7 +168,7 @@ def audit_result() -> dict:
                   "small": s["small"], "reason": s["reasons"].get("fpr")} for s in groups]
              for a, groups in findings["No Finding"]["by"].items()}  # fmt: skip
     return {"source": "runs/compare-paper/multilabel", "kind": "run", "split": "test",
-            "manifest": "/data/mimic-cxr/prepared-512/manifest.csv", "warnings": [],
+            "manifest": MIMIC_MANIFEST, "warnings": [],
             "min_size": 50, "ci": {"method": "percentile bootstrap over patients (200 resamples)"},
             "gap_rule": GAP_RULE, "findings": findings, "underdiagnosis": under,
             "underdiagnosis_rule": UNDERDIAGNOSIS_RULE, "dir": "runs/x/audit"}  # fmt: skip
@@ -170,7 +181,7 @@ def evaluation_result() -> dict:
     one = {**fine, "positives": 0, "sensitivity": None, "auc": None, "auc_ci": None,
            "auc_ci_reason": "one class in the test set", "reason": UNDEFINED}  # fmt: skip
     return {"run": "runs/compare-paper/multilabel", "name": "chexpert-valid",
-            "manifest": "/data/chexpert/prepared-512/manifest.csv", "split": "valid",
+            "manifest": CHEXPERT_MANIFEST, "split": "valid",
             "dir": "runs/x/evaluations/chexpert-valid",
             "findings": {FINDINGS[0]: fine, FINDINGS[1]: one},
             "internal": {f: {"auc": 0.9, "auc_ci": [0.88, 0.92]} for f in FINDINGS}}  # fmt: skip
@@ -332,3 +343,11 @@ def test_the_audits_footnote_reads_as_sentences():
     assert "images. The run does not predict No Finding: not defined for it." in note
     sentences = [s for s in note.split(". ") if s]
     assert all(s[0].isupper() or not s[0].isalpha() or s.startswith("t:") for s in sentences)
+
+
+@pytest.mark.parametrize(("command", "path"), [("evaluate", CHEXPERT_MANIFEST),
+                                               ("audit", MIMIC_MANIFEST)])  # fmt: skip
+def test_a_datasets_path_is_written_under_the_tables_not_in_their_titles(command, path):
+    page = PAGES[command]()
+    assert all(path not in _plain(t.title) for t in tables(page))
+    assert f"data: {path}" in [x for _, x in page.items if isinstance(x, str)]

@@ -570,10 +570,7 @@ def evaluation(result: Mapping) -> Page:
     method = first.get("auc_ci_method") or "percentile bootstrap over patients"
     for run, r in runs.items():
         shown = str(run).rstrip("/").rsplit("/", 1)[-1]
-        t = Table(
-            title=f"{shown} — external validation {result['name']}: {result['manifest']} "
-            f"(split {result['split']})"
-        )
+        t = Table(title=f"{shown} — external validation {result['name']} (split {result['split']})")
         for c in cols:
             t.add_column(c, justify="left" if c == "finding" else "right",
                          min_width=13 if "AUC" in c else None)  # fmt: skip
@@ -586,7 +583,7 @@ def evaluation(result: Mapping) -> Page:
                 fmt(m["specificity"], why="no negative image" if m["n"] == m["positives"] else why),
                 f"{fmt(m['ece'])}\n{fmt(m['brier'])}",
             )  # fmt: skip
-        page.out(t)
+        page.out(t, f"data: {result['manifest']}")  # a path under the table: titles stay short
         for w in r.get("preprocessing_mismatch") or []:
             page.err(f"[yellow]{escape(shown)}: preprocessing mismatch — {escape(w)}[/]")
         bad = (r.get("images") or {}).get("unreadable")
@@ -669,9 +666,10 @@ def audit(result: Mapping) -> Page:
     first = next(iter(runs.values()))
     for name, a in runs.items():
         shown = str(name).rstrip("/").rsplit("/", 1)[-1]
-        where = f"({a['kind']}, split {a['split']}): {a['manifest']}"
+        where = f"({a['kind']}, split {a['split']})"
         for f, m in a["findings"].items():
             page.out(audit_table(f"{shown} — {f} — subgroup audit {where}", m))
+        page.out(f"data: {a['manifest']}")  # a path under the tables: titles stay short
         if a.get("underdiagnosis"):
             title = f"{shown} — underdiagnosis (FPR of No Finding)"
             page.out(underdiagnosis_table(title, a["underdiagnosis"]))
