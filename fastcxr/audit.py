@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from fastcxr import stats
 from fastcxr.errors import UsageError
 from fastcxr.evaluation import EvalConfig
 from fastcxr.manifest import file_sha256
+from fastcxr.progress import progress_end, progress_event
 from fastcxr.runs import RunError, write_csv, write_json
 
 FORMAT = "fastcxr-audit-1"
@@ -172,11 +173,12 @@ def _ratio(a: int, b: int) -> float | None:
 def score_finding(
     y: np.ndarray, p: np.ndarray, patients: np.ndarray,
     groups: Mapping[str, Mapping[str, np.ndarray]], threshold: float | None, cfg: EvalConfig,
-    min_size: int,
+    min_size: int, progress: Callable[[int, int], None] | None = None,
 ) -> dict:  # fmt: skip
     """One finding on its scored images: the whole set (`all`) and each subgroup of each
     attribute (`groups`: attribute → subgroup name → mask). TPR/FPR at `threshold`; gap CIs
-    from one patient bootstrap of the whole set, shared by every subgroup."""
+    from one patient bootstrap of the whole set, shared by every subgroup. `progress(done,
+    total)` hears of each (sub)group scored (its AUC bootstrap is most of the time)."""
     from fastcxr.external import auc_ci
 
     y = y.astype(bool)
@@ -235,8 +237,20 @@ def score_finding(
         out["reason"] = "; ".join(f"{k.upper()}: {v}" for k, v in reasons.items()) or None
         return out
 
-    by = {a: [one(m, g) for g, m in masks.items()] for a, masks in groups.items()}
-    return {"threshold": threshold, "all": one(np.ones(len(y), bool), "all"), "by": by}
+    total = 1 + sum(len(m) for m in groups.values())
+    done = 0
+
+    def counted(mask: np.ndarray, name: str) -> dict:
+        nonlocal done
+        out = one(mask, name)
+        done += 1
+        if progress:
+            progress(done, total)
+        return out
+
+    whole_set = counted(np.ones(len(y), bool), "all")
+    by = {a: [counted(m, g) for g, m in masks.items()] for a, masks in groups.items()}
+    return {"threshold": threshold, "all": whole_set, "by": by}
 
 
 # -- sources -----------------------------------------------------------------------------------
@@ -332,7 +346,7 @@ def joined(pred: pd.DataFrame, manifest: pd.DataFrame, source: Path) -> pd.DataF
 
 def audit_one(
     folder: Path, by: Sequence[str] | None, edges: Sequence[float], min_size: int,
-    cfg: EvalConfig, data: Path | None = None,
+    cfg: EvalConfig, data: Path | None = None, log=None,
 ) -> dict:  # fmt: skip
     """The audit of one run or evaluation folder (not written)."""
     from fastcxr.manifest import read_manifest
@@ -366,7 +380,17 @@ def audit_one(
         for a in attributes:
             g = subgroups(sub, a, edges).to_numpy(object)
             masks[a] = {name: g == name for name in group_order(a, list(g), edges)}
-        findings[f] = score_finding(y, p, pats, masks, info["thresholds"].get(f), cfg, min_size)
+        bar = None
+        if log is not None:
+            label = f"{folder.name}: {f}"
+
+            def bar(done, total, label=label):
+                log(progress_event("audit", label, done, total, "subgroup"))
+
+        findings[f] = score_finding(y, p, pats, masks, info["thresholds"].get(f), cfg, min_size,
+                                    bar)  # fmt: skip
+    if log is not None:
+        log(progress_end("audit"))
     under = None
     if NO_FINDING in findings:
         under = {a: [{"subgroup": s["subgroup"], "n_with_finding": s["n"] - s["positives"],
@@ -417,9 +441,11 @@ def audit_run(
     data: str | Path | None = None,
     cfg: EvalConfig = EvalConfig(),
     write: bool = True,
+    log=None,
 ) -> dict:
     """Audit a finished run (every formulation of a compare folder), or an evaluation (an
     evaluation folder, or `evaluation`: RUN/evaluations/NAME), and write SOURCE/audit/.
+    `log` hears of the subgroups scored as progress events (`fastcxr.progress`).
 
     Returns the audit (with `dir`), or for several sources `{"runs": name → audit}`."""
     from fastcxr.external import _publish
@@ -429,7 +455,7 @@ def audit_run(
     edges = parse_age_bins(age_bins)
     by = None if by is None else [b.strip() for b in by if b.strip()]
     found = sources(Path(path), evaluation)
-    done = {n: audit_one(f, by, edges, min_size, cfg, Path(data) if data else None)
+    done = {n: audit_one(f, by, edges, min_size, cfg, Path(data) if data else None, log)
             for n, f in found.items()}  # fmt: skip
     if write:
         from fastcxr.figures import save_figure, tpr_gap_figure

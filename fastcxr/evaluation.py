@@ -16,6 +16,7 @@ import pandas as pd
 
 from fastcxr import stats
 from fastcxr.errors import UsageError
+from fastcxr.progress import progress_end, progress_event
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,6 @@ def _bootstrap_bar(log, label: str):
     """`progress(done, n)` for a bootstrap: progress events of bar "bootstrap" for `log`."""
     if log is None:
         return None
-    from fastcxr.train.callbacks import progress_event
-
     return lambda done, n: log(progress_event("bootstrap", label, done, n, "resample"))
 
 
@@ -90,8 +89,6 @@ def finding_report(
         y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level, bar
     )
     if log is not None:
-        from fastcxr.train.callbacks import progress_end
-
         log(progress_end("bootstrap"))
     how, target = cfg.rule(recorded)
     t = stats.choose_threshold(

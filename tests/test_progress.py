@@ -157,6 +157,25 @@ def test_an_evaluation_reports_each_findings_bootstraps_and_finds_the_same_numbe
     assert ("a: AUC bootstrap", 100, 100) in bars  # every resample counted, to the last
 
 
+def test_an_audit_counts_its_subgroups_and_finds_the_same_numbers():
+    from fastcxr.audit import score_finding
+    from fastcxr.evaluation import EvalConfig
+
+    rng = np.random.default_rng(2)
+    n = 300
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.3 * y + rng.random(n) * 0.7, 0, 1)
+    pats = np.arange(n) // 2
+    sex = np.where(pats % 2, "F", "M")
+    age = np.array(["0-39", "40-59", "60+"], object)[pats % 3]
+    masks = {"sex": {s: sex == s for s in "FM"}, "age": {a: age == a for a in set(age)}}
+    cfg = EvalConfig(n_boot=50)
+    calls: list[tuple[int, int]] = []
+    got = score_finding(y, p, pats, masks, 0.5, cfg, 20, lambda *a: calls.append(a))
+    assert got == score_finding(y, p, pats, masks, 0.5, cfg, 20)
+    assert calls == [(i, 6) for i in range(1, 7)]  # the whole set, then 2 + 3 subgroups
+
+
 def test_bench_counts_its_measurements():
     from fastcxr.bench import run_rounds
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from fastcxr.cli import render
-from fastcxr.cli.console import show
+from fastcxr.cli.console import report, reporting, show
 from fastcxr.cli.guard import guarded
 from fastcxr.cli.options import Json
 
@@ -56,12 +56,12 @@ def audit(
     """Per finding and subgroup: n, prevalence, AUC with the patient-bootstrap CI, TPR and FPR
     at the run's threshold, the TPR gap to the whole test set with its CI (CheXclusion), and
     underdiagnosis (FPR of No Finding) when the run predicts it; written into RUN/audit/."""
-    with guarded():
+    with guarded(), reporting(not json_out):
         from fastcxr.audit import audit_run
 
         result = audit_run(
             run_dir, by.split(",") if by is not None else None, age_bins, min_size,
-            evaluation=evaluation, data=data,
+            evaluation=evaluation, data=data, log=report,
         )  # fmt: skip
     if json_out:
         print(json.dumps(result, indent=2))

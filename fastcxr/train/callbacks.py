@@ -16,9 +16,7 @@ history, weights and decisions.
 * `EpochProgress`: the stage's epochs and each epoch's images as progress events for `log`
   (no state, changes nothing in training).
 
-A progress event is `{"event": "progress", "id", "label", "done", "total", "unit"}` (a new
-`label` on the same `id` starts that bar over), or `{"event": "progress", "id", "end": True}`
-when it is done; it has no `epoch` key, so a log that prints epoch rows skips it.
+Progress events are described in `fastcxr.progress`.
 """
 
 from __future__ import annotations
@@ -36,18 +34,9 @@ from fastai.torch_core import find_bs
 from torch import nn
 
 from fastcxr.distributed import unwrap
+from fastcxr.progress import progress_end, progress_event
 
 Log = Callable[[dict], None]
-
-
-def progress_event(key: str, label: str, done: int, total: int | None, unit: str) -> dict:
-    """A progress event (see the module's docstring)."""
-    return {"event": "progress", "id": key, "label": label, "done": done, "total": total,
-            "unit": unit}  # fmt: skip
-
-
-def progress_end(key: str) -> dict:
-    return {"event": "progress", "id": key, "end": True}
 
 
 class FrozenBNEval(Callback):

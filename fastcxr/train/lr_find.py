@@ -24,7 +24,8 @@ from fastai.learner import Learner
 
 from fastcxr.config import LR_FIND
 from fastcxr.errors import FastcxrError, UsageError
-from fastcxr.train.callbacks import FrozenBNEval, Log, progress_end, progress_event
+from fastcxr.progress import progress_end, progress_event
+from fastcxr.train.callbacks import FrozenBNEval, Log
 
 SUGGESTIONS = ("valley", "minimum")
 USED = "valley"  # what `--lr find` trains with: fastai's default suggestion
