@@ -59,6 +59,9 @@ def _scored(rows: pd.DataFrame, finding: str) -> pd.DataFrame:
     return rows[rows[f"y_{finding}"].notna()]
 
 
+PR_AUC_RESAMPLES = 500  # the PR AUC's bootstrap (recorded in `pr_auc_ci_method`)
+
+
 def _bootstrap_bar(log, label: str):
     """`progress(done, n)` for a bootstrap: progress events of bar "bootstrap" for `log`."""
     if log is None:
@@ -81,13 +84,11 @@ def finding_report(
         auc_ci, ci_reason, method = d["ci"], d["reason"], CLUSTERED
     else:
         bar = _bootstrap_bar(log, f"{finding}: AUC bootstrap")
-        auc_ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level, bar)
-        ci_reason = None if auc_ci else _bootstrap_reason(y, groups)
-        method = f"percentile bootstrap over patients ({cfg.n_boot} resamples)"
+        b = stats.patient_bootstrap_ci(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level, bar)
+        auc_ci, ci_reason, method = b["ci"], b["reason"], bootstrap_method(cfg.n_boot)
     bar = _bootstrap_bar(log, f"{finding}: PR AUC bootstrap")
-    pr_ci = stats.patient_bootstrap(
-        y, s, groups, "pr_auc", min(cfg.n_boot, 500), cfg.seed, cfg.level, bar
-    )
+    pr_boot = min(cfg.n_boot, PR_AUC_RESAMPLES)  # sklearn's AP per resample: slow
+    pr = stats.patient_bootstrap_ci(y, s, groups, "pr_auc", pr_boot, cfg.seed, cfg.level, bar)
     if log is not None:
         log(progress_end("bootstrap"))
     how, target = cfg.rule(recorded)
@@ -102,7 +103,8 @@ def finding_report(
     return {
         "n": int(len(y)), "positives": int(y.sum()), "patients": int(len(set(groups))),
         "auc": auc, "auc_ci": auc_ci, "auc_ci_method": method, "auc_ci_reason": ci_reason,
-        "pr_auc": stats.pr_auc(y, s), "pr_auc_ci": pr_ci,
+        "pr_auc": stats.pr_auc(y, s), "pr_auc_ci": pr["ci"],
+        "pr_auc_ci_method": bootstrap_method(pr_boot), "pr_auc_ci_reason": pr["reason"],
         "at_0.5": stats.at_threshold(y, s, 0.5), "chosen_threshold": chosen,
         "brier": stats.brier(y, s) if len(y) else None, "ece": stats.ece(y, s) if len(y) else None,
         "calibration": stats.calibration_bins(y, s),
@@ -110,10 +112,9 @@ def finding_report(
     }  # fmt: skip
 
 
-def _bootstrap_reason(y: np.ndarray, groups) -> str:
-    return stats.bootstrap_reason(y, groups) or (
-        "fewer than half of the patient resamples hold both classes"
-    )
+def bootstrap_method(n_boot: int) -> str:
+    """How a patient-bootstrap CI was computed, with its own number of resamples."""
+    return f"percentile bootstrap over patients ({n_boot} resamples)"
 
 
 def evaluate(

@@ -34,7 +34,7 @@ import pandas as pd
 
 from fastcxr import stats
 from fastcxr.errors import UsageError
-from fastcxr.evaluation import CLUSTERED, EvalConfig, _bootstrap_reason
+from fastcxr.evaluation import CLUSTERED, EvalConfig, bootstrap_method
 from fastcxr.metrics import finding_metrics, scored_rows
 from fastcxr.runs import RunError, is_complete, load_run, write_csv, write_error, write_json
 
@@ -67,11 +67,11 @@ def auc_ci(y: np.ndarray, s: np.ndarray, groups: np.ndarray, cfg: EvalConfig) ->
     if cfg.ci == "delong":
         d = stats.auc_ci_delong(y, s, cfg.level, groups=groups)
         return {"auc_ci": d["ci"], "auc_ci_method": CLUSTERED, "auc_ci_reason": d["reason"]}
-    ci = stats.patient_bootstrap(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level)
+    b = stats.patient_bootstrap_ci(y, s, groups, "auc", cfg.n_boot, cfg.seed, cfg.level)
     return {
-        "auc_ci": None if ci is None else list(ci),
-        "auc_ci_method": f"percentile bootstrap over patients ({cfg.n_boot} resamples)",
-        "auc_ci_reason": None if ci else _bootstrap_reason(y, groups),
+        "auc_ci": None if b["ci"] is None else list(b["ci"]),
+        "auc_ci_method": bootstrap_method(cfg.n_boot),
+        "auc_ci_reason": b["reason"],
     }
 
 

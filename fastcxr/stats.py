@@ -268,14 +268,36 @@ def patient_bootstrap(
 ) -> tuple[float, float] | None:
     """Percentile CI of the ROC AUC (`stat="auc"`) or PR AUC (`"pr_auc"`), resampling
     patients with replacement; resamples with one class are skipped. `None` when it is
-    undefined (`bootstrap_reason` says why). `progress(done, n_boot)` hears of the resamples
-    as they are scored (the same numbers either way)."""
-    y, s = np.asarray(y).astype(int), np.asarray(s, float)
-    if bootstrap_reason(y, groups) is not None:
-        return None
-    w = bootstrap_weights(groups, n_boot, seed)
-    if stat not in ("auc", "pr_auc"):
+    undefined (`patient_bootstrap_ci` gives the reason). `progress(done, n_boot)` hears of
+    the resamples as they are scored (the same numbers either way)."""
+    return patient_bootstrap_ci(y, s, groups, stat, n_boot, seed, level, progress)["ci"]
+
+
+_STAT_NAMES = {"auc": "AUC", "pr_auc": "PR AUC"}
+
+
+def patient_bootstrap_ci(
+    y: np.ndarray,
+    s: np.ndarray,
+    groups: Sequence,
+    stat: str = "auc",
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """`{"ci": (lo, hi) or None, "reason": why it is None}` of `patient_bootstrap`. Undefined:
+    one class, one patient of a class, fewer than half of the resamples with both classes, or
+    a statistic that is the same in every resample (e.g. an AUC of 1: perfectly separated
+    classes stay separated in every resample) — its percentile interval would have zero width
+    and read as certainty that a resample of the patients cannot give."""
+    if stat not in _STAT_NAMES:
         raise ValueError(f"unknown bootstrap statistic {stat!r}: auc or pr_auc")
+    y, s = np.asarray(y).astype(int), np.asarray(s, float)
+    why = bootstrap_reason(y, groups)
+    if why is not None:
+        return {"ci": None, "reason": why}
+    w = bootstrap_weights(groups, n_boot, seed)
 
     def score(ws: np.ndarray) -> np.ndarray:
         if stat == "auc":
@@ -284,8 +306,25 @@ def patient_bootstrap(
                          if (wi * y).sum() > 0 else np.nan for wi in ws])  # fmt: skip
 
     vals = _by_rows(score, w, progress)
+    defined = vals[~np.isnan(vals)]
+    if len(defined) < n_boot / 2:
+        return {"ci": None, "reason": "fewer than half of the patient resamples hold both classes"}
+    if _constant(defined):
+        return {"ci": None, "reason": constant_reason(_STAT_NAMES[stat], np.median(defined))}
     ci = percentile_ci(vals, n_boot, level)
-    return None if ci is None else (ci[0], ci[1])
+    return {"ci": (ci[0], ci[1]), "reason": None}
+
+
+def _constant(vals: np.ndarray) -> bool:
+    """Every value the same, up to floating-point rounding (sklearn's weighted average
+    precision of a perfect ranking is 1 or 0.9999999999999999)."""
+    return len(vals) > 0 and float(vals.max() - vals.min()) <= 1e-12
+
+
+def constant_reason(name: str, value: float) -> str:
+    """Why a bootstrap whose every resample gives `value` has no CI."""
+    return (f"the {name} is {value:.6g} in every patient resample: a percentile CI would have "
+            "zero width")  # fmt: skip
 
 
 def _by_rows(fn, w: np.ndarray, progress: Callable[[int, int], None] | None) -> np.ndarray:
@@ -301,10 +340,11 @@ def _by_rows(fn, w: np.ndarray, progress: Callable[[int, int], None] | None) -> 
 
 def percentile_ci(vals: np.ndarray, n_boot: int, level: float = 0.95) -> list[float] | None:
     """Percentile interval of bootstrap statistics `vals` (NaN: an undefined resample, left
-    out); None when fewer than half of the `n_boot` resamples are defined."""
+    out); None when fewer than half of the `n_boot` resamples are defined, or when every
+    defined resample gives the same value (a zero-width interval is not a CI)."""
     vals = np.asarray(vals, float)
     vals = vals[~np.isnan(vals)]
-    if len(vals) < n_boot / 2:
+    if len(vals) < n_boot / 2 or _constant(vals):
         return None
     a = (1 - level) / 2
     return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
