@@ -125,24 +125,33 @@ def epochs_time_figure(summaries: Mapping[str, dict]) -> Figure:
     return fig
 
 
+MAX_MARKER_AREA = 200.0  # points², the bin with the most images
+
+
+def marker_areas(counts, most: int) -> np.ndarray:
+    """Marker areas (points²) proportional to `counts`, `most` images drawn at the largest."""
+    return MAX_MARKER_AREA * np.asarray(counts, float) / max(most, 1)
+
+
 def calibration_figure(evals, finding: str) -> Figure:
-    """Reliability diagram for one finding: observed rate against mean prediction per bin."""
+    """Reliability diagram for one finding: observed rate against mean prediction per bin, each
+    marker's area proportional to its bin's images (`marker_areas`, shared by every run)."""
     fig, ax = plt.subplots(figsize=(4.6, 5.4))
+    most = max((b["n"] for by_f in evals.values() for b in by_f[finding]["calibration"]),
+               default=0)  # fmt: skip
     for i, (name, by_f) in enumerate(evals.items()):
         e = by_f[finding]
         bins = [b for b in e["calibration"] if b["n"]]
-        ax.plot(
-            [b["mean_pred"] for b in bins],
-            [b["observed"] for b in bins],
-            "o-",
-            color=COLORS[i % len(COLORS)],
-            ms=4,
-            label=f"{name}: ECE {e['ece']:.3f}, Brier {e['brier']:.3f}",
-        )
+        x, y = [b["mean_pred"] for b in bins], [b["observed"] for b in bins]
+        color = COLORS[i % len(COLORS)]
+        ax.plot(x, y, "-", color=color, lw=1,
+                label=f"{name}: ECE {e['ece']:.3f}, Brier {e['brier']:.3f}")  # fmt: skip
+        ax.scatter(x, y, s=marker_areas([b["n"] for b in bins], most), color=color,
+                   alpha=0.7, zorder=3)  # fmt: skip
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed frequency")
-    ax.set_title(f"Calibration — {finding} (marker area ∝ images)", fontsize=10)
+    ax.set_title(f"Calibration — {finding} (marker area ∝ images; largest: {most})", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     ax.set_aspect("equal")
     fig.tight_layout()

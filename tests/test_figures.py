@@ -84,3 +84,29 @@ def test_the_ablation_figure_marks_the_best_and_the_selected_stage(ablation):
     k = names.index(stage)
     assert ring.get_xdata().tolist() == [k]
     assert ring.get_ydata().tolist() == [result["stages"][k]["valid_loss"]]
+
+
+def test_the_reliability_diagrams_marker_areas_follow_the_bins_images():
+    from matplotlib.collections import PathCollection
+
+    from fastcxr.figures import calibration_figure
+    from fastcxr.stats import calibration_bins
+
+    rng = np.random.default_rng(0)
+    evals = {}
+    for name, n in (("a", 400), ("b", 150)):
+        s = rng.beta(2, 5, n)  # most predictions low: bins of very different sizes
+        y = (rng.random(n) < s).astype(int)
+        evals[name] = {"Edema": {"calibration": calibration_bins(y, s), "ece": 0.1,
+                                 "brier": 0.2}}  # fmt: skip
+    fig = calibration_figure(evals, "Edema")
+    dots = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    counts = {k: [b["n"] for b in e["Edema"]["calibration"] if b["n"]] for k, e in evals.items()}
+    most = max(max(c) for c in counts.values())
+    for dot, name in zip(dots, ("a", "b")):
+        sizes = dot.get_sizes()
+        assert len(sizes) == len(counts[name])
+        # area ∝ images: every ratio of areas is the ratio of the bins' counts
+        np.testing.assert_allclose(sizes / sizes.max(), np.array(counts[name]) / max(counts[name]))
+    assert max(d.get_sizes().max() for d in dots) == pytest.approx(200.0)
+    assert f"largest: {most}" in fig.axes[0].get_title()
