@@ -307,9 +307,19 @@ def unfreeze_ablation(
             "findings": {f: headline(m) for f, m in metrics[st.name].items()},
         })  # fmt: skip
     best = stages[int(np.nanargmin([s["valid_loss"] for s in stages]))]["name"]
+    # each network's own best stage: ★ averages the networks' losses (`single` has several)
+    by_net = {
+        n["network"]: cfg.ablation_stages[
+            int(np.nanargmin([s["valid_loss"] for s in n["stages"]]))
+        ].name
+        for n in summary["networks"]
+    }
     result = {
         "stages": stages,
         "best_stage": best,
+        "best_stage_by_network": by_net,
+        "best_stage_rule": "validation loss"
+        + (f" (the mean over the {len(by_net)} networks)" if len(by_net) > 1 else ""),
         "selected_stage": summary["selected_stage"],
         "select": cfg.select,
         "thresholds": summary["thresholds"],

@@ -247,3 +247,21 @@ def test_gpu_out_of_memory_is_a_clear_error(prepared, tmp_path, monkeypatch):
     )
     assert res.exit_code == 2
     assert "ran out of memory" in res.stderr and "--batch-size" in res.stderr
+
+
+def test_single_ablation_records_each_networks_own_best_stage(prepared, tmp_path):
+    res = runner.invoke(app, ["unfreeze-ablation", "--data", str(prepared), *TINY_TRAIN,
+                              "--formulation", "single", "--stages", "head,all", "--epochs", "1",
+                              "--no-pretrained", "--loader", "datablock", "--precision", "fp32",
+                              "--runs", str(tmp_path), "--name", "s", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    record = json.loads((tmp_path / "s" / "record.json").read_text())
+    want = {}
+    for net in record["networks"]:
+        losses = [s["valid_loss"] for s in net["stages"]]
+        want[net["network"]] = net["stages"][losses.index(min(losses))]["name"]
+    assert len(want) == 2 and out["best_stage_by_network"] == want
+    mean = [sum(n["stages"][i]["valid_loss"] for n in record["networks"]) / 2 for i in range(2)]
+    assert out["best_stage"] == ["head", "all"][mean.index(min(mean))]
+    assert out["best_stage_rule"] == "validation loss (the mean over the 2 networks)"

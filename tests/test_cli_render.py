@@ -452,3 +452,19 @@ def test_report_lists_the_files():
         "wrote a/b.png",
         "wrote a/results.md",
     ]
+
+
+def test_ablation_of_two_networks_says_what_the_star_averages():
+    result = {
+        "run_dir": "runs/s", "best_stage": "all", "selected_stage": {"edema": "head",
+                                                                      "pleural_effusion": "all"},
+        "best_stage_rule": "validation loss (the mean over the 2 networks)",
+        "best_stage_by_network": {"edema": "head", "pleural_effusion": "all"},
+        "stages": [{"name": n, "unfrozen": u, "trainable_params": 10, "epochs": 2,
+                    "valid_loss": v, "findings": {f: metric(0.7, 0.8) for f in FINDINGS}}
+                   for n, u, v in (("head", ["head"], 0.6),
+                                   ("all", ["conv5_block1", "head"], 0.5))],
+    }  # fmt: skip
+    out = " ".join(text(render.ablation(result, CFG, "single", "runs/s").stdout).split())
+    assert ("★ best stage by validation loss (the mean over the 2 networks): all (each "
+            "network's own: edema head, pleural_effusion all)") in out  # fmt: skip

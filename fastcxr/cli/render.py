@@ -366,10 +366,20 @@ def ablation(result: Mapping, cfg: Mapping, formulation: str, run_dir: Any) -> P
         notes.under(t),
         f"acc @ t: accuracy at each finding's threshold t, chosen ({threshold_rule(cfg)}) on "
         "the validation predictions.",
-        f"★ best stage by validation loss: {result['best_stage']}; the run's model "
-        f"({cfg['select']}): {stages(result['selected_stage'])} — run record: "
-        f"{result['run_dir']}",
+        _best_line(result) + f"; the run's model ({cfg['select']}): "
+        f"{stages(result['selected_stage'])} — run record: {result['run_dir']}",
     )
+
+
+def _best_line(result: Mapping) -> str:
+    """What ★ marks: the lowest validation loss, averaged over the networks when there are
+    several (`single`), with each network's own best stage beside it."""
+    by_net = result.get("best_stage_by_network") or {}
+    line = f"★ best stage by {result.get('best_stage_rule', 'validation loss')}: "
+    line += result["best_stage"]
+    if len(by_net) > 1:
+        line += " (each network's own: " + ", ".join(f"{n} {s}" for n, s in by_net.items()) + ")"
+    return line
 
 
 # -- data ---------------------------------------------------------------------------------------
