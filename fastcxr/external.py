@@ -230,8 +230,10 @@ def _rows(df: pd.DataFrame, split: str, columns: Mapping[str, str], manifest: Pa
     """The split's rows with each finding's certain label (float 0/1, NaN), and how many
     rows of the split are scored for none of the findings."""
     from fastcxr.data import certain_labels
-    from fastcxr.findings import LabelPolicy
+    from fastcxr.findings import NO_FINDING, LabelPolicy, derive_no_finding
 
+    if NO_FINDING in columns and columns[NO_FINDING] == NO_FINDING:
+        df = derive_no_finding(df)  # as the run's own test set reads it
     rows = df if split == "all" else df[df["split"].astype(str) == split]
     raw = rows[list(columns.values())].set_axis(list(columns), axis=1)
     LabelPolicy("zeros", "zeros").apply(raw, list(columns))  # raw labels are 1, 0, -1 or blank

@@ -42,8 +42,35 @@ _ALIASES = {
     "pleural_thickening": "Pleural Thickening",
 }
 
+NO_FINDING = "No Finding"
+# Not a pathology: "No Finding" is 1 with support devices present (the CheXpert labeller).
+NOT_PATHOLOGY = (NO_FINDING, "Support Devices")
+NO_FINDING_RULE = (
+    "No Finding is 0 where it is blank and the image is positive (1) for any other finding the "
+    "manifest labels (Support Devices excepted), as CheXclusion (Seyyed-Kalantari et al. 2021) "
+    "reads MIMIC-CXR and CheXpert, whose No Finding is 1 or blank; otherwise as labelled"
+)
+
 UNCERTAIN_CHOICES = ("drop", "zeros", "ones")
 BLANK_CHOICES = ("drop", "zeros")
+
+
+def derive_no_finding(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with No Finding set to 0 where it is blank and another finding is positive
+    (`NO_FINDING_RULE`); `df` itself when it has no No Finding column or no other finding.
+    Labels other than blank are left as they are (a bad value is still refused later)."""
+    if NO_FINDING not in df.columns:
+        return df
+    others = [c for c in df.columns if c in ALL_FINDINGS and c not in NOT_PATHOLOGY]
+    if not others:
+        return df
+    positive = (df[others].apply(pd.to_numeric, errors="coerce") == 1).any(axis=1)
+    derive = df[NO_FINDING].isna() & positive
+    if not derive.any():
+        return df
+    out = df.copy()
+    out.loc[derive, NO_FINDING] = 0
+    return out
 
 
 class MissingColumn(ManifestError, KeyError):
@@ -162,7 +189,10 @@ def composition(df: pd.DataFrame, findings: Sequence[str], policy: LabelPolicy) 
     Table 2; keys like "0,1" in the order of `findings`), each finding's raw counts, and
     `demographics`: the split's images (before the policy) by sex (F, M, unknown) and by age
     group (0-19, 20-39, 40-59, 60-79, 80+ years, and unknown); all
-    unknown for a manifest without the `sex` / `age` columns."""
+    unknown for a manifest without the `sex` / `age` columns. No Finding is derived as
+    training and scoring read it (`NO_FINDING_RULE`)."""
+    if NO_FINDING in findings:
+        df = derive_no_finding(df)
     kept = policy.apply(df, findings)
     out: dict = {"splits": {}}
     splits = [s for s in ("train", "valid", "test") if s in set(df["split"])]

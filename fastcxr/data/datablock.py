@@ -22,7 +22,7 @@ from fastcxr.config import TrainConfig
 from fastcxr.data.cache_loader import cache_loaders, close_loaders
 from fastcxr.errors import FastcxrError
 from fastcxr.fastpath import AUGMENT, Speed, resolve_speed
-from fastcxr.findings import LabelPolicy
+from fastcxr.findings import NO_FINDING, LabelPolicy, derive_no_finding
 from fastcxr.formulations import Formulation, Network
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, Preprocessing
 
@@ -83,6 +83,8 @@ def apply_policy(manifest: pd.DataFrame, cfg: TrainConfig, findings) -> pd.DataF
     """
     policy = LabelPolicy.parse(cfg.uncertain, cfg.blank)
     policy.apply(manifest.iloc[:0], findings)  # the columns exist
+    if NO_FINDING in findings:  # MIMIC-CXR and CheXpert: 1 or blank (NO_FINDING_RULE)
+        manifest = derive_no_finding(manifest)
     raw = manifest.copy()
     for f in findings:
         raw[scored(f)] = certain_labels(raw[f])

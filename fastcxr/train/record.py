@@ -13,6 +13,7 @@ import pandas as pd
 
 from fastcxr.data import scored
 from fastcxr.distributed import barrier, is_main, world_size
+from fastcxr.findings import NO_FINDING, NO_FINDING_RULE
 from fastcxr.metrics import all_metrics
 from fastcxr.metrics import thresholds as thresholds_for
 from fastcxr.runs import environment, mark_complete, write_csv, write_json
@@ -123,7 +124,9 @@ def _write_config(job: Job, data, results: list[NetworkResult], thresholds: dict
             "preprocessing": job.prep.to_dict(),
             "test_set": TEST_SET_RULE,
             "label_policy": {"uncertain": cfg.uncertain, "blank": cfg.blank,
-                             "applies_to": ["train", "valid"]},
+                             "applies_to": ["train", "valid"],
+                             **({"no_finding": NO_FINDING_RULE} if NO_FINDING in cfg.findings
+                                else {})},
             "thresholds": _threshold_record(job, thresholds),
             **_lr_found(results),
             "environment": {**environment(), "processes": world_size()},
