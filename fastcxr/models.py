@@ -214,8 +214,10 @@ def resolve_unfreeze(spec: str, names: list[str]) -> int:
 
     `spec` is `head`, `all`, a group name (`conv5_block3`: from that block on), a stage
     (`conv5`: all of its blocks), or a stage with a negative block index (`conv4_block-3`:
-    the last 3 blocks of conv4, and everything after them). Indices past the start of a stage
-    clamp to its first block, so a stage list written for ResNet152 runs on smaller nets.
+    the last 3 blocks of conv4, and everything after them). Negative indices past the start
+    of a stage clamp to its first block, so a stage list written for ResNet152 runs on smaller
+    nets (the stage's `unfrozen` groups are recorded); a block number that does not exist
+    (`conv5_block9` on a stage of 3 blocks, `block0`, `block-0`) is refused with the range.
     """
     if spec == "head":
         return 1
@@ -239,7 +241,14 @@ def resolve_unfreeze(spec: str, names: list[str]) -> int:
                 f"unfreeze spec {spec!r}: the block after _block must be a number, e.g. "
                 f"{stage}_block3 or {stage}_block-3"
             ) from None
-        first = members[max(len(members) + k, 0)] if k < 0 else members[min(k, len(members)) - 1]
+        blocks = f"{names[members[0]]} … {names[members[-1]]}"
+        if k == 0 or block.strip() in ("-0", "+0") or k > len(members):
+            raise UsageError(
+                f"unfreeze spec {spec!r}: {stage} has blocks {blocks} ({len(members)}); "
+                f"name one of them, or count from the end with {stage}_block-1 … "
+                f"{stage}_block-{len(members)}"
+            )
+        first = members[max(len(members) + k, 0)] if k < 0 else members[k - 1]
     return len(names) - first
 
 

@@ -110,6 +110,26 @@ def test_resolve_unfreeze_specs():
     assert resolve_unfreeze("all", names) == 8
     with pytest.raises(ValueError, match="matches no group"):
         resolve_unfreeze("conv9", names)
+    # a block that does not exist is refused with the stage's range, not clamped (#22 item 12)
+    for spec in ("conv5_block9", "conv5_block0", "conv5_block-0", "conv4_block37"):
+        with pytest.raises(ValueError) as e:
+            resolve_unfreeze(spec, names)
+        stage = spec.partition("_block")[0]
+        assert f"{stage}_block1 … {stage}_block2 (2)" in str(e.value)
+        assert f"{stage}_block-1 … {stage}_block-2" in str(e.value)
+
+
+def test_a_stage_naming_a_missing_block_is_refused_before_training(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from fastcxr.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--data", str(prepared), "--arch", "resnet22n",
+                                   "--no-pretrained", "--stages", "head,conv5_block9",
+                                   "--runs", str(tmp_path), "--name", "x"])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "conv5_block1 … conv5_block3 (3)" in res.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_discriminative_lrs_are_geometric_over_unfrozen_groups():
