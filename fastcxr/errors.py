@@ -16,4 +16,8 @@ class UsageError(FastcxrError, ValueError):
     """An option, argument or configuration value that cannot be used."""
 
 
-__all__ = ["FastcxrError", "UsageError"]
+class Diverged(FastcxrError):
+    """Training produced a loss that is not a finite number (NaN or infinite)."""
+
+
+__all__ = ["Diverged", "FastcxrError", "UsageError"]

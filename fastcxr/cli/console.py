@@ -4,6 +4,7 @@ notes, errors) on stderr."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -47,6 +48,8 @@ def fail(msg: str) -> NoReturn:
     """One line on stderr (user text is never read as markup), exit status 2."""
     if "Original Traceback" in msg:  # raised in a DataLoader worker: torch adds its traceback
         msg = msg.strip().splitlines()[-1].partition(": ")[2] or msg
+    # raised in a fastai callback: fastai puts where in front of the message
+    msg = re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", msg.strip())
     msg = " ".join(msg.split())
     err.print(f"[bold red]error:[/] {esc(msg)}", soft_wrap=True)
     raise typer.Exit(2)

@@ -34,6 +34,7 @@ from fastai.torch_core import find_bs
 from torch import nn
 
 from fastcxr.distributed import unwrap
+from fastcxr.errors import Diverged
 from fastcxr.progress import progress_end, progress_event
 
 Log = Callable[[dict], None]
@@ -212,6 +213,14 @@ class History(Callback):
         self.rows.append(row)
         if self.log:
             self.log(row)
+        bad = [k for k in ("train_loss", "valid_loss") if not np.isfinite(row[k])]
+        if bad:  # before the best epoch is kept or a checkpoint written: they stay finite
+            raise Diverged(
+                f"training diverged at stage {self.stage}, epoch {self.epochs_done}: "
+                + ", ".join(f"{k.replace('_', ' ')} is {row[k]}" for k in bad)
+                + " — lower --lr (or use --lr find) and run again with --overwrite; "
+                "the run is not recorded as complete"
+            )
 
 
 class EpochEnd(Callback):
