@@ -336,6 +336,65 @@ class RunModel(nn.Module):
         return torch.stack([outs[i][:, j] for i, j in self.columns], dim=1)
 
 
+RUN_MARKERS = ("record.json", "checkpoints/run.json")  # a complete run; an interrupted one
+
+
+def _run_folder(folder: Path) -> Path | None:
+    """The run folder `folder` is, or lies in up to two levels down (a compare's formulation,
+    its checkpoints/ or evaluations/NAME)."""
+    for d in (folder, *list(folder.parents)[:2]):
+        if any((d / m).exists() for m in RUN_MARKERS):
+            return d
+    return None
+
+
+def check_outputs(out_csv: Path, inputs: Sequence[Path], export_dir: Path | None = None,
+                  overwrite: bool = False) -> None:  # fmt: skip
+    """Refuse, before any prediction, outputs that would destroy something: a CSV (or its
+    `_failures.csv`) onto an input image or an existing file of a run folder (its
+    predictions.csv, weights, records), or an existing file that is not a CSV; an export into
+    a non-empty folder (with `overwrite`, a previous export — a folder with export.json — is
+    replaced; any other content is refused)."""
+    ins = {Path(p).resolve() for p in inputs}
+    for target in (out_csv, out_csv.with_name(out_csv.stem + "_failures.csv")):
+        t = target.resolve()
+        if t in ins:
+            raise UsageError(f"--out {target} is one of the input images; choose another file")
+        run = _run_folder(t.parent)
+        if run is not None and (t.exists() or t.is_symlink()):
+            raise UsageError(
+                f"--out {target} would replace a file of the run in {run}; choose another file"
+            )
+        if t.exists() and t.suffix.lower() != ".csv":
+            raise UsageError(f"--out {target} exists and is not a CSV; choose another file")
+        if t.is_dir():
+            raise UsageError(f"--out {target} is a folder; give a file name")
+    if export_dir is None or not export_dir.exists():
+        return
+    if not export_dir.is_dir():
+        raise UsageError(f"--export {export_dir} is a file; give a folder")
+    run = _run_folder(export_dir.resolve())
+    if run is not None:
+        raise UsageError(f"--export {export_dir} is inside the run in {run}; choose another folder")
+    if any(export_dir.iterdir()):
+        if not overwrite:
+            raise UsageError(
+                f"--export {export_dir} is not empty; choose an empty folder, or add "
+                "--overwrite to replace a previous export"
+            )
+        if not (export_dir / "export.json").exists():
+            raise UsageError(
+                f"--export {export_dir} holds files that are not an export (no export.json); "
+                "--overwrite replaces only a previous export: choose another folder"
+            )
+
+
+def clear_export(export_dir: Path) -> None:
+    """Remove a previous export (checked by `check_outputs`) before writing the new one."""
+    if export_dir.exists() and (export_dir / "export.json").exists():
+        shutil.rmtree(export_dir)
+
+
 def export(pred: Predictor, out: Path, format: str = "torch") -> list[Path]:
     """The run without fastai, plus `export.json` (findings, preprocessing, thresholds).
 

@@ -122,3 +122,59 @@ def test_cam_and_export(trained, prepared, tmp_path):
 def test_incomplete_run_is_refused(tmp_path):
     res = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path)])
     assert res.exit_code == 2 and "not a complete run" in res.stderr
+
+
+# -- outputs that would destroy something (#22 items 9, 10) --------------------------------------
+def _images(prepared, k=3):
+    return sorted(prepared.rglob("*.png"))[:k]
+
+
+def _refused(res, *words):
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and all(w in line for w in words), line
+
+
+def test_predict_never_replaces_a_run_file_or_an_input(trained, prepared, tmp_path, monkeypatch):
+    imgs = [str(p) for p in _images(prepared)]
+    own = trained / "predictions.csv"
+    before = own.read_bytes()
+    # the default --out, run from inside the run folder
+    monkeypatch.chdir(trained)
+    _refused(
+        runner.invoke(app, ["predict", str(trained), *imgs]), "would replace a file of the run"
+    )
+    weights = next(trained.glob("*.pth"))
+    w_before = weights.read_bytes()
+    _refused(runner.invoke(app, ["predict", str(trained), *imgs, "--out", str(weights)]),
+             "would replace a file of the run")  # fmt: skip
+    _refused(runner.invoke(app, ["predict", str(trained), *imgs, "--out", imgs[0]]),
+             "is one of the input images")  # fmt: skip
+    assert own.read_bytes() == before and weights.read_bytes() == w_before
+    assert open(imgs[0], "rb").read(4) == b"\x89PNG"
+    # a new file name beside the run's is fine, and so is replacing one's own earlier CSV
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        res = runner.invoke(app, ["predict", str(trained), *imgs, "--out", "mine.csv"])
+        assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "mine.csv")) == len(imgs)
+
+
+def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_an_export(trained, prepared,
+                                                                            tmp_path):  # fmt: skip
+    imgs = [str(p) for p in _images(prepared, 1)]
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["predict", str(trained), *imgs, "--out", str(tmp_path / "p.csv"), "--export", str(out)]
+    _refused(runner.invoke(app, args), "is not empty")
+    _refused(runner.invoke(app, [*args, "--overwrite"]), "not an export")
+    assert (out / "notes.txt").read_text() == "mine"
+    out2 = tmp_path / "exp2"
+    args2 = [*args[:-1], str(out2)]
+    assert runner.invoke(app, args2).exit_code == 0
+    (out2 / "stale.pt2").write_bytes(b"from another run")
+    _refused(runner.invoke(app, args2), "is not empty")
+    res = runner.invoke(app, [*args2, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (out2 / "stale.pt2").exists() and (out2 / "export.json").exists()

@@ -167,6 +167,10 @@ def predict(
         ),
     ] = None,
     batch_size: BatchSize = 64,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace a previous export in the --export folder."),
+    ] = False,
     json_out: Json = False,
 ) -> None:
     """Predict findings for new radiographs with a trained run; unreadable files are listed."""
@@ -183,6 +187,7 @@ def predict(
             lib.onnx_modules()  # a missing extra is refused before any prediction is made
         pred = lib.Predictor.load(run_dir)
         files = lib.collect_inputs(paths)
+        lib.check_outputs(out_csv, files, export_dir, overwrite)
         task = bar.add_task("predicting", total=len(files))
         df, fails = lib.predict(
             pred, files, batch_size or 64, progress=lambda i, n: bar.update(task, completed=i)
@@ -191,6 +196,8 @@ def predict(
         if len(fails):
             write_csv(out_csv.with_name(out_csv.stem + "_failures.csv"), fails)
         cams = lib.write_cams(pred, [Path(f) for f in df["file"]], cam) if cam else []
+        if export_dir:
+            lib.clear_export(export_dir)
         exported = lib.export(pred, export_dir, export_format) if export_dir else []
     summary = {
         "predicted": len(df),
