@@ -276,6 +276,35 @@ def _sub_runs(run_dir: Path) -> tuple[dict[str, Path], bool]:
     raise RunError(f"{run_dir}: not a complete run or compare folder")
 
 
+def run_overlap(run_dir: Path, dataset, split: str) -> dict:
+    """What the evaluated rows share with the run's own training and validation data: images
+    (the same file under any name, or a byte-identical copy: `leakage.same_files`) and
+    patients (ids as `leakage.patient_key` reads them). `checked` is False when the run's
+    manifest is gone (nothing can be compared)."""
+    from fastcxr.leakage import patient_key, same_files
+    from fastcxr.manifest import ManifestError, read_manifest
+
+    config = json.loads((run_dir / "config.json").read_text())
+    manifest = Path((config.get("data") or {}).get("manifest") or "")
+    try:
+        own = read_manifest(manifest)
+    except (ManifestError, OSError):
+        return {"checked": False, "reason": f"the run's manifest {manifest} cannot be read",
+                "images": 0, "patients": 0, "examples": []}  # fmt: skip
+    own = own[own["split"].astype(str).isin(["train", "valid"])]
+    rows = dataset.df if split == "all" else dataset.df[dataset.df["split"].astype(str) == split]
+    pairs = same_files([str(manifest.parent / p) for p in own["image"].astype(str)],
+                       [str(dataset.root / p) for p in rows["image"].astype(str)])  # fmt: skip
+    theirs = set(own["patient_id"].astype(str).map(patient_key))
+    shared = sorted({p for p in rows["patient_id"].astype(str) if patient_key(p) in theirs})
+    return {
+        "checked": True, "against": str(manifest), "images": len({q for _, q, _ in pairs}),
+        "patients": len(shared),
+        "examples": [f"{os.path.relpath(q, dataset.root)} = {p} ({how})"
+                     for p, q, how in pairs[:3]] + [f"patient {x}" for x in shared[:3]],
+    }  # fmt: skip
+
+
 def _evaluate_one(
     run_dir: Path, dataset, split: str, name: str, cfg: EvalConfig, device, batch_size: int,
     progress: Progress | None,
@@ -370,9 +399,13 @@ def evaluate_run(
     device=None,
     eval_cfg: EvalConfig = EvalConfig(),
     progress: Progress | None = None,
+    allow_overlap: bool = False,
 ) -> dict:
     """Apply the finished run `run_dir` (or every formulation of a compare folder) to the
     manifest's `split` (test, valid or all) and write `evaluations/NAME/` into it.
+
+    Refused when the rows share images or patients with the run's training or validation
+    data (`run_overlap`), unless `allow_overlap`: then recorded with `"external": false`.
 
     Returns the evaluation's metrics.json (with `dir`); for a compare folder, the summary
     (`runs`: formulation → its headline metrics). An existing evaluation NAME is replaced
@@ -396,11 +429,22 @@ def evaluate_run(
             f"evaluation {name!r} exists ({', '.join(existing)}); add --overwrite to replace "
             "it, or choose another --name"
         )
+    overlap = run_overlap(next(iter(subs.values())), dataset, split)
+    if (overlap["images"] or overlap["patients"]) and not allow_overlap:
+        raise UsageError(
+            f"not an external validation: {overlap['images']} image(s) and "
+            f"{overlap['patients']} patient(s) of {dataset.manifest} (split {split}) are in the "
+            f"run's training or validation data ({'; '.join(overlap['examples'][:3])}); "
+            "evaluate another dataset, or add --allow-overlap to record it as not external"
+        )
     done = {}
     for form, sub in subs.items():
         done[form] = _evaluate_one(
             sub, dataset, split, name, eval_cfg, device, batch_size, progress
         )
+    for metrics, _, _ in done.values():
+        metrics["overlap"] = overlap
+        metrics["external"] = not (overlap["images"] or overlap["patients"])
     for (metrics, rows, fails), sub in zip(done.values(), subs.values()):
 
         def write(tmp: Path, metrics=metrics, rows=rows, fails=fails) -> None:
@@ -420,6 +464,7 @@ def evaluate_run(
         "format": FORMAT, "name": name, "compare": str(run_dir),
         "manifest": first["manifest"], "manifest_sha256": first["manifest_sha256"],
         "split": split, "calibration_method": CALIBRATION,
+        "overlap": overlap, "external": first["external"],
         "runs": {form: {"dir": m["dir"], "formulation": m["formulation"],
                         "findings": {f: {k: v[k] for k in HEADLINE}
                                      for f, v in m["findings"].items()},

@@ -144,8 +144,16 @@ def images_in_several_splits(df: pd.DataFrame) -> list[str]:
 
 
 def patients_in_several_splits(df: pd.DataFrame) -> list[str]:
-    n = df.groupby(df["patient_id"].astype(str))["split"].nunique()
-    return sorted(n[n > 1].index)
+    """Patients in more than one split, ids compared as `leakage.patient_key` reads them
+    (`10035354`, `10035354.0` and `010035354` are one patient); each shown as its spellings."""
+    from fastcxr.leakage import patient_key
+
+    ids = df["patient_id"].astype(str)
+    key = ids.map(patient_key)
+    n = df.groupby(key)["split"].nunique()
+    leaks = sorted(n[n > 1].index)
+    spell = ids.groupby(key).agg(lambda v: " = ".join(sorted(set(v))))
+    return [spell[k] for k in leaks]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -29,12 +29,13 @@ def _cli(*args, code: int = 0):
     return res
 
 
-def _one_line_error(res, *words: str) -> None:
+def _one_line_error(res, *words: str) -> str:
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     for w in words:
         assert w in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +305,49 @@ def test_renderer_on_a_hand_made_result():
     err = " ".join(map(str, page.stderr))
     assert "preprocessing mismatch" in err and "2 unreadable" in err
     assert "2000 resamples" in " ".join(map(str, page.stdout[1:]))
+
+
+# -- not external (#22 item 6) -------------------------------------------------------------------
+def _train_rows_as_test(prepared, folder):
+    """The run's own training rows relabelled test, in a folder whose images are a symlink to
+    the prepared images (other path strings, the same files)."""
+    folder.mkdir()
+    m = _manifest(prepared)
+    rows = m[m["split"] == "train"].head(40).assign(split="test")
+    for top in {Path(p).parts[0] for p in rows["image"]}:
+        (folder / top).symlink_to(prepared / top, target_is_directory=True)
+    rows.to_csv(folder / "manifest.csv", index=False)
+    return rows
+
+
+def test_the_runs_own_training_images_are_not_an_external_validation(run, prepared, tmp_path):
+    rows = _train_rows_as_test(prepared, tmp_path / "own")
+    args = ["evaluate", str(run), "--data", str(tmp_path / "own"), "--name", "own-train"]
+    _one_line_error(runner.invoke(app, args), "not an external validation",
+                    f"{len(rows)} image(s)", "--allow-overlap")  # fmt: skip
+    assert not (run / "evaluations" / "own-train").exists()
+    res = runner.invoke(app, [*args, "--allow-overlap", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((run / "evaluations" / "own-train" / "metrics.json").read_text())
+    assert m["external"] is False and m["overlap"]["images"] == len(rows)
+    assert m["overlap"]["patients"] == rows["patient_id"].nunique()
+    res = runner.invoke(app, [*args, "--allow-overlap", "--overwrite"])
+    assert "not an external validation" in res.stderr and "NOT external" in res.stdout
+
+
+def test_a_copy_of_a_training_image_and_a_training_patient_are_found(run, prepared, external,
+                                                                     tmp_path):  # fmt: skip
+    folder = tmp_path / "ext"
+    shutil.copytree(external, folder)
+    ext = _manifest(folder)
+    test = ext.index[ext["split"] == "test"]
+    own = _manifest(prepared)
+    train = own[own["split"] == "train"].iloc[0]
+    # one test image replaced by a byte-identical copy of a training image
+    shutil.copyfile(prepared / train["image"], folder / ext.loc[test[0], "image"])
+    # one test patient renamed to a training patient, spelled with a leading zero
+    pid = str(own[own["split"] == "train"]["patient_id"].iloc[5])
+    ext.loc[ext["patient_id"] == ext.loc[test[1], "patient_id"], "patient_id"] = "0" + pid
+    ext.to_csv(folder / "manifest.csv", index=False)
+    res = runner.invoke(app, ["evaluate", str(run), "--data", str(folder), "--name", "mixed"])
+    _one_line_error(res, "1 image(s) and 1 patient(s)", "identical content", f"patient 0{pid}")

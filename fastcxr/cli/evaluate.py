@@ -43,6 +43,14 @@ def evaluate(
         typer.Option("--overwrite", help="Replace an existing evaluation of the same name."),
     ] = False,
     batch_size: BatchSize = None,
+    allow_overlap: Annotated[
+        bool,
+        typer.Option(
+            "--allow-overlap",
+            help="Evaluate rows that share images or patients with the run's training or "
+            "validation data (recorded as not external) instead of refusing.",
+        ),
+    ] = False,
     json_out: Json = False,
 ) -> None:
     """Apply a finished run to another dataset with its own preprocessing, precision and
@@ -55,6 +63,7 @@ def evaluate(
         result = evaluate_run(
             run_dir, data, split, name, overwrite=overwrite, batch_size=batch_size or 64,
             progress=lambda i, n: bar.update(task, completed=i, total=n),
+            allow_overlap=allow_overlap,
         )  # fmt: skip
     if json_out:
         print(json.dumps(result, indent=2))

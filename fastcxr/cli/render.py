@@ -573,14 +573,26 @@ def evaluation(result: Mapping) -> Page:
     internal against external AUC with CIs, the decisions at the run's threshold and
     calibration; mismatches and unreadable images on stderr."""
     runs = result["runs"] if "runs" in result else {result["run"]: result}
+    ov = result.get("overlap") or {}
+    if ov.get("images") or ov.get("patients"):
+        page_note = (
+            f"[bold red]not an external validation:[/] {ov['images']} image(s) and "
+            f"{ov['patients']} patient(s) are in the run's training or validation data "
+            f"({escape('; '.join(ov.get('examples', [])))})"
+        )
+    else:
+        page_note = None
     cols = ["finding", "internal AUC\n[95% CI]", "external AUC\n[95% CI]", "n", "pos.",
             "t", "acc\n@ t", "sens\n@ t", "spec\n@ t", "ECE\nBrier"]  # fmt: skip
     page = Page()
+    if page_note:
+        page.err(page_note)
     first = next(iter(next(iter(runs.values()))["findings"].values()), {})
     method = first.get("auc_ci_method") or "percentile bootstrap over patients"
     for run, r in runs.items():
         shown = str(run).rstrip("/").rsplit("/", 1)[-1]
-        t = Table(title=f"{shown} — external validation {result['name']} (split {result['split']})")
+        kind = "external validation" if result.get("external", True) else "NOT external"
+        t = Table(title=f"{shown} — {kind} {result['name']} (split {result['split']})")
         for c in cols:
             t.add_column(c, justify="left" if c == "finding" else "right",
                          min_width=13 if "AUC" in c else None)  # fmt: skip

@@ -132,6 +132,31 @@ def check_files(df: pd.DataFrame, root: str | Path) -> None:
         raise DataError(
             f"{len(missing)} image(s) named by the manifest do not exist under {root}: {shown}"
         )
+    check_images_across_splits(df, root)
+
+
+def check_images_across_splits(df: pd.DataFrame, root: str | Path) -> None:
+    """No test image is a training or validation image under another name (a symlink, a hard
+    link, a byte-identical copy), nor a training image a validation one: `DataError` naming
+    the pairs (`leakage.same_files`)."""
+    from fastcxr.leakage import same_files
+
+    root = Path(root)
+    split = df["split"].astype(str)
+    paths = {s: [str(root / p) for p in df.loc[split == s, "image"].astype(str)]
+             for s in ("train", "valid", "test")}  # fmt: skip
+    pairs = []
+    for a, b in (("train", "test"), ("valid", "test"), ("train", "valid")):
+        pairs += [(a, b, p, q, how) for p, q, how in same_files(paths[a], paths[b])]
+    if pairs:
+        shown = "; ".join(
+            f"{os.path.relpath(q, root)} ({b}) = {os.path.relpath(p, root)} ({a}): {how}"
+            for a, b, p, q, how in pairs[:3]
+        ) + (" …" if len(pairs) > 3 else "")
+        raise DataError(
+            f"{len(pairs)} image(s) appear in two splits under different names (data "
+            f"leakage): {shown}"
+        )
 
 
 def require_thresholds(df: pd.DataFrame, findings) -> None:
