@@ -42,6 +42,20 @@ from fastcxr.errors import FastcxrError, UsageError
 INTENSITY_MODES = ("voi", "mimic-jpg")
 MAX_SIDE = 16384  # largest accepted Rows/Columns; radiographs are ~3000, this bounds memory
 MAX_PIXELS = 8192 * 8192
+MIN_SIDE = 16  # smallest accepted side: a 1x1 or 4x4 "radiograph" carries no image to read
+MAX_ASPECT = 4.0  # longest side / shortest: chest radiographs are about 0.8-1.25
+
+
+def implausible_shape(rows: int, cols: int) -> str | None:
+    """Why a rows x cols image cannot be a radiograph to read (None: it can)."""
+    if min(rows, cols) < MIN_SIDE:
+        return f"{rows}x{cols} is too small to be a radiograph (at least {MIN_SIDE} a side)"
+    if max(rows, cols) / min(rows, cols) > MAX_ASPECT:
+        return (f"{rows}x{cols} is too elongated to be a radiograph (sides at most "
+                f"{MAX_ASPECT:g}:1)")  # fmt: skip
+    return None
+
+
 # The dataset before the pixel data, inflated: a radiograph's header is tens of KB.
 MAX_HEADER_BYTES = 16 << 20
 # Room for what may follow the pixel data (padding, signatures, private elements).
@@ -384,6 +398,9 @@ def _check_header(
             f"{path}: implausible image size {rows}x{cols} declared (limit {MAX_SIDE} a side, "
             f"{MAX_PIXELS} pixels); refused before reading the pixel data"
         )
+    why = implausible_shape(rows, cols)
+    if why:
+        raise DicomError(f"{path}: {why}; not read")
     bits = int(ds.get("BitsAllocated", 16) or 16)
     if bits not in (1, 8, 16, 32):
         raise DicomError(f"{path}: unsupported BitsAllocated {bits} (expected 1, 8, 16 or 32)")
@@ -668,6 +685,19 @@ def equalize_hist(img: np.ndarray) -> np.ndarray:
     lut = np.zeros(256, np.float64)
     lut[first + 1 :] = np.cumsum(hist[first + 1 :]) * scale
     return np.clip(np.rint(lut), 0, 255).astype(np.uint8)[img]
+
+
+def gray_u8(im: Image.Image) -> np.ndarray:
+    """An image file's pixels as 8-bit grey. 16-bit greys (PNG "I;16", or "I" holding
+    0..65535) are scaled by 255/65535 — a 16-bit copy of an 8-bit image (each value x257)
+    gives the 8-bit image back — where PIL's `convert("L")` would clip them to 255; other
+    modes (RGB, palette, 8-bit grey) convert as PIL does."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+    if im.mode == "F":
+        return np.clip(np.rint(np.asarray(im, np.float64)), 0, 255).astype(np.uint8)
+    return np.asarray(im.convert("L"))
 
 
 def resize_u8(img: np.ndarray, size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastcxr.dicom import INTENSITY_MODES, resize_u8
+from fastcxr.dicom import INTENSITY_MODES, gray_u8, resize_u8
 from fastcxr.errors import FastcxrError, UsageError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
@@ -112,7 +112,7 @@ class Preprocessing:
 
 def _gray(path: Path) -> np.ndarray:
     with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
+        return gray_u8(im)
 
 
 __all__ = ["GRAY_MEAN", "GRAY_STD", "CacheError", "Preprocessing", "read_cached"]

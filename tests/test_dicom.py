@@ -95,7 +95,7 @@ def test_bits_stored_high_bits_are_ignored(tmp_path, ramp):
 
 
 def test_signed_pixels_without_window_use_min_max(tmp_path):
-    px = np.linspace(-2048, 2047, 64).astype(np.int16).reshape(8, 8)
+    px = np.linspace(-2048, 2047, 256).astype(np.int16).reshape(16, 16)
     got = read_dicom(make_dicom(tmp_path / "s.dcm", px, signed=True))
     expect = np.rint((px.astype(float) + 2048) / 4095 * 255)
     assert np.abs(got - expect).max() <= 1

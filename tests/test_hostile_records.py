@@ -93,3 +93,26 @@ def test_same_size_different_images_are_not_called_copies(tmp_path):
     assert same_files([a], [b]) == []
     b.write_bytes(a.read_bytes())
     assert same_files([a], [b]) == [(str(a), str(b), "identical content")]
+
+
+# -- images that are not what they seem (#22 items 13, 14) ---------------------------------------
+def test_a_16_bit_copy_of_an_8_bit_png_reads_as_the_8_bit_image(tmp_path):
+    from fastcxr.prepare.cache import load_source
+
+    a = np.random.default_rng(0).integers(0, 256, (64, 48), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "a8.png")
+    Image.fromarray(a.astype(np.uint16) * 257).save(tmp_path / "a16.png")
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    got8, got16 = (load_source(tmp_path / f, 32, "voi") for f in ("a8.png", "a16.png"))
+    assert np.array_equal(got8, got16)
+    assert abs(float(got16.mean()) - float(a.mean())) < 3  # not saturated (PIL's "L" gives ~253)
+
+
+@pytest.mark.parametrize(("h", "w", "why"), [(1, 1, "too small"), (1, 5000, "too small"),
+                                              (40, 400, "too elongated")])  # fmt: skip
+def test_implausibly_small_or_elongated_images_are_unreadable(tmp_path, h, w, why):
+    from fastcxr.prepare.cache import ImageError, load_source
+
+    Image.fromarray(np.full((h, w), 128, np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(ImageError, match=f"{h}x{w} is {why}"):
+        load_source(tmp_path / "x.png", 32, "voi")

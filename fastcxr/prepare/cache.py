@@ -38,7 +38,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fastcxr.dicom import MAX_PIXELS, MAX_SIDE, DicomError, read_dicom, resize_u8
+from fastcxr.dicom import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    DicomError,
+    gray_u8,
+    implausible_shape,
+    read_dicom,
+    resize_u8,
+)
 from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.stopping import STOP, Interrupted
 
@@ -94,7 +102,10 @@ def load_source(path: Path, size: int, mode: str) -> np.ndarray:
                     f"{path}: implausible image size {w}x{h} (limit {MAX_SIDE} a side, "
                     f"{MAX_PIXELS:,} pixels): not decoded"
                 )
-            arr = np.asarray(im.convert("L"))
+            why = implausible_shape(h, w)
+            if why:
+                raise ImageError(f"{path}: {why}; not read")
+            arr = gray_u8(im)
     except ImageError:
         raise
     except FileNotFoundError:

@@ -63,12 +63,25 @@ class Preprocess:
             img = dicom_display(path, self.intensity)
         else:
             with Image.open(path) as im:
-                img = np.asarray(im.convert("L"))
+                img = gray_u8(im)
         return squash(squash(img, first), self.size)
 
     def batch(self, paths) -> np.ndarray:
         """(n, 1, size, size) uint8, the model's input."""
         return np.stack([self(p) for p in paths])[:, None]
+
+
+def gray_u8(im: Image.Image) -> np.ndarray:
+    """An image file's pixels as 8-bit grey. 16-bit greys (PNG "I;16", or "I" holding
+    0..65535) are scaled by 255/65535 — a 16-bit copy of an 8-bit image (each value x257)
+    gives the 8-bit image back — where PIL's `convert("L")` would clip them to 255; other
+    modes (RGB, palette, 8-bit grey) convert as PIL does."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+    if im.mode == "F":
+        return np.clip(np.rint(np.asarray(im, np.float64)), 0, 255).astype(np.uint8)
+    return np.asarray(im.convert("L"))
 
 
 def dicom_display(path: str | Path, intensity: str = "voi") -> np.ndarray:
