@@ -158,6 +158,8 @@ def _check_name(name: str) -> str:
             f"--name {name!r}: use letters, digits, '.', '_' and '-' (not starting with '.' "
             "or '-'), no '/'"
         )
+    if len(name) > 120:
+        raise UsageError(f"--name is {len(name)} characters long; at most 120")
     return name
 
 

@@ -116,3 +116,55 @@ def test_implausibly_small_or_elongated_images_are_unreadable(tmp_path, h, w, wh
     Image.fromarray(np.full((h, w), 128, np.uint8)).save(tmp_path / "x.png")
     with pytest.raises(ImageError, match=f"{h}x{w} is {why}"):
         load_source(tmp_path / "x.png", 32, "voi")
+
+
+# -- one-line errors naming the value (#22 items 16, 18, 23, 24, 25 and the small ones) -----------
+@pytest.mark.parametrize(("args", "words"), [
+    (["--intensity", "bogus"], ["--intensity must be one of voi, mimic-jpg", "'bogus'"]),
+    (["--views", "bogus"], ["--views bogus keeps no image", "AP", "PA"]),
+    (["--views", ""], ["--views must name views"]),
+    (["--workers", "-3"], ["--workers must be 1 or more", "-3"]),
+])  # fmt: skip
+def test_prepare_mimic_refuses_bad_options_before_writing(synthetic_tree, tmp_path, args, words):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prepare", "mimic", str(synthetic_tree), "--out", str(out),
+                              "--size", "32", *args])  # fmt: skip
+    _one_line_error(res, *words)
+    assert not (out / "manifest.csv").exists()
+
+
+@pytest.mark.parametrize("value", ["1.5", "-1", "0", "1"])
+def test_prepare_chexpert_refuses_a_test_fraction_outside_0_1(tmp_path, value):
+    res = runner.invoke(app, ["prepare", "chexpert", str(tmp_path), "--out", str(tmp_path / "o"),
+                              "--test-fraction", value])  # fmt: skip
+    _one_line_error(res, "--test-fraction must be a fraction between 0 and 1", value)
+
+
+def test_a_seed_too_large_for_the_generators_is_refused(prepared, tmp_path):
+    res = runner.invoke(app, ["train", "--data", str(prepared), *FAST, "--seed",
+                              "99999999999999999999", "--runs", str(tmp_path)])  # fmt: skip
+    _one_line_error(res, "--seed must be a whole number from 0 to 4294967295")
+
+
+def test_a_name_too_long_for_the_file_system_is_refused(prepared, tmp_path):
+    res = runner.invoke(app, ["train", "--data", str(prepared), *FAST, "--name", "a" * 260,
+                              "--runs", str(tmp_path)])  # fmt: skip
+    _one_line_error(res, "--name is 260 bytes long; at most 120")
+    assert not any(tmp_path.iterdir())
+
+
+def test_lr_find_checks_its_output_folder_before_the_sweep(prepared, tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    res = runner.invoke(app, ["lr-find", "--data", str(prepared), *FAST, "--stages", "head",
+                              "--num-it", "6", "--out", str(target)])  # fmt: skip
+    _one_line_error(res, f"cannot write {target}: it is a file")
+    assert "lr_find: network" not in res.stderr  # refused before anything was swept
+
+
+def test_predict_refuses_batch_size_0_and_fails_when_nothing_is_readable(prepared, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    run = tmp_path / "no-run"  # the checks come first: no run is needed to see them
+    res = runner.invoke(app, ["predict", str(run), str(bad), "--batch-size", "0"])
+    _one_line_error(res, "--batch-size must be 1 or more, not 0")

@@ -178,3 +178,13 @@ def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_an_export(trai
     res = runner.invoke(app, [*args2, "--overwrite"])
     assert res.exit_code == 0, res.output
     assert not (out2 / "stale.pt2").exists() and (out2 / "export.json").exists()
+
+
+def test_predict_fails_when_no_input_is_readable(trained, tmp_path):
+    bad = [tmp_path / "a.png", tmp_path / "b.png"]
+    for b in bad:
+        b.write_bytes(b"not a png")
+    out = tmp_path / "p.csv"
+    _refused(runner.invoke(app, ["predict", str(trained), *map(str, bad), "--out", str(out)]),
+             "none of the 2 input file(s) could be read", "p_failures.csv")  # fmt: skip
+    assert not out.exists() and len(pd.read_csv(tmp_path / "p_failures.csv")) == 2

@@ -12,6 +12,7 @@ from fastcxr.cli import render
 from fastcxr.cli.console import progress, show
 from fastcxr.cli.guard import guarded
 from fastcxr.cli.options import BatchSize, Json
+from fastcxr.errors import UsageError
 
 
 def evaluate(
@@ -58,6 +59,9 @@ def evaluate(
     specificity at the run's threshold, ECE and Brier per finding; written into the run."""
     with guarded(), progress() as bar:
         from fastcxr.external import evaluate_run
+
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")
 
         task = bar.add_task("evaluating", total=None)
         result = evaluate_run(

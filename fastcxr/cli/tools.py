@@ -178,6 +178,8 @@ def predict(
         from fastcxr import predict as lib
         from fastcxr.runs import write_csv
 
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")
         if export_format is not None and export_dir is None:
             raise UsageError("--format chooses the export's format: it needs --export DIR")
         export_format = export_format or "torch"
@@ -192,9 +194,16 @@ def predict(
         df, fails = lib.predict(
             pred, files, batch_size or 64, progress=lambda i, n: bar.update(task, completed=i)
         )
-        write_csv(out_csv, df)
+        failures_csv = out_csv.with_name(out_csv.stem + "_failures.csv")
         if len(fails):
-            write_csv(out_csv.with_name(out_csv.stem + "_failures.csv"), fails)
+            write_csv(failures_csv, fails)
+        if not len(df):
+            raise UsageError(
+                f"none of the {len(fails)} input file(s) could be read (e.g. "
+                f"{fails['reason'].iloc[0] if len(fails) else 'no input'}); the reasons are in "
+                f"{failures_csv}"
+            )
+        write_csv(out_csv, df)
         cams = lib.write_cams(pred, [Path(f) for f in df["file"]], cam) if cam else []
         if export_dir:
             lib.clear_export(export_dir)

@@ -100,12 +100,20 @@ def _check_resume(resume: bool, name: str | None) -> bool:
     return resume
 
 
+MAX_NAME = 120  # bytes of --name: leaves room for `.NAME.old-PID` and the like under 255
+
+
 def _run_name(name: str | None, command: str, preset: str) -> str:
     """--name, a plain folder name inside --runs (never a path: --overwrite deletes it)."""
     if name is not None and (
         not name.strip() or name != Path(name).name or name in (".", "..") or name.startswith(".")
     ):
         raise UsageError(f"--name must be a plain folder name inside --runs, not {name!r}")
+    if name is not None and len(name.encode()) > MAX_NAME:
+        raise UsageError(
+            f"--name is {len(name.encode())} bytes long; at most {MAX_NAME} (file systems "
+            "allow 255 for a name, and the run writes names derived from it)"
+        )
     return name or f"{command}-{preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 

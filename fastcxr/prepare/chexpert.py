@@ -17,6 +17,7 @@ from fastcxr.findings import CHEXPERT_FINDINGS
 from fastcxr.prepare.common import (
     PrepareReport,
     carve_split,
+    check_options,
     demographics,
     finish,
     read_label_file,
@@ -86,6 +87,7 @@ def prepare_chexpert(
     shard: str | None = None,
     manifest_only: bool = False,
 ) -> PrepareReport:
+    check_options(size, workers, views, "voi", {"--test-fraction": test_fraction})
     root, out = Path(root).resolve(), Path(out)
     table = chexpert_table(root, views, test_fraction, seed)
     return finish(

@@ -130,6 +130,41 @@ def carve_split(
     return out
 
 
+def check_options(
+    size: int, workers: int | None, views, intensity: str = "voi", fractions: dict | None = None
+) -> None:
+    """A `prepare` command's options, checked before anything is read or written: one-line
+    `UsageError`s naming the value (a bogus intensity once wrote a header-only manifest and
+    "failed" every image; an empty --views raised a pandas traceback)."""
+    from fastcxr.dicom import INTENSITY_MODES
+    from fastcxr.prepare.cache import check_size
+
+    check_size(size)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):  # fmt: skip
+        raise UsageError(f"--workers must be 1 or more (default: one per core), not {workers!r}")
+    if views is not None:
+        names = list(views)
+        if not names or any(not isinstance(v, str) or not v.strip() for v in names):
+            raise UsageError(
+                f"--views must name views, comma-separated (e.g. PA,AP), or 'all', not "
+                f"{','.join(map(str, names))!r}"
+            )
+    if intensity not in INTENSITY_MODES:
+        raise UsageError(
+            f"--intensity must be one of {', '.join(INTENSITY_MODES)}, not {intensity!r}"
+        )
+    for option, v in (fractions or {}).items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise UsageError(f"{option} must be a fraction between 0 and 1 (exclusive), not {v!r}")
+
+
+def no_view_left(views, present) -> UsageError:
+    """The error when --views keeps no image: the views the data hold."""
+    shown = ", ".join(sorted(map(str, set(present)))[:12]) or "none"
+    return UsageError(f"--views {','.join(views)} keeps no image; the data hold views: {shown}")
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """`I/N` (0 ≤ I < N) → (I, N)."""
     if not text:

@@ -48,8 +48,10 @@ from fastcxr.findings import CHEXPERT_FINDINGS
 from fastcxr.prepare.common import (
     PrepareError,
     PrepareReport,
+    check_options,
     demographics,
     finish,
+    no_view_left,
     parse_shard,
     read_label_file,
 )
@@ -210,7 +212,10 @@ def mimic_table(
     lab = _read_label_csv(root, f"mimic-cxr-2.0.0-{labels}", ["subject_id", "study_id"])
     df = meta.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner", validate="1:1")
     if views:
+        present = df["ViewPosition"].dropna().astype(str)
         df = df[df["ViewPosition"].astype(str).isin(views)]
+        if df.empty and len(present):
+            raise no_view_left(views, present)
     df = df.merge(lab, on=["subject_id", "study_id"], how="left", validate="m:1")
     sub = df["subject_id"].astype(str)
     stems = (
@@ -306,6 +311,7 @@ def prepare_mimic(
     `demographics`: the MIMIC-IV folder with patients.csv and admissions.csv (see the module
     docstring); None looks in `root` and writes blank columns when there is none there.
     """
+    check_options(size, workers, views, intensity)
     root, out = Path(root).resolve(), Path(out)
     info: dict = {}
     table = mimic_table(root, views, labels, demographics, info)

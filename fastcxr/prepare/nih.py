@@ -22,6 +22,7 @@ from fastcxr.prepare.common import (
     PrepareError,
     PrepareReport,
     carve_split,
+    check_options,
     demographics,
     finish,
     read_label_file,
@@ -103,6 +104,7 @@ def prepare_nih(
     shard: str | None = None,
     manifest_only: bool = False,
 ) -> PrepareReport:
+    check_options(size, workers, views, "voi", {"--valid-fraction": valid_fraction})
     root, out = Path(root).resolve(), Path(out)
     table = nih_table(root, views, valid_fraction, seed)
     return finish(

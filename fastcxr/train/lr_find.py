@@ -210,9 +210,9 @@ def write_lr_find(data, form, cfg, stages, out_dir, start_lr=START_LR, end_lr=EN
     """`lr_find`, then OUT/lr_find.json (the suggestions and curves) and OUT/lr_find.png
     (loss against rate per stage, the suggestions marked), each written atomically."""
     from fastcxr.figures import lr_find_figure, save_figure
-    from fastcxr.runs import write_atomic, write_json
+    from fastcxr.runs import writable_folder, write_atomic, write_json
 
-    out_dir = Path(out_dir)
+    out_dir = writable_folder(out_dir)  # before the sweep, not after it (#22 item 18)
     result = lr_find(data, form, cfg, stages, start_lr, end_lr, num_it, log)
     result["files"] = {"json": str(out_dir / "lr_find.json"), "plot": str(out_dir / "lr_find.png")}
     write_atomic(out_dir / "lr_find.png",
