@@ -197,6 +197,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -207,8 +208,28 @@ class RunLock:
             if _same_file(self.fd, self.path):
                 self.path.unlink()  # under the lock: nothing is left beside the run
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+            _HELD.discard(self.fd)
             os.close(self.fd)
             self.fd = None
+
+
+# The descriptors of the locks this process holds. A forked child (a DataLoader worker) gets
+# copies that share the lock; closing them in the child (never unlocking: that would free the
+# parent's lock) means the lock dies with its holder even when orphaned workers outlive it
+# for a few seconds after a SIGKILL, so an immediate --resume is not refused.
+_HELD: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
 
 
 def _same_file(fd: int, path: Path) -> bool:

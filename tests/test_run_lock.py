@@ -39,3 +39,29 @@ def test_a_lock_taken_on_a_file_just_removed_is_taken_anew(tmp_path, monkeypatch
         st, own = os.stat(second.path), os.fstat(second.fd)
         assert (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
     assert not second.path.exists()
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    """#22 item 19: a SIGKILLed trainer's orphaned loader workers held its lock for seconds,
+    so an immediate --resume was refused naming the dead pid."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "r"
+    code = (
+        "import os, sys, time\n"
+        "from fastcxr.runs import RunLock\n"
+        f"lock = RunLock({str(run)!r}).__enter__()\n"
+        "if os.fork() == 0:\n"  # a worker that outlives its parent
+        "    time.sleep(30); os._exit(0)\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.2)
+    with RunLock(run):  # at once, while the orphan still sleeps
+        pass
