@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +37,15 @@ from fastcxr import stats
 from fastcxr.errors import UsageError
 from fastcxr.evaluation import CLUSTERED, EvalConfig, bootstrap_method
 from fastcxr.metrics import finding_metrics, scored_rows
-from fastcxr.runs import RunError, is_complete, load_run, write_csv, write_error, write_json
+from fastcxr.runs import (
+    RunError,
+    RunLock,
+    is_complete,
+    load_run,
+    write_csv,
+    write_error,
+    write_json,
+)
 
 SPLITS = ("test", "valid", "all")
 FORMAT = "fastcxr-evaluation-1"
@@ -425,60 +434,63 @@ def evaluate_run(
     if name is None:
         name = default_name(dataset.manifest, split, folders)
     targets = [f / _check_name(name) for f in folders]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise UsageError(
-            f"evaluation {name!r} exists ({', '.join(existing)}); add --overwrite to replace "
-            "it, or choose another --name"
-        )
-    overlap = run_overlap(next(iter(subs.values())), dataset, split)
-    if (overlap["images"] or overlap["patients"]) and not allow_overlap:
-        raise UsageError(
-            f"not an external validation: {overlap['images']} image(s) and "
-            f"{overlap['patients']} patient(s) of {dataset.manifest} (split {split}) are in the "
-            f"run's training or validation data ({'; '.join(overlap['examples'][:3])}); "
-            "evaluate another dataset, or add --allow-overlap to record it as not external"
-        )
-    done = {}
-    for form, sub in subs.items():
-        done[form] = _evaluate_one(
-            sub, dataset, split, name, eval_cfg, device, batch_size, progress
-        )
-    for metrics, _, _ in done.values():
-        metrics["overlap"] = overlap
-        metrics["external"] = not (overlap["images"] or overlap["patients"])
-    for (metrics, rows, fails), sub in zip(done.values(), subs.values()):
+    with ExitStack() as locks:  # one evaluation of a name at a time (as training locks)
+        for t in targets:
+            locks.enter_context(RunLock(t))
+        existing = [str(t) for t in targets if t.exists()]
+        if existing and not overwrite:
+            raise UsageError(
+                f"evaluation {name!r} exists ({', '.join(existing)}); add --overwrite to replace "
+                "it, or choose another --name"
+            )
+        overlap = run_overlap(next(iter(subs.values())), dataset, split)
+        if (overlap["images"] or overlap["patients"]) and not allow_overlap:
+            raise UsageError(
+                f"not an external validation: {overlap['images']} image(s) and "
+                f"{overlap['patients']} patient(s) of {dataset.manifest} (split {split}) are "
+                f"in the run's training or validation data ({'; '.join(overlap['examples'][:3])}); "
+                "evaluate another dataset, or add --allow-overlap to record it as not external"
+            )
+        done = {}
+        for form, sub in subs.items():
+            done[form] = _evaluate_one(
+                sub, dataset, split, name, eval_cfg, device, batch_size, progress
+            )
+        for metrics, _, _ in done.values():
+            metrics["overlap"] = overlap
+            metrics["external"] = not (overlap["images"] or overlap["patients"])
+        for (metrics, rows, fails), sub in zip(done.values(), subs.values()):
 
-        def write(tmp: Path, metrics=metrics, rows=rows, fails=fails) -> None:
-            write_csv(tmp / "predictions.csv", _labels_csv(rows))
-            if len(fails):
-                write_csv(tmp / "failures.csv", fails[["image", "file", "reason"]])
-            write_json(tmp / "metrics.json", metrics)  # last: a folder with it is whole
+            def write(tmp: Path, metrics=metrics, rows=rows, fails=fails) -> None:
+                write_csv(tmp / "predictions.csv", _labels_csv(rows))
+                if len(fails):
+                    write_csv(tmp / "failures.csv", fails[["image", "file", "reason"]])
+                write_json(tmp / "metrics.json", metrics)  # last: a folder with it is whole
 
-        folder = sub / "evaluations" / name
+            folder = sub / "evaluations" / name
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            _publish(folder, write)
+            metrics["dir"] = str(folder)
+        if not is_compare:
+            return next(iter(done.values()))[0]
+        first = next(iter(done.values()))[0]
+        summary = {
+            "format": FORMAT, "name": name, "compare": str(run_dir),
+            "manifest": first["manifest"], "manifest_sha256": first["manifest_sha256"],
+            "split": split, "calibration_method": CALIBRATION,
+            "overlap": overlap, "external": first["external"],
+            "runs": {form: {"dir": m["dir"], "formulation": m["formulation"],
+                            "findings": {f: {k: v[k] for k in HEADLINE}
+                                         for f, v in m["findings"].items()},
+                            "internal": m["internal"], "images": m["images"],
+                            "preprocessing_mismatch": m["preprocessing_mismatch"]}
+                     for form, (m, _, _) in done.items()},
+            "created": first["created"], "fastcxr_version": first["fastcxr_version"],
+        }  # fmt: skip
+        folder = run_dir / "evaluations" / name
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _publish(folder, write)
-        metrics["dir"] = str(folder)
-    if not is_compare:
-        return next(iter(done.values()))[0]
-    first = next(iter(done.values()))[0]
-    summary = {
-        "format": FORMAT, "name": name, "compare": str(run_dir),
-        "manifest": first["manifest"], "manifest_sha256": first["manifest_sha256"],
-        "split": split, "calibration_method": CALIBRATION,
-        "overlap": overlap, "external": first["external"],
-        "runs": {form: {"dir": m["dir"], "formulation": m["formulation"],
-                        "findings": {f: {k: v[k] for k in HEADLINE}
-                                     for f, v in m["findings"].items()},
-                        "internal": m["internal"], "images": m["images"],
-                        "preprocessing_mismatch": m["preprocessing_mismatch"]}
-                 for form, (m, _, _) in done.items()},
-        "created": first["created"], "fastcxr_version": first["fastcxr_version"],
-    }  # fmt: skip
-    folder = run_dir / "evaluations" / name
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _publish(folder, lambda tmp: write_json(tmp / "summary.json", summary))
-    return {**summary, "dir": str(folder)}
+        _publish(folder, lambda tmp: write_json(tmp / "summary.json", summary))
+        return {**summary, "dir": str(folder)}
 
 
 # -- what the report reads ---------------------------------------------------------------------

@@ -351,3 +351,16 @@ def test_a_copy_of_a_training_image_and_a_training_patient_are_found(run, prepar
     ext.to_csv(folder / "manifest.csv", index=False)
     res = runner.invoke(app, ["evaluate", str(run), "--data", str(folder), "--name", "mixed"])
     _one_line_error(res, "1 image(s) and 1 patient(s)", "identical content", f"patient 0{pid}")
+
+
+def test_an_evaluation_being_written_locks_its_name(run, external):
+    """#22 item 11: two `evaluate --name c` at once both said "written" and one was lost."""
+    from fastcxr.runs import RunLock
+
+    with RunLock(run / "evaluations" / "busy"):  # another process evaluating under that name
+        res = runner.invoke(app, ["evaluate", str(run), "--data", str(external), "--name",
+                                  "busy"])  # fmt: skip
+    _one_line_error(res, "being written by another fastcxr process")
+    assert not (run / "evaluations" / "busy").exists()
+    _cli("evaluate", run, "--data", external, "--name", "busy")  # free again: it runs
+    assert not list((run / "evaluations").glob(".busy.lock"))
