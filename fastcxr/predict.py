@@ -7,6 +7,7 @@ and intensity mode, squash to size x size (the cache's resize), 1 channel, norma
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -182,12 +183,47 @@ def _weights_of(run_dir: Path, cfg: dict) -> list[Path]:
     return paths
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Image files under `folder`, symlinked subfolders followed (each real folder once, so a
+    link back up does not loop), in a stable order. Anything with an image suffix is listed,
+    regular file or not: a FIFO or a device is then reported as unreadable, never opened."""
+    seen, found = set(), []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [Path(top) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def cam_names(files: Sequence[Path]) -> dict[Path, str]:
+    """The overlay name stem of each input: its file stem, or, where several inputs share a
+    stem, their paths below the folder they share (`a/x.png`, `b/x.png` → `a_x_png`,
+    `b_x_png`)."""
+    by_stem: dict[str, list[Path]] = {}
+    for f in files:
+        by_stem.setdefault(Path(f).stem, []).append(Path(f))
+    names = {}
+    for stem, group in by_stem.items():
+        if len(set(group)) == 1:
+            names[group[0]] = stem
+            continue
+        common = Path(os.path.commonpath([str(g.resolve().parent) for g in group]))
+        for g in group:
+            rel = g.resolve().relative_to(common)
+            names[g] = "_".join(rel.parts).replace(".", "_")
+    return names
+
+
 def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
     """Files, folders (recursive) and manifests → image paths, in a stable order."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            out += _walk(p)
         elif p.suffix.lower() == ".csv":
             try:
                 df = pd.read_csv(p, dtype={"image": str})
@@ -293,8 +329,11 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path, title: str) -> 
 
 
 def write_cams(pred: Predictor, files: Iterable[Path], out: Path) -> list[Path]:
-    """One overlay PNG per readable image and finding: OUT/<stem>__<finding>.png."""
+    """One overlay PNG per readable image and finding: OUT/<stem>__<finding>.png (inputs that
+    share a stem are told apart by their folders: `cam_names`)."""
     written = []
+    files = [Path(f) for f in files]
+    names = cam_names(files)
     for f in files:
         try:
             img = pred.load_image(Path(f))
@@ -304,7 +343,7 @@ def write_cams(pred: Predictor, files: Iterable[Path], out: Path) -> list[Path]:
         for n in pred.networks:
             for j, finding in enumerate(n.findings):
                 cam = grad_cam(n.model, img, j)
-                p = out / f"{Path(f).stem}__{finding.lower().replace(' ', '_')}.png"
+                p = out / f"{names[f]}__{finding.lower().replace(' ', '_')}.png"
                 k = pred.findings.index(finding)
                 save_overlay(img, cam, p, f"{Path(f).name}\n{finding}: p = {probs[k]:.3f}")
                 written.append(p)

@@ -188,3 +188,42 @@ def test_predict_fails_when_no_input_is_readable(trained, tmp_path):
     _refused(runner.invoke(app, ["predict", str(trained), *map(str, bad), "--out", str(out)]),
              "none of the 2 input file(s) could be read", "p_failures.csv")  # fmt: skip
     assert not out.exists() and len(pd.read_csv(tmp_path / "p_failures.csv")) == 2
+
+
+def test_folders_follow_symlinks_once_and_skip_no_fifo(trained, prepared, tmp_path):
+    """#22 items 15, 17: a symlinked subfolder was skipped without a word; a FIFO named x.png
+    blocked predict forever."""
+    import os
+
+    src = _images(prepared, 3)
+    top = tmp_path / "in"
+    (top / "real").mkdir(parents=True)
+    shutil.copyfile(src[0], top / "real" / "a.png")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copyfile(src[1], other / "b.png")
+    (top / "linked").symlink_to(other, target_is_directory=True)
+    (top / "real" / "loop").symlink_to(top, target_is_directory=True)  # a link back up
+    os.mkfifo(top / "x.png")
+    out = tmp_path / "p.csv"
+    res = runner.invoke(app, ["predict", str(trained), str(top), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    read = sorted(os.path.basename(f) for f in pd.read_csv(out)["file"])
+    assert read == ["a.png", "b.png"]  # the linked folder's image too, the loop walked once
+    assert got["failed"] == 1 and "not a regular file" in got["failures"][0]["reason"]
+
+
+def test_grad_cam_inputs_with_one_stem_get_one_overlay_each(trained, prepared, tmp_path):
+    src = _images(prepared, 2)
+    for d, s in (("a", src[0]), ("b", src[1])):
+        (tmp_path / d).mkdir()
+        shutil.copyfile(s, tmp_path / d / "x.png")
+    cams = tmp_path / "cams"
+    res = runner.invoke(app, ["predict", str(trained), str(tmp_path / "a" / "x.png"),
+                              str(tmp_path / "b" / "x.png"), "--out", str(tmp_path / "p.csv"),
+                              "--cam", str(cams), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    written = sorted(p.name for p in cams.glob("*.png"))
+    assert json.loads(res.stdout)["cams"] == len(written) and len(written) == 2 * 2
+    assert {n.split("__")[0] for n in written} == {"a_x_png", "b_x_png"}

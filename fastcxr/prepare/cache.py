@@ -92,6 +92,8 @@ def load_source(path: Path, size: int, mode: str) -> np.ndarray:
     bomb is an unreadable file like any other (`ImageError`), not a crash.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the reader forever
+        raise ImageError(f"{path}: not a regular file (a folder, FIFO or device); not read")
     if path.suffix.lower() in (".dcm", ".dicom", ""):
         return read_dicom(path, mode=mode, size=size)
     try:
