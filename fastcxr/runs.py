@@ -47,10 +47,31 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: there is nothing to remove either
+            pass
+        if isinstance(e, RuntimeError) and not _write_failure(e, path.parent):
             raise
         raise write_error(path.parent, e) from None
+
+
+# What torch's zip writer says when the file system refuses a write (a full disk shows as
+# "unexpected pos" when the writer finds its position short of what it wrote).
+_TORCH_WRITE_ERRORS = ("write", "unexpected pos", "pytorchstreamwriter")
+
+
+def _write_failure(e: RuntimeError, folder: Path) -> bool:
+    """Whether a RuntimeError raised while writing is the file system refusing the write."""
+    import shutil
+
+    text = str(e).lower()
+    if any(k in text for k in _TORCH_WRITE_ERRORS):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def write_error(folder: Path, e: Exception) -> RunError:
@@ -64,7 +85,10 @@ def write_error(folder: Path, e: Exception) -> RunError:
     except OSError:
         full = False
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and full):
-        return RunError(f"no space left on {folder}: free some space, then add --resume")
+        return RunError(
+            f"no space left on {folder}: free some space, then run the command again (a "
+            "training run continues with --resume)"
+        )
     return RunError(f"cannot write {folder} ({getattr(e, 'strerror', None) or e})")
 
 

@@ -297,3 +297,53 @@ def test_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(RunError, match=f"no space left on {tmp_path}"):
         save_torch(tmp_path / "model.pth", {"a": torch.zeros(3)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torchs_unexpected_pos_on_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
+    """#22 item 21: torch's zip writer reports a full disk as RuntimeError("... unexpected
+    pos ..."), which a 115-line traceback showed."""
+    from fastcxr.runs import RunError, save_torch
+
+    def full(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed; unexpected pos "
+                           "1234 vs 1000")  # fmt: skip
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(RunError, match=f"cannot write {tmp_path}|no space left on {tmp_path}"):
+        save_torch(tmp_path / "model.pth", {"a": torch.zeros(3)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_runtime_error_while_writing_is_not_hidden(tmp_path, monkeypatch):
+    from fastcxr.runs import save_torch
+
+    def bug(obj, f, *a, **k):
+        raise RuntimeError("Can't pickle local object")
+
+    monkeypatch.setattr(torch, "save", bug)
+    with pytest.raises(RuntimeError, match="pickle"):
+        save_torch(tmp_path / "model.pth", {"a": torch.zeros(3)})
+
+
+def test_a_read_only_folder_fails_with_one_line_even_when_cleanup_fails(tmp_path, monkeypatch):
+    """#22 item 22: removing the partial file raised EROFS from the cleanup itself."""
+    import errno
+
+    from fastcxr.runs import RunError, write_atomic
+
+    def read_only(tmp):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    real_unlink = type(tmp_path).unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name.endswith(".part"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(type(tmp_path), "unlink", unlink)
+    with pytest.raises(RunError, match=f"cannot write {tmp_path} \\(Read-only file system\\)"):
+        write_atomic(tmp_path / "x.json", read_only)
