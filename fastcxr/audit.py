@@ -36,6 +36,7 @@ import pandas as pd
 from fastcxr import stats
 from fastcxr.errors import UsageError
 from fastcxr.evaluation import EvalConfig
+from fastcxr.findings import ALL_FINDINGS
 from fastcxr.manifest import file_sha256
 from fastcxr.progress import progress_end, progress_event
 from fastcxr.runs import RunError, write_csv, write_json
@@ -143,6 +144,12 @@ def choose_attributes(manifest: pd.DataFrame, by: Sequence[str] | None, source: 
             raise UsageError(
                 f"--by {a!r}: {a} is not a subgroup attribute (every image or patient would be "
                 "its own subgroup, or the split is fixed to the one audited)"
+            )
+        if a in ALL_FINDINGS:
+            raise UsageError(
+                f"--by {a!r}: {a} is a finding label, not a patient attribute; subgroups by a "
+                "label would mix the outcome into the groups (audit by sex, age, race, view, "
+                "or another demographic column)"
             )
         if a not in manifest.columns:
             cols = [c for c in manifest.columns if c not in skip]
@@ -462,6 +469,8 @@ def audit_run(
 
         for n, a in done.items():
             folder = Path(a["source"]) / "audit"
+            if (folder / "audit.json").exists():  # said, not silent: the old one goes
+                a["warnings"] = [*a.get("warnings", []), _replaced(folder)]
 
             def put(tmp: Path, a=a, n=n, folder=folder) -> None:
                 tmp.mkdir(parents=True)
@@ -472,6 +481,18 @@ def audit_run(
             _publish(folder, put)
             a["dir"] = str(folder)
     return next(iter(done.values())) if len(done) == 1 else {"runs": done}
+
+
+def _replaced(folder: Path) -> str:
+    """The warning that a new audit replaces the one in `folder` (when, and by what)."""
+    try:
+        old = json.loads((folder / "audit.json").read_text())
+        when = f"written {old.get('created', 'at an unknown time')}"
+        first = next(iter((old.get("findings") or {}).values()), {})
+        by = ", ".join(first.get("by", {})) or "no attribute"
+    except (OSError, ValueError, AttributeError):
+        when, by = "unreadable", "unknown attributes"
+    return f"replaced the previous audit in {folder} ({when}; by {by})"
 
 
 def audits_of(run_dir: Path) -> list[Path]:

@@ -194,6 +194,7 @@ def test_custom_age_bins_and_no_no_finding(manifest, tmp_path):
     [
         (["--by", "hospital"], ["no column 'hospital'", "it has:"]),
         (["--by", "patient_id"], ["patient_id is not a subgroup attribute"]),
+        (["--by", "Edema"], ["Edema is a finding label, not a patient attribute"]),
         (["--age-bins", "40,20"], ["--age-bins", "increase"]),
         (["--age-bins", "a,b"], ["--age-bins"]),
         (["--min-size", "0"], ["--min-size"]),
@@ -263,3 +264,14 @@ def test_a_subgroup_whose_tpr_cannot_vary_gets_no_gap_ci(manifest, tmp_path):
     s = {g["subgroup"]: g for g in a["findings"]["Edema"]["by"]["view"]}["AP"]
     assert s["tpr"] == 1.0 and s["tpr_gap"] > 0 and s["tpr_gap_ci"] is None
     assert "is 1 in every resample" in s["reasons"]["tpr_gap_ci"]
+
+
+def test_a_new_audit_says_it_replaces_the_previous_one(manifest, tmp_path):
+    run = _record(tmp_path / "run", manifest)
+    first = runner.invoke(app, ["audit", str(run), "--by", "sex"])
+    assert first.exit_code == 0 and "replaced" not in first.stderr
+    created = json.loads((run / "audit" / "audit.json").read_text())["created"]
+    res = runner.invoke(app, ["audit", str(run), "--by", "age", "--json"])
+    assert res.exit_code == 0, res.output
+    warn = json.loads(res.stdout)["warnings"]
+    assert warn == [f"replaced the previous audit in {run / 'audit'} (written {created}; by sex)"]
