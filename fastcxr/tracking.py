@@ -97,7 +97,35 @@ def require(track: str | Sequence[str]) -> tuple[str, ...]:
                 raise UsageError(
                     f"--track {kind} needs the {package} package ({why}): {EXTRA}"
                 ) from None
+        if kind == "mlflow":
+            check_mlflow_server()
     return kinds
+
+
+REACH_TIMEOUT = 5.0  # seconds to reach a tracking server before anything is trained
+
+
+def check_mlflow_server(timeout: float = REACH_TIMEOUT) -> None:
+    """An http(s) MLFLOW_TRACKING_URI must accept a connection within `timeout`: MLflow's
+    client retried an unreachable server for minutes, in silence, after training began."""
+    import socket
+    from urllib.parse import urlsplit
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return  # a file store, databricks, a database URI: nothing to dial
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise UsageError(
+            f"--track mlflow: the tracking server MLFLOW_TRACKING_URI={uri} cannot be reached "
+            f"({why}, {timeout:g} s); start it, fix the URI, or unset it to write a local file "
+            "store in the run folder"
+        ) from None
 
 
 def offline_defaults(kind: str) -> None:

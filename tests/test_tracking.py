@@ -358,3 +358,18 @@ def test_a_tracker_failure_is_one_line(tmp_path, offline, monkeypatch):
     assert "\n" not in str(e.value)
     assert str(e.value).startswith("--track mlflow: API request to http://mlflow.example/api")
     assert "the run is checkpointed: add --resume" in str(e.value)
+
+
+def test_an_unreachable_mlflow_server_is_refused_before_training(prepared, tmp_path, monkeypatch):
+    """#22 item 20: an unreachable MLFLOW_TRACKING_URI failed after 255 s of silence and left
+    an interrupted run."""
+    pytest.importorskip("mlflow")
+    with socket.socket() as s:  # a port nobody listens on: bind, then close
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    args = ["train", "--data", str(prepared), *TINY_TRAIN, "--epochs", "1", "--track", "mlflow"]
+    res = runner.invoke(app, [*args, "--runs", str(tmp_path), "--name", "m"])
+    assert res.exit_code == 2, res.output
+    assert "tracking server" in res.stderr and "cannot be reached" in res.stderr
+    assert not (tmp_path / "m").exists()
