@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +117,34 @@ def read_dicom(
     """
     if mode not in INTENSITY_MODES:
         raise UsageError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
-    ds = _read_dataset(path, modalities)
-    arr = _decode(ds, path)
+    with _named_warnings(path):
+        ds = _read_dataset(path, modalities)
+        arr = _decode(ds, path)
     try:
         img = to_display(arr, ds, mode)
     except Exception as e:  # e.g. a VOI LUT or window tag that cannot be applied
         raise DicomError(f"{path}: cannot apply display tags ({type(e).__name__}: {e})") from e
     return resize_u8(img, size) if size else img
+
+
+class DicomWarning(UserWarning):
+    """Something pydicom noticed in a file it could still read, with the file named."""
+
+
+@contextmanager
+def _named_warnings(path):
+    """pydicom's warnings about a file (excess padding, a VR it corrected) say which file:
+    caught while it reads `path` and warned again as `DicomWarning("PATH: …")`, once each
+    (also when the file is then refused)."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        seen = dict.fromkeys(str(c.message) for c in caught if issubclass(c.category, UserWarning))
+        for msg in seen:
+            warnings.warn(f"{path}: {msg}", DicomWarning, stacklevel=3)
 
 
 def read_header(path: str | Path) -> pydicom.FileDataset:

@@ -355,3 +355,24 @@ def test_a_file_that_is_not_dicom_gets_fastcxrs_words_not_pydicoms_advice(tmp_pa
     msg = str(e.value)
     assert msg.startswith(f"{p}: not a DICOM file (") and msg.endswith(")")
     assert "force" not in msg.lower()  # pydicom's hint to its programmers
+
+
+def test_pydicoms_warnings_name_the_file(tmp_path):
+    """#22: pydicom's UserWarnings printed without the file they were about."""
+    import warnings
+
+    from fastcxr.dicom import DicomWarning
+
+    px = (np.arange(32 * 32) % 4096).reshape(32, 32)
+    p = make_dicom(tmp_path / "padded.dcm", px)
+    ds = pydicom.dcmread(p)
+    ds.PixelData = ds.PixelData + b"\0" * 128  # excess padding: pydicom warns, then reads
+    ds.save_as(p, enforce_file_format=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = read_dicom(p)
+    ours = [w for w in caught if w.category is DicomWarning]
+    assert ours and all(str(w.message).startswith(f"{p}: ") for w in ours)
+    assert "padding" in str(ours[0].message)
+    assert not [w for w in caught if w.category is UserWarning]  # none without the file
+    assert got.shape == (32, 32)
