@@ -23,7 +23,7 @@ from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.formulations import powerset_bits
 from fastcxr.models import build_model, load_state_dict
 from fastcxr.preprocessing import Preprocessing
-from fastcxr.runs import RunError, is_complete
+from fastcxr.runs import RunError, is_complete, write_atomic
 from fastcxr.stopping import check
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -323,9 +323,10 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path, title: str) -> 
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # atomically: a full or read-only --cam folder is one line, with no partial PNG
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_cams(pred: Predictor, files: Iterable[Path], out: Path) -> list[Path]:

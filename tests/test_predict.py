@@ -227,3 +227,21 @@ def test_grad_cam_inputs_with_one_stem_get_one_overlay_each(trained, prepared, t
     written = sorted(p.name for p in cams.glob("*.png"))
     assert json.loads(res.stdout)["cams"] == len(written) and len(written) == 2 * 2
     assert {n.split("__")[0] for n in written} == {"a_x_png", "b_x_png"}
+
+
+def test_a_cam_folder_that_cannot_be_written_is_one_line(trained, prepared, tmp_path, monkeypatch):
+    """#22 item 22: --cam into a read-only or full folder gave a traceback."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def refuse(self, fname, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Figure, "savefig", refuse)
+    img = str(_images(prepared, 1)[0])
+    cams = tmp_path / "cams"
+    res = runner.invoke(app, ["predict", str(trained), img, "--out", str(tmp_path / "p.csv"),
+                              "--cam", str(cams)])  # fmt: skip
+    _refused(res, f"cannot write {cams} (Read-only file system)")
+    assert not list(cams.glob("*"))
