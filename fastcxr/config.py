@@ -157,10 +157,10 @@ class TrainConfig:
                 )
 
     def _check_numbers(self) -> None:
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+        if not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63:
             raise UsageError(
-                f"--seed must be a whole number from 0 to {2**32 - 1} (what torch, numpy and "
-                f"Python's generators all accept), not {self.seed!r}"
+                f"--seed must be a whole number from {-(2**63)} to {2**63 - 1} (what torch's "
+                f"generator accepts), not {self.seed!r}"
             )
         for name, low in (("size", 8), ("batch_size", 1), ("patience", 1)):
             v = getattr(self, name)

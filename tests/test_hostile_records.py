@@ -143,7 +143,9 @@ def test_prepare_chexpert_refuses_a_test_fraction_outside_0_1(tmp_path, value):
 def test_a_seed_too_large_for_the_generators_is_refused(prepared, tmp_path):
     res = runner.invoke(app, ["train", "--data", str(prepared), *FAST, "--seed",
                               "99999999999999999999", "--runs", str(tmp_path)])  # fmt: skip
-    _one_line_error(res, "--seed must be a whole number from 0 to 4294967295")
+    _one_line_error(
+        res, "--seed must be a whole number from -9223372036854775808 to 9223372036854775807"
+    )
 
 
 def test_a_name_too_long_for_the_file_system_is_refused(prepared, tmp_path):
