@@ -406,9 +406,17 @@ def test_a_networks_loader_workers_stop_with_it_and_later_workers_leave_them_alo
     mine = workers_of(first)
     assert len(mine) == 6 and all(w.is_alive() for w in mine)
 
+    inherited = [dl._loader for dl in (*first.dls.loaders, first.test_dl)]
+    n_valid = sum(len(y) for _, y in first.dls.valid)
+
     def free_inherited_copies():  # what a forked worker's garbage collector may do
-        for dl in (*first.dls.loaders, first.test_dl):
-            dl._loader._iterator.__del__()
+        for loader in inherited:
+            loader._iterator.__del__()
+        # the child's copies of the loaders forget the parent's workers: iterating one there
+        # starts the child's own (reading from the parent's queues would steal its batches)
+        assert all(dl._loader is None for dl in (*first.dls.loaders, first.test_dl))
+        assert sum(len(y) for _, y in first.dls.valid) == n_valid
+        first.dls.valid.close()
 
     import multiprocessing
 

@@ -280,9 +280,14 @@ def test_predict_on_cuda_equals_cpu(cuda_run, prepared, gpu_record):
         fp32[dev] = exact.probabilities(np.stack([pred.load_image(f) for f in files]))
     diff = float(np.abs(got["cuda"] - got["cpu"]).max())
     diff32 = float(np.abs(fp32["cuda"] - fp32["cpu"]).max())
-    gpu_record("predict_cuda_vs_cpu", images=len(files), max_diff=diff, tolerance=1e-3,
-               precision=pred.precision, max_diff_fp32=diff32)  # fmt: skip
-    assert diff < 1e-3
+    # In fp32 the two devices compute the same function of the same weights: within 1e-3.
+    # A bf16 run predicts in bf16 (as its record did), and bf16 keeps 8 bits of mantissa, so
+    # CUDA's and the CPU's bf16 kernels may round differently: a stated, wider tolerance.
+    tol = 1e-3 if pred.precision == "fp32" else 3e-2
+    gpu_record("predict_cuda_vs_cpu", images=len(files), max_diff=diff, tolerance=tol,
+               precision=pred.precision, max_diff_fp32=diff32, tolerance_fp32=1e-3)  # fmt: skip
+    assert diff32 < 1e-3
+    assert diff < tol
 
 
 def test_onnx_export_of_a_cuda_trained_run(cuda_run, prepared, tmp_path, gpu_record):

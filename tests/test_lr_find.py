@@ -147,7 +147,11 @@ def test_train_lr_find_uses_and_records_the_suggestion(lr_run):
         assert f["start_lr"] < f["used"] < f["end_lr"]
 
 
-def test_lr_find_command(prepared, tmp_path):
+def test_lr_find_command(prepared, tmp_path, monkeypatch):
+    from fastcxr.data.datablock import NetworkData
+
+    closed, close = [], NetworkData.close
+    monkeypatch.setattr(NetworkData, "close", lambda nd: (closed.append(nd), close(nd)))
     out = tmp_path / "lrf"
     res = runner.invoke(app, ["lr-find", "--data", str(prepared), *TINY_TRAIN,
                               "--stages", "head,all", "--no-pretrained", "--loader",
@@ -161,6 +165,7 @@ def test_lr_find_command(prepared, tmp_path):
     ((net, stages),) = result["networks"].items()
     assert net == "edema+pleural_effusion" and [s["stage"] for s in stages] == ["head", "all"]
     assert len(stages[0]["unfrozen"]) == 1 and len(stages[1]["unfrozen"]) > 1
+    assert len(closed) == len(result["networks"])  # each network's loaders stopped after it
     for s in stages:
         assert s["iterations"] >= 6 and len(s["lrs"]) == len(s["losses"]) == s["iterations"]
         assert s["valley"] is None or 1e-7 <= s["valley"] <= 10

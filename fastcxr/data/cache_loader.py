@@ -193,6 +193,7 @@ class CacheDL(DataLoader):
             # then takes 5 s to time out. Stop the workers first, in order.
             weakref.finalize(self, _stop_workers_of, os.getpid(), self._loader)
             _LIVE.add(self._loader)
+            _OWNERS.add(self)
         return self._loader
 
     def close(self) -> None:
@@ -272,12 +273,18 @@ __all__ = ["CacheDL", "cache_loaders", "close_loaders", "gpu_augment"]
 # Every torch loader with persistent workers in this process: a worker forked later inherits
 # a copy of each, and must not stop their workers when it frees the copy (`_disown_all`).
 _LIVE: weakref.WeakSet = weakref.WeakSet()
+# The `CacheDL`s holding one of them: in a forked child each forgets it, so that iterating the
+# copy there starts the child's own workers instead of reading from the parent's.
+_OWNERS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _disown_all() -> None:
     for loader in list(_LIVE):
         adapters.disown_workers(loader)
+    for dl in list(_OWNERS):
+        dl._loader = None
     _LIVE.clear()
+    _OWNERS.clear()
 
 
 os.register_at_fork(after_in_child=_disown_all)

@@ -177,21 +177,24 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
     for net in nets:
         seed_everything(cfg.seed, speed)
         nd = network_data(df, data.root, form, net, cfg, speed=speed, preprocessing=prep)
-        learn = make_learner(nd, form, net, cfg)
-        start = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
-        per_stage = []
-        for st in stages:
-            learn.model.load_state_dict(start)
-            unfrozen = apply_stage(learn, st)
-            if log:
-                log({"event": "lr_find", "network": net.name, "stage": st.name})
-                log(progress_event("sweeps", "stages swept", swept, sweeps, "stage"))
-            found = find_lr(learn, len(unfrozen), cfg.lr_ratio, cfg.freeze_style == "keras",
-                            start_lr, end_lr, num_it, log,
-                            f"{net.name} · stage {st.name}")  # fmt: skip
-            swept += 1
-            per_stage.append({"stage": st.name, "unfreeze": st.unfreeze, "unfrozen": unfrozen,
-                              "configured_lr": st.lr, **found})  # fmt: skip
+        try:  # a network's loader workers stop with its sweeps, as in training
+            learn = make_learner(nd, form, net, cfg)
+            start = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+            per_stage = []
+            for st in stages:
+                learn.model.load_state_dict(start)
+                unfrozen = apply_stage(learn, st)
+                if log:
+                    log({"event": "lr_find", "network": net.name, "stage": st.name})
+                    log(progress_event("sweeps", "stages swept", swept, sweeps, "stage"))
+                found = find_lr(learn, len(unfrozen), cfg.lr_ratio, cfg.freeze_style == "keras",
+                                start_lr, end_lr, num_it, log,
+                                f"{net.name} · stage {st.name}")  # fmt: skip
+                swept += 1
+                per_stage.append({"stage": st.name, "unfreeze": st.unfreeze,
+                                  "unfrozen": unfrozen, "configured_lr": st.lr, **found})  # fmt: skip
+        finally:
+            nd.close()
         networks[net.name] = per_stage
     if log:
         log(progress_end("sweeps"))
