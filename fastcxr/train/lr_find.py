@@ -192,7 +192,8 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
                                 f"{net.name} · stage {st.name}")  # fmt: skip
                 swept += 1
                 per_stage.append({"stage": st.name, "unfreeze": st.unfreeze,
-                                  "unfrozen": unfrozen, "configured_lr": st.lr, **found})  # fmt: skip
+                                  "unfrozen": unfrozen, "configured_lr": st.lr,
+                                  **found})  # fmt: skip
         finally:
             nd.close()
         networks[net.name] = per_stage
