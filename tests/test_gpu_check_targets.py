@@ -26,9 +26,9 @@ def _row(stage, unfreeze, vs_limit, img_s, wide=False):
 
 def test_a_wide_bench_row_neither_meets_nor_misses_its_target():
     gc = _gpu_check()
+    rows = [_row("head", "0", 0.99, 900.0), _row("conv5", "conv5", 0.50, 100.0, wide=True)]
     summary = {
-        "bench": {"rows": [_row("head", "0", 0.99, 900.0), _row("conv5", "conv5", 0.50, 100.0,
-                                                                wide=True)]},
+        "bench": {"rows": rows},
         "bench_compile": {"rows": [_row("all", "all", 1.0, 10.0, wide=True)]},
     }
     me = SimpleNamespace(args=SimpleNamespace(smoke=False), summary=summary)
