@@ -223,6 +223,13 @@ class BenchJob:
     def style(self) -> str:
         return self.cfg.freeze_style
 
+    @property
+    def freezing(self):
+        """The freezing policy the arms of this style train under (`Freezing`)."""
+        from fastcxr.train.freezing import Freezing
+
+        return Freezing.of(self.cfg)
+
     def sync(self) -> None:
         from fastcxr.fastpath import synchronize
 
@@ -285,18 +292,16 @@ class LimitArm(Arm):
         self.loss = form.loss(net, powerset_bits(len(net.findings)), device=device)
         self.learn = Learner(
             DataLoaders(), model, loss_func=self.loss, splitter=block_splitter,
-            opt_func=fused_adamw(speed), train_bn=cfg.freeze_style == "fastai",
+            opt_func=fused_adamw(speed), train_bn=job.freezing.train_bn,
         )  # fmt: skip
         if speed.compile:
             model.compile(backend=speed.compile_backend, dynamic=False)
         self.model = model
 
     def enter(self, stage) -> None:
-        from fastcxr.train.schedule import apply_stage, stage_lrs
-
-        unfrozen = apply_stage(self.learn, stage)
-        lrs = stage_lrs(self.learn, len(unfrozen), stage.lr, self.job.cfg.lr_ratio)
-        self.learn.opt.set_hypers(lr=lrs)
+        freezing = self.job.freezing
+        unfrozen = freezing.unfreeze(self.learn, stage)
+        self.learn.opt.set_hypers(lr=freezing.lrs(self.learn, len(unfrozen), stage.lr))
 
     def _step(self) -> None:
         import torch
@@ -310,12 +315,10 @@ class LimitArm(Arm):
 
     def measure(self, what: str) -> dict:
         from fastcxr.fastpath import compiled_graphs
-        from fastcxr.train.callbacks import frozen_bn_eval
 
         job = self.job
         self.model.train()
-        if job.style == "keras":
-            frozen_bn_eval(self.model)
+        job.freezing.settle(self.model)
         compiling = 0.0
         for _ in range(max(job.warmup, 1)):  # steps that compiled graphs count as compile time
             check(what)
@@ -355,15 +358,12 @@ class FastcxrArm(Arm):
         self.learn = make_learner(self.nd, job.form, job.net, cfg)
 
     def enter(self, stage) -> None:
-        from fastcxr.train.schedule import apply_stage, stage_lrs
-
-        unfrozen = apply_stage(self.learn, stage)
-        self.lrs = stage_lrs(self.learn, len(unfrozen), stage.lr, self.job.cfg.lr_ratio)
+        freezing = self.job.freezing
+        unfrozen = freezing.unfreeze(self.learn, stage)
+        self.lrs = freezing.lrs(self.learn, len(unfrozen), stage.lr)
 
     def measure(self, what: str) -> dict:
-        from fastcxr.train.callbacks import FrozenBNEval
-
-        cbs = [FrozenBNEval()] if self.job.style == "keras" else []
+        cbs = self.job.freezing.callbacks()
         before = self.learn.accelerated.compile_seconds
         wd = self.job.cfg.weight_decay
         img_s = _fit_img_s(self.learn, self.job, what, self.lrs, cbs, wd=wd)
@@ -398,10 +398,9 @@ class DefaultsArm(Arm):
         self.learn = _defaults_learner(job)
 
     def enter(self, stage) -> None:
-        from fastcxr.train.schedule import apply_stage, stage_lrs
-
-        unfrozen = apply_stage(self.learn, stage)
-        self.lrs = stage_lrs(self.learn, len(unfrozen), stage.lr, self.job.cfg.lr_ratio)
+        freezing = self.job.freezing
+        unfrozen = freezing.unfreeze(self.learn, stage)
+        self.lrs = freezing.lrs(self.learn, len(unfrozen), stage.lr)
 
     def measure(self, what: str) -> dict:
         return {"img_s": _fit_img_s(self.learn, self.job, what, self.lrs), "compile_s": None}

@@ -40,6 +40,7 @@ from fastcxr.runs import (
 )
 from fastcxr.seeds import read_json, run_seeds
 from fastcxr.tracking import Tracking, tracked
+from fastcxr.train.freezing import Freezing
 from fastcxr.train.network import Job, train_network
 from fastcxr.train.record import TEST_SET_RULE, headline, write_record
 from fastcxr.train.schedule import check_stages, plan
@@ -452,7 +453,7 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
         model,
         loss_func=form.loss(net, powerset_bits(len(net.findings))),  # one row per combination
         splitter=block_splitter,
-        train_bn=cfg.freeze_style == "fastai",
+        train_bn=Freezing.of(cfg).train_bn,
     )
     stages = plan(learn, cfg.ablation_stages, cfg.arch)
     return {

@@ -236,7 +236,7 @@ def test_wrong_or_bare_manifest_is_refused(manifest, tmp_path):
 
 
 def test_report_includes_the_audit_and_flags_a_stale_one(manifest, tmp_path):
-    from fastcxr.figures import audit_markdown, subgroup_audits
+    from fastcxr.report import audit_markdown, subgroup_audits
 
     run = _record(tmp_path / "run", manifest)
     audit_run(run, by=["sex"])

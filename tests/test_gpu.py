@@ -107,7 +107,7 @@ def test_fast_loader_at_512_bf16_matches_the_datablock_path_after_one_epoch(cach
     weights and the same batches in the same order (shuffling and dropout off), one epoch of
     the head stage each. Same test labels; probabilities within 0.03 before and 0.05 after the
     epoch (bf16 keeps 8 bits of mantissa)."""
-    from fastcxr.train.schedule import apply_stage
+    from fastcxr.train.freezing import apply_stage
 
     base = DEMO.replace(arch="resnet18", size=512, batch_size=64, augment=False)
     cfg_db = base.replace(loader="datablock", precision="fp32", workers=8)
@@ -153,7 +153,7 @@ def test_keras_freezing_runs_no_backward_through_frozen_blocks(cache512, gpu_rec
     flow back through it. Keras-style: none through a frozen block, its BatchNorm statistics
     untouched; fastai-style (BatchNorm trainable) the same blocks are traversed."""
     from fastcxr.models import block_groups
-    from fastcxr.train.schedule import apply_stage
+    from fastcxr.train.freezing import apply_stage
 
     counts = {}
     for style in ("keras", "fastai"):
@@ -316,7 +316,7 @@ def test_peak_memory_of_the_paper_preset_per_stage(cache512, gpu_record):
     in each of the study's stages and `all`. Keras freezing keeps no activations for the
     backward pass of frozen blocks, so the peak grows as blocks are unfrozen."""
     from fastcxr.config import PAPER
-    from fastcxr.train.schedule import apply_stage
+    from fastcxr.train.freezing import apply_stage
 
     cfg = PAPER.replace(pretrained=False, augment=True)
     _, _, _, learn = _learner(cache512, cfg)

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from fastcxr.cli import app
 from fastcxr.config import Stage, TrainConfig
+from fastcxr.train.freezing import Freezing
 from fastcxr.train.learner import silence
 from fastcxr.train.lr_find import find_lr
 from fastcxr.train.schedule import LR_FOUND, StageResume, _found_lr
@@ -68,7 +69,7 @@ def test_finder_restores_the_network_and_sweeps_groups_at_the_stage_ratio():
     opt_before = copy.deepcopy(learn.opt.state_dict())  # its tensors are updated in place
     seen = _GroupRates()
     with learn.added_cbs(seen):
-        found = find_lr(learn, 2, 10.0, keras_freezing=False, num_it=30)
+        found = find_lr(learn, 2, Freezing("fastai", 10.0), num_it=30)
     after = learn.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights not restored"
     opt_after = learn.opt.state_dict()
@@ -101,7 +102,7 @@ def test_frozen_body_stays_frozen_and_untouched():
     before = learn.model[0].weight.clone()
     seen = _GroupRates()
     with learn.added_cbs(seen):
-        find_lr(learn, 1, 10.0, keras_freezing=False, num_it=12)
+        find_lr(learn, 1, Freezing("fastai", 10.0), num_it=12)
     assert torch.equal(learn.model[0].weight, before)
     assert not learn.model[0].weight.requires_grad and learn.model[2].weight.requires_grad
 
@@ -117,8 +118,10 @@ def test_a_resumed_stage_keeps_the_rate_it_found():
             raise AssertionError("the finder ran again on resume")
 
     resume = StageResume(callbacks={LR_FOUND: kept}, opt=None)
-    assert _found_lr(NoSweep(), stage, cfg, 1, resume, None) is kept
-    assert _found_lr(NoSweep(), Stage("all", "all", lr=1e-3), cfg, 1, None, None) is None
+    assert _found_lr(NoSweep(), stage, Freezing.of(cfg), 1, resume, None) is kept
+    assert (
+        _found_lr(NoSweep(), Stage("all", "all", lr=1e-3), Freezing.of(cfg), 1, None, None) is None
+    )
 
 
 @pytest.fixture(scope="module")

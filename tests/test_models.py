@@ -17,7 +17,7 @@ from fastcxr.models import (
     resolve_unfreeze,
 )
 from fastcxr.train.callbacks import FrozenBNEval
-from fastcxr.train.schedule import apply_stage, stage_lrs
+from fastcxr.train.freezing import apply_stage, stage_lrs
 
 
 def nparams(m):

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from fastcxr import stats
 from fastcxr.cli import app, console
 from fastcxr.train.callbacks import StageCallbacks
+from fastcxr.train.freezing import Freezing
 from fastcxr.train.learner import silence
 from fastcxr.train.lr_find import find_lr
 
@@ -109,7 +110,7 @@ def test_the_finder_reports_its_iterations():
     learn = _learner()
     learn.unfreeze()
     learn.create_opt()
-    find_lr(learn, 2, 10.0, keras_freezing=False, num_it=12, progress=events.append,
+    find_lr(learn, 2, Freezing("fastai", 10.0), num_it=12, progress=events.append,
             label="edema · stage head")  # fmt: skip
     sweep = _progress(events, "lr_find")
     assert sweep[-1] == "end" and len(sweep) >= 7

@@ -132,7 +132,7 @@ def report(
     """Figures and results.md from run records (no retraining)."""
     with guarded():
         from fastcxr.evaluation import EvalConfig
-        from fastcxr.figures import build_report
+        from fastcxr.report import build_report
 
         files = build_report(
             run_dirs, out_dir, EvalConfig(ci=ci, threshold=threshold, target=target), template

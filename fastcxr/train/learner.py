@@ -16,6 +16,7 @@ from fastcxr.distributed import world_size
 from fastcxr.fastpath import Accelerated, Speed, fused_adamw
 from fastcxr.formulations import Formulation, Network
 from fastcxr.models import TorchvisionArch, block_splitter
+from fastcxr.train.freezing import Freezing
 
 
 def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainConfig) -> Learner:
@@ -28,7 +29,7 @@ def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainCon
         loss_func=form.loss(net, nd.y_train, device=nd.dls.device), splitter=block_splitter,
         cut=arch.cut, n_in=1, normalize=False, metrics=[],
         opt_func=fused_adamw(nd.speed) if fast else Adam,
-        train_bn=cfg.freeze_style == "fastai",
+        train_bn=Freezing.of(cfg).train_bn,
     )  # fmt: skip
     if fast:
         learn.add_cb(Accelerated(nd.speed))

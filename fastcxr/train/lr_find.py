@@ -5,7 +5,7 @@ fastai's finder (Smith 2015, "Cyclical learning rates for training neural networ
 `num_it` mini-batches while the learning rate grows exponentially from `start_lr` to `end_lr`,
 records the smoothed training loss, and restores the weights and optimizer state it started
 from. Here the rate it sweeps is the head's; every other unfrozen group follows at the stage's
-discriminative ratio (`schedule.stage_lrs`), so the suggestion is the stage's `--lr` as
+discriminative ratio (`Freezing.lrs`), so the suggestion is the stage's `--lr` as
 training applies it. Suggestions are fastai's `valley` (its default: the middle of the
 longest descending stretch) and `minimum` (a tenth of the rate at the lowest loss).
 """
@@ -25,7 +25,8 @@ from fastai.learner import Learner
 from fastcxr.config import LR_FIND
 from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.progress import progress_end, progress_event
-from fastcxr.train.callbacks import FrozenBNEval, Log
+from fastcxr.train.callbacks import Log
+from fastcxr.train.freezing import Freezing
 
 SUGGESTIONS = ("valley", "minimum")
 USED = "valley"  # what `--lr find` trains with: fastai's default suggestion
@@ -75,24 +76,23 @@ def _finite(v) -> float | None:
 def find_lr(
     learn: Learner,
     n_unfrozen: int,
-    lr_ratio: float,
-    keras_freezing: bool,
+    freezing: Freezing,
     start_lr: float = START_LR,
     end_lr: float = END_LR,
     num_it: int = NUM_IT,
     progress: Log | None = None,
     label: str = "lr_find",
 ) -> dict:
-    """fastai's `lr_find` on `learn` as its stage is frozen (call after `apply_stage`), the
-    groups at the stage's discriminative ratio. The weights and optimizer state are restored.
-    `progress` receives the sweep's iterations as progress events, on a bar named `label`.
+    """fastai's `lr_find` on `learn` as its stage is frozen (call after `freezing.unfreeze`),
+    the groups at the stage's discriminative rates (`freezing.lrs`). The weights and optimizer
+    state are restored. `progress` receives the sweep's iterations as progress events, on a
+    bar named `label`.
 
     Returns `valley`, `minimum`, `used` (the valley), the swept head rates `lrs` and the
     smoothed losses `losses`, and the settings."""
     from fastai.callback.schedule import minimum, valley
 
     from fastcxr.distributed import world_size
-    from fastcxr.train.schedule import stage_lrs
 
     if world_size() > 1:
         raise UsageError(
@@ -101,12 +101,12 @@ def find_lr(
         )
     check_sweep(start_lr, end_lr, num_it)
     t0 = time.perf_counter()
-    mult = stage_lrs(learn, n_unfrozen, 1.0, lr_ratio)
+    mult = freezing.lrs(learn, n_unfrozen, 1.0)
     old_path, old_dir = learn.path, learn.model_dir
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastcxr-lr-find-"))
         learn.path, learn.model_dir = Path(tmp), "."  # fastai saves the weights it restores
-        cbs = [_Discriminative(mult)] + ([FrozenBNEval()] if keras_freezing else [])
+        cbs = [_Discriminative(mult), *freezing.callbacks()]
         cbs += [_SweepProgress(progress, label, num_it)] if progress else []
         stack.enter_context(learn.added_cbs(cbs))
         try:
@@ -133,7 +133,7 @@ def find_lr(
     return {
         **out, "used": out[USED], "suggestion": USED, "lrs": lrs, "losses": losses,
         "start_lr": start_lr, "end_lr": end_lr, "num_it": num_it, "iterations": len(lrs),
-        "lr_ratio": lr_ratio, "group_multipliers": mult,
+        "lr_ratio": freezing.lr_ratio, "group_multipliers": mult,
         "seconds": time.perf_counter() - t0,  # the sweep's cost, not counted as training
     }  # fmt: skip
 
@@ -167,11 +167,11 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
     from fastcxr.data import apply_policy, network_data
     from fastcxr.fastpath import resolve_speed
     from fastcxr.train.learner import make_learner, seed_everything
-    from fastcxr.train.schedule import apply_stage
 
     df = apply_policy(data.df, cfg, cfg.findings)
     speed = resolve_speed(cfg, default_device())
     prep = data.preprocessing(cfg.size)
+    freezing = Freezing.of(cfg)
     networks, nets = {}, form.networks(cfg.findings)
     swept, sweeps = 0, len(nets) * len(stages)
     for net in nets:
@@ -183,12 +183,11 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
             per_stage = []
             for st in stages:
                 learn.model.load_state_dict(start)
-                unfrozen = apply_stage(learn, st)
+                unfrozen = freezing.unfreeze(learn, st)
                 if log:
                     log({"event": "lr_find", "network": net.name, "stage": st.name})
                     log(progress_event("sweeps", "stages swept", swept, sweeps, "stage"))
-                found = find_lr(learn, len(unfrozen), cfg.lr_ratio, cfg.freeze_style == "keras",
-                                start_lr, end_lr, num_it, log,
+                found = find_lr(learn, len(unfrozen), freezing, start_lr, end_lr, num_it, log,
                                 f"{net.name} · stage {st.name}")  # fmt: skip
                 swept += 1
                 per_stage.append({"stage": st.name, "unfreeze": st.unfreeze,

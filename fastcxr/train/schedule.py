@@ -1,15 +1,9 @@
-"""Run a schedule of stages on a fastai `Learner`: freeze_to, discriminative LRs, early stop.
+"""Run a schedule of stages on a fastai `Learner`: freeze, discriminative LRs, early stop.
 
-Each stage unfreezes the head and the last n-1 blocks (`learn.freeze_to(-n)`), trains up to
-`max_epochs` with Adam at per-group learning rates spread geometrically from lr/lr_ratio
-(earliest unfrozen block) to lr (head), stops when validation loss has not improved for
-`patience` epochs, and restores the weights of its best epoch.
-
-Freezing styles:
-* ``keras`` (the study's): frozen blocks are fully frozen — their BatchNorm layers too, kept in
-  eval mode so running statistics do not drift — and no gradient flows through them.
-* ``fastai``: fastai's default `train_bn=True`; BatchNorm stays trainable everywhere, so the
-  backward pass still runs through the whole backbone (~3x the cost of a frozen stage).
+Each stage freezes the network as `Freezing` says (the head and the last n-1 blocks train, at
+learning rates spread geometrically from lr/lr_ratio to lr), trains up to `max_epochs`, stops
+when validation loss has not improved for `patience` epochs, and restores the weights of its
+best epoch.
 """
 
 from __future__ import annotations
@@ -17,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 from fastai.learner import Learner
 from torch import nn
 
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.errors import UsageError
-from fastcxr.models import block_groups, count_params, group_names, resolve_unfreeze
-from fastcxr.train.callbacks import EpochEnd, FrozenBNEval, Log, StageCallbacks
+from fastcxr.models import block_groups, count_params, resolve_unfreeze
+from fastcxr.train.callbacks import EpochEnd, Log, StageCallbacks
 from fastcxr.train.checkpoint import load_optimizer
+from fastcxr.train.freezing import Freezing, apply_stage
+from fastcxr.train.lr_find import LR_FIND, find_lr
 
 
 @dataclass
@@ -51,24 +46,6 @@ class StageResult:
         return {k: v for k, v in self.__dict__.items() if k != "stage"}
 
 
-def apply_stage(learn: Learner, stage: Stage) -> list[str]:
-    """Freeze everything but the stage's groups; returns the names of the unfrozen groups."""
-    names = group_names(learn.model)
-    n = resolve_unfreeze(stage.unfreeze, names)
-    if n >= len(names):
-        learn.unfreeze()
-    else:
-        learn.freeze_to(-n)
-    return names[-n:]
-
-
-def stage_lrs(learn: Learner, n_unfrozen: int, lr: float, ratio: float) -> list[float]:
-    """Per-group LRs: geometric from lr/ratio (earliest unfrozen group) to lr (head)."""
-    n_groups = len(learn.opt.param_lists)
-    live = np.geomspace(lr / ratio, lr, n_unfrozen) if n_unfrozen > 1 else np.array([lr])
-    return [float(live[0])] * (n_groups - n_unfrozen) + live.tolist()
-
-
 @dataclass
 class StageResume:
     """Where an interrupted stage stopped: its callbacks' states and the optimizer's."""
@@ -88,18 +65,19 @@ def run_stage(
 ) -> StageResult:
     """Fit one stage, appending its epochs to `history`. `resume` continues it after its
     last finished epoch; `checkpoint` receives the callbacks' states after every epoch."""
-    unfrozen = apply_stage(learn, stage)
+    freezing = Freezing.of(cfg)
+    unfrozen = freezing.unfreeze(learn, stage)
     trainable = count_params(learn.model)
     cbs = StageCallbacks.make(stage.name, cfg.patience, history, log)
-    found = _found_lr(learn, stage, cfg, len(unfrozen), resume, log)
+    found = _found_lr(learn, stage, freezing, len(unfrozen), resume, log)
     lr = stage.lr if found is None else found["used"]
-    lrs = stage_lrs(learn, len(unfrozen), lr, cfg.lr_ratio)
+    lrs = freezing.lrs(learn, len(unfrozen), lr)
     if resume is not None:
         cbs.load_state_dict(resume.callbacks)
         load_optimizer(learn, resume.opt, lrs)
     start = len(history) - cbs.history.epochs_done
     remaining = 0 if cbs.early.stopping else stage.max_epochs - cbs.history.epochs_done
-    extra = [FrozenBNEval()] if cfg.freeze_style == "keras" else []
+    extra = freezing.callbacks()
     if checkpoint is not None:  # the finder's result too: a resumed stage keeps its rate
         extra.append(EpochEnd(lambda: checkpoint({**cbs.state_dict(), LR_FOUND: found})))
     if remaining > 0:
@@ -121,17 +99,15 @@ def run_stage(
 LR_FOUND = "lr_find"  # the key of the finder's result among a stage's checkpointed states
 
 
-def _found_lr(learn, stage: Stage, cfg: TrainConfig, n_unfrozen: int,
+def _found_lr(learn, stage: Stage, freezing: Freezing, n_unfrozen: int,
               resume: StageResume | None, log: Log | None) -> dict | None:  # fmt: skip
     """With `--lr find`, the finder's result at the stage's start (run now, or the one a
     resumed stage checkpointed); None for a fixed rate."""
-    from fastcxr.train.lr_find import LR_FIND, find_lr
-
     if stage.lr != LR_FIND:
         return None
     if resume is not None and resume.callbacks.get(LR_FOUND):
         return resume.callbacks[LR_FOUND]
-    found = find_lr(learn, n_unfrozen, cfg.lr_ratio, cfg.freeze_style == "keras")
+    found = find_lr(learn, n_unfrozen, freezing)
     if log:
         log({"event": "lr_find", "stage": stage.name, "valley": found["valley"],
              "minimum": found["minimum"], "lr": found["used"]})  # fmt: skip
