@@ -36,11 +36,14 @@ from fastcxr.runs import (
     is_complete,
     load_run,
     same_config,
+    writable_folder,
+    write_atomic,
     write_json,
 )
 from fastcxr.seeds import read_json, run_seeds
 from fastcxr.tracking import Tracking, tracked
 from fastcxr.train.freezing import Freezing
+from fastcxr.train.lr_find import END_LR, NUM_IT, START_LR, lr_find
 from fastcxr.train.network import Job, train_network
 from fastcxr.train.record import TEST_SET_RULE, headline, write_record
 from fastcxr.train.schedule import check_stages, plan
@@ -464,3 +467,19 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
         "networks": len(form.networks(cfg.findings)),
         "total_params": sum(p.numel() for p in model.parameters()),
     }
+
+
+# -- the `fastcxr lr-find` command's files ------------------------------------------------
+def write_lr_find(data, form, cfg, stages, out_dir, start_lr=START_LR, end_lr=END_LR,
+                  num_it=NUM_IT, log=None) -> dict:  # fmt: skip
+    """`lr_find`, then OUT/lr_find.json (the suggestions and curves) and OUT/lr_find.png
+    (loss against rate per stage, the suggestions marked), each written atomically."""
+    from fastcxr.figures import lr_find_figure, save_figure
+
+    out_dir = writable_folder(out_dir)  # before the sweep, not after it (#22 item 18)
+    result = lr_find(data, form, cfg, stages, start_lr, end_lr, num_it, log)
+    result["files"] = {"json": str(out_dir / "lr_find.json"), "plot": str(out_dir / "lr_find.png")}
+    write_atomic(out_dir / "lr_find.png",
+                 lambda t: save_figure(lr_find_figure(result), t, format="png"))  # fmt: skip
+    write_json(out_dir / "lr_find.json", result)
+    return result

@@ -72,8 +72,8 @@ def lr_find(
         from fastcxr.cli.training import _dataset, _log
         from fastcxr.config import TrainConfig
         from fastcxr.formulations import get_formulation
-        from fastcxr.study import check_schedule
-        from fastcxr.train.lr_find import check_sweep, write_lr_find
+        from fastcxr.study import check_schedule, write_lr_find
+        from fastcxr.train.lr_find import check_sweep
 
         check_sweep(start_lr, end_lr, num_it)
 

@@ -208,20 +208,4 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
     }  # fmt: skip
 
 
-def write_lr_find(data, form, cfg, stages, out_dir, start_lr=START_LR, end_lr=END_LR,
-                  num_it=NUM_IT, log=None) -> dict:  # fmt: skip
-    """`lr_find`, then OUT/lr_find.json (the suggestions and curves) and OUT/lr_find.png
-    (loss against rate per stage, the suggestions marked), each written atomically."""
-    from fastcxr.figures import lr_find_figure, save_figure
-    from fastcxr.runs import writable_folder, write_atomic, write_json
-
-    out_dir = writable_folder(out_dir)  # before the sweep, not after it (#22 item 18)
-    result = lr_find(data, form, cfg, stages, start_lr, end_lr, num_it, log)
-    result["files"] = {"json": str(out_dir / "lr_find.json"), "plot": str(out_dir / "lr_find.png")}
-    write_atomic(out_dir / "lr_find.png",
-                 lambda t: save_figure(lr_find_figure(result), t, format="png"))  # fmt: skip
-    write_json(out_dir / "lr_find.json", result)
-    return result
-
-
-__all__ = ["LR_FIND", "LRFindError", "find_lr", "lr_find", "summary", "write_lr_find"]
+__all__ = ["LR_FIND", "LRFindError", "find_lr", "lr_find", "summary"]
