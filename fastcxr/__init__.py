@@ -8,10 +8,29 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import TYPE_CHECKING
 
 from fastcxr.errors import FastcxrError, UsageError
+from fastcxr.version import __version__ as __version__
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # what the lazy names below resolve to, for editors and type checkers
+    from fastcxr.config import DEMO, PAPER, Stage, TrainConfig
+    from fastcxr.data.dataset import Dataset
+    from fastcxr.dicom import DicomError, read_dicom
+    from fastcxr.findings import LabelPolicy
+    from fastcxr.formulations import FORMULATIONS, get_formulation
+    from fastcxr.manifest import read_manifest
+    from fastcxr.models import block_splitter, build_model
+    from fastcxr.preprocessing import Preprocessing
+    from fastcxr.runtime.runs import load_run
+    from fastcxr.study import (
+        ablation_plan,
+        compare,
+        compare_seeds,
+        train_formulation,
+        train_seeds,
+        unfreeze_ablation,
+    )
 
 # fastai's import decorates four of its activation functions with `torch.jit.script`, which
 # torch 2.14 deprecates (fastai/layers.py): that notice, from that module of torch alone, is not
@@ -36,7 +55,7 @@ _LAZY = {
     "block_splitter": "fastcxr.models",
     "build_model": "fastcxr.models",
     "Preprocessing": "fastcxr.preprocessing",
-    "load_run": "fastcxr.runs",
+    "load_run": "fastcxr.runtime.runs",
     "Dataset": "fastcxr.data.dataset",
     "ablation_plan": "fastcxr.study",
     "compare": "fastcxr.study",
@@ -46,7 +65,33 @@ _LAZY = {
     "unfreeze_ablation": "fastcxr.study",
 }
 
-__all__ = ["FastcxrError", "UsageError", *_LAZY]
+__all__ = [
+    "FastcxrError",
+    "UsageError",
+    "__version__",
+    "DEMO",
+    "PAPER",
+    "Stage",
+    "TrainConfig",
+    "DicomError",
+    "read_dicom",
+    "LabelPolicy",
+    "FORMULATIONS",
+    "get_formulation",
+    "read_manifest",
+    "block_splitter",
+    "build_model",
+    "Preprocessing",
+    "load_run",
+    "Dataset",
+    "ablation_plan",
+    "compare",
+    "compare_seeds",
+    "train_formulation",
+    "train_seeds",
+    "unfreeze_ablation",
+]
+assert set(__all__) == {"FastcxrError", "UsageError", "__version__", *_LAZY}
 
 
 def __getattr__(name: str):

@@ -27,9 +27,9 @@ from fastcxr.errors import UsageError
 from fastcxr.formulations import powerset_bits
 from fastcxr.prepare.cache import convert_one, map_stoppable
 from fastcxr.prepare.synthetic import encode_dicom, render_frontal
-from fastcxr.stopping import Interrupted, check
+from fastcxr.runtime.stopping import Interrupted, check
 
-# Every measurement loop checks `fastcxr.stopping.STOP` (set by the CLI on SIGTERM/SIGINT)
+# Every measurement loop checks `fastcxr.runtime.stopping.STOP` (set by the CLI on SIGTERM/SIGINT)
 # between steps and raises `Interrupted`: a stopped benchmark records nothing.
 
 MIMIC_IMAGES = 377_110  # DICOMs in MIMIC-CXR v2.0.0
@@ -115,7 +115,7 @@ def write_bench_cache(folder: Path, n: int, size: int, workers: int | None = Non
     one with the same n and size is complete). Returns the manifest path."""
     import pandas as pd
 
-    from fastcxr.runs import write_csv
+    from fastcxr.runtime.runs import write_csv
 
     folder = Path(folder)
     manifest = folder / "manifest.csv"
@@ -153,7 +153,7 @@ def write_bench_cache(folder: Path, n: int, size: int, workers: int | None = Non
 
 
 def _bench_image(job) -> None:
-    from fastcxr.runs import write_atomic
+    from fastcxr.runtime.runs import write_atomic
 
     folder, i, size, edema, effusion = job
     rng = np.random.default_rng(i + 1)
@@ -211,7 +211,7 @@ class BenchJob:
     is the style), speed settings, network, cache, batch counts and device."""
 
     cfg: Any  # fastcxr.config.TrainConfig, on the fast loader
-    speed: Any  # fastcxr.fastpath.Speed
+    speed: Any  # fastcxr.runtime.fastpath.Speed
     form: Any  # fastcxr.formulations.Formulation
     net: Any  # fastcxr.formulations.Network
     ds: Any  # fastcxr.study.Dataset: the bench cache
@@ -231,7 +231,7 @@ class BenchJob:
         return Freezing.of(self.cfg)
 
     def sync(self) -> None:
-        from fastcxr.fastpath import synchronize
+        from fastcxr.runtime.fastpath import synchronize
 
         synchronize(self.device)
 
@@ -275,8 +275,8 @@ class LimitArm(Arm):
         from fastai.data.core import DataLoaders
         from fastai.learner import Learner
 
-        from fastcxr.fastpath import fused_adamw
         from fastcxr.models import block_splitter, build_model
+        from fastcxr.runtime.fastpath import fused_adamw
 
         cfg, speed, form, net, device = job.cfg, job.speed, job.form, job.net, job.device
         self.job, self.label = job, f"model-only limit, {job.style} freezing"
@@ -314,7 +314,7 @@ class LimitArm(Arm):
         self.learn.opt.opt.zero_grad(set_to_none=True)
 
     def measure(self, what: str) -> dict:
-        from fastcxr.fastpath import compiled_graphs
+        from fastcxr.runtime.fastpath import compiled_graphs
 
         job = self.job
         self.model.train()
@@ -417,8 +417,8 @@ def _defaults_learner(job: BenchJob):
     from fastai.vision.learner import vision_learner
 
     from fastcxr.data import apply_policy
-    from fastcxr.fastpath import AUGMENT
     from fastcxr.models import TorchvisionArch, block_splitter
+    from fastcxr.runtime.fastpath import AUGMENT
     from fastcxr.train.learner import silence
 
     cfg, form, net, ds = job.cfg, job.form, job.net, job.ds
@@ -465,7 +465,7 @@ def restored_globals():
     import torch
     from fastai.torch_core import defaults
 
-    from fastcxr.adapters import compile_cache_limits, set_compile_cache_limits
+    from fastcxr.runtime.adapters import compile_cache_limits, set_compile_cache_limits
 
     cudnn = torch.backends.cudnn
     flags = (cudnn.benchmark, cudnn.deterministic)
@@ -647,7 +647,7 @@ def measure_all(jobs: list[BenchJob], stages, rounds: int, defaults: bool, say, 
     compiled = jobs[0].speed.compile
     with restored_globals():
         if compiled:
-            from fastcxr.adapters import raise_compile_cache_limits
+            from fastcxr.runtime.adapters import raise_compile_cache_limits
 
             raise_compile_cache_limits()  # every arm's graphs of a stage, cached together
         arms = build_arms(jobs, defaults, say)
@@ -689,8 +689,8 @@ def bench_train(
     import torch
 
     from fastcxr.data.dataset import Dataset, fastcxr_home
-    from fastcxr.fastpath import resolve_speed
     from fastcxr.formulations import get_formulation
+    from fastcxr.runtime.fastpath import resolve_speed
 
     check_rounds(rounds)
     say = log or (lambda what: None)

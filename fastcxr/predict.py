@@ -23,8 +23,8 @@ from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.formulations import powerset_bits
 from fastcxr.models import build_model, load_state_dict
 from fastcxr.preprocessing import Preprocessing
-from fastcxr.runs import RunError, is_complete, write_atomic
-from fastcxr.stopping import check
+from fastcxr.runtime.runs import RunError, is_complete, write_atomic
+from fastcxr.runtime.stopping import check
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 

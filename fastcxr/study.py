@@ -21,14 +21,14 @@ from fastai.torch_basics import default_device
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.data import apply_policy, check_files, require_thresholds
 from fastcxr.data.dataset import Dataset
-from fastcxr.distributed import barrier, init, is_main
 from fastcxr.errors import UsageError
-from fastcxr.evaluation import CLUSTERED, EvalConfig, evaluate, pairwise, with_holm
-from fastcxr.fastpath import resolve_speed
+from fastcxr.evaluate.evaluation import CLUSTERED, EvalConfig, evaluate, pairwise, with_holm
 from fastcxr.formulations import FORMULATIONS, Formulation, get_formulation, powerset_bits
 from fastcxr.manifest import file_sha256
 from fastcxr.models import block_splitter, build_model, group_names, resolve_unfreeze
-from fastcxr.runs import (
+from fastcxr.runtime.distributed import barrier, init, is_main
+from fastcxr.runtime.fastpath import resolve_speed
+from fastcxr.runtime.runs import (
     RunError,
     RunLock,
     claim,
@@ -40,8 +40,8 @@ from fastcxr.runs import (
     write_atomic,
     write_json,
 )
-from fastcxr.seeds import read_json, run_seeds
-from fastcxr.tracking import Tracking, tracked
+from fastcxr.runtime.seeds import read_json, run_seeds
+from fastcxr.runtime.tracking import Tracking, tracked
 from fastcxr.train.freezing import Freezing
 from fastcxr.train.lr_find import END_LR, NUM_IT, START_LR, lr_find
 from fastcxr.train.network import Job, train_network
@@ -78,7 +78,7 @@ def train_formulation(
     (`cfg.threshold`). With several networks (the `single` formulation), each is trained in
     turn and epochs and time are added up, as the study counts two binary networks together.
 
-    With `track`, the run is mirrored in TensorBoard, MLflow or W&B (`fastcxr.tracking`): it
+    With `track`, the run is mirrored in TensorBoard, MLflow or W&B (`fastcxr.runtime.tracking`): it
     is not part of the configuration and changes no number.
     """
     run_dir = Path(run_dir)
@@ -474,7 +474,7 @@ def write_lr_find(data, form, cfg, stages, out_dir, start_lr=START_LR, end_lr=EN
                   num_it=NUM_IT, log=None) -> dict:  # fmt: skip
     """`lr_find`, then OUT/lr_find.json (the suggestions and curves) and OUT/lr_find.png
     (loss against rate per stage, the suggestions marked), each written atomically."""
-    from fastcxr.figures import lr_find_figure, save_figure
+    from fastcxr.evaluate.figures import lr_find_figure, save_figure
 
     out_dir = writable_folder(out_dir)  # before the sweep, not after it (#22 item 18)
     result = lr_find(data, form, cfg, stages, start_lr, end_lr, num_it, log)

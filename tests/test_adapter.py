@@ -1,5 +1,5 @@
-"""`fastcxr.adapters` against the installed fastai and torch: every private attribute fastcxr
-reads is still there, with the meaning fastcxr relies on; a missing one fails loudly."""
+"""`fastcxr.runtime.adapters` against the installed fastai and torch: every private attribute
+fastcxr reads is still there, with the meaning fastcxr relies on; a missing one fails loudly."""
 
 import multiprocessing as mp
 import time
@@ -11,10 +11,10 @@ from fastai.data.load import DataLoader
 from fastai.optimizer import OptimWrapper
 from PIL import Image
 
-from fastcxr import adapters
-from fastcxr.adapters import LibraryChanged
 from fastcxr.data.cache_loader import CacheDL
-from fastcxr.fastpath import GroupedAdamW
+from fastcxr.runtime import adapters
+from fastcxr.runtime.adapters import LibraryChanged
+from fastcxr.runtime.fastpath import GroupedAdamW
 
 
 def _alive(pid: int) -> bool:
@@ -118,12 +118,12 @@ def test_compile_counter_and_cache_limits():
 
 def test_data_parallel_trainer_keeps_the_original_loaders():
     """fastai's `DistributedTrainer.before_fit` still keeps the loaders it replaces where
-    `fastcxr.ddp.DataParallel` reads them (to put back the unsharded validation loader)."""
+    `fastcxr.train.ddp.DataParallel` reads them (to put back the unsharded validation loader)."""
     pytest.importorskip("accelerate")
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
 
-    from fastcxr.ddp import DataParallel, ShardedDL
+    from fastcxr.train.ddp import DataParallel, ShardedDL
 
     dls = DataLoaders(DataLoader(range(8), bs=4), DataLoader(range(4), bs=4), device="cpu")
     originals = list(dls.loaders)

@@ -15,10 +15,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from fastcxr.audit import audit_run, parse_age_bins
 from fastcxr.cli import app
 from fastcxr.errors import UsageError
-from fastcxr.stats import bootstrap_weights
+from fastcxr.evaluate.audit import audit_run, parse_age_bins
+from fastcxr.evaluate.stats import bootstrap_weights
 
 runner = CliRunner()
 FINDINGS = ("Edema", "Pleural Effusion", "No Finding")
@@ -236,7 +236,7 @@ def test_wrong_or_bare_manifest_is_refused(manifest, tmp_path):
 
 
 def test_report_includes_the_audit_and_flags_a_stale_one(manifest, tmp_path):
-    from fastcxr.report import audit_markdown, subgroup_audits
+    from fastcxr.evaluate.report import audit_markdown, subgroup_audits
 
     run = _record(tmp_path / "run", manifest)
     audit_run(run, by=["sex"])

@@ -142,7 +142,7 @@ import torch
 from fastcxr.bench import BenchJob, _defaults_learner, write_bench_cache
 from fastcxr.config import DEMO
 from fastcxr.data.dataset import Dataset
-from fastcxr.fastpath import resolve_speed
+from fastcxr.runtime.fastpath import resolve_speed
 from fastcxr.formulations import get_formulation
 cfg = DEMO.replace(size=32, batch_size=8, workers=0, loader="fast")
 form = get_formulation("multilabel")

@@ -11,7 +11,7 @@ import pytest
 from tiny import fastcxr
 
 from fastcxr import bench
-from fastcxr.stopping import STOP, Interrupted
+from fastcxr.runtime.stopping import STOP, Interrupted
 
 BENCH = ["bench", "--arch", "resnet10", "--size", "32", "--batch-size", "4", "--warmup", "1",
          "--steps", "200000", "--stages", "head", "--workers", "0", "--no-defaults"]  # fmt: skip

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastcxr.config import TrainConfig
-from fastcxr.runs import RECORD, RunError, load_run
+from fastcxr.runtime.runs import RECORD, RunError, load_run
 
 
 def test_negative_seeds_and_numpy_numbers_are_accepted():
@@ -39,7 +39,7 @@ def test_a_checkpoint_of_the_previous_version_is_read_into_network_state(tmp_pat
     """The untyped layout `NetworkCheckpoint.save` wrote before #13 (positional tuples)."""
     import torch
 
-    from fastcxr.runs import save_torch
+    from fastcxr.runtime.runs import save_torch
     from fastcxr.train.checkpoint import FORMAT, NetworkState
 
     w = {"w": torch.ones(2)}

@@ -18,7 +18,7 @@ from fastcxr.cli import app
 from fastcxr.config import DEMO, Stage
 from fastcxr.data import DataError, apply_policy, require_thresholds, scored
 from fastcxr.data.dataset import Dataset
-from fastcxr.evaluation import holm, pairwise, with_holm
+from fastcxr.evaluate.evaluation import holm, pairwise, with_holm
 from fastcxr.manifest import ManifestError, read_manifest
 from fastcxr.predict import Predictor
 from fastcxr.study import train_formulation
@@ -324,7 +324,7 @@ def test_ablation_and_train_over_seeds(prepared, tmp_path):
 
 
 def test_report_agrees_with_the_run(two_stage_run):
-    from fastcxr.evaluation import EvalConfig, evaluate
+    from fastcxr.evaluate.evaluation import EvalConfig, evaluate
 
     run, summary = two_stage_run
     cfg = json.loads((run / "config.json").read_text())
@@ -337,7 +337,7 @@ def test_report_agrees_with_the_run(two_stage_run):
 
 
 def test_undefined_bootstrap_and_numpy_nan():
-    from fastcxr import stats
+    from fastcxr.evaluate import stats
 
     y = np.array([0, 0, 1, 1, 0, 0, 1, 0])
     s = np.linspace(0, 1, 8)

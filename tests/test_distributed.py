@@ -76,7 +76,7 @@ def test_shards_of_the_fast_loader_keep_their_workers(prepared):
     from fastai.torch_basics import set_seed
 
     from fastcxr.data.cache_loader import CacheDL
-    from fastcxr.ddp import ShardedCacheDL, ShardedDL
+    from fastcxr.train.ddp import ShardedCacheDL, ShardedDL
 
     df = read_manifest(prepared / "manifest.csv")
     files = [prepared / p for p in df["image"]]

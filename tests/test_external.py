@@ -17,7 +17,7 @@ from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
-from fastcxr.external import evaluate_run
+from fastcxr.evaluate.external import evaluate_run
 
 runner = CliRunner()
 FINDINGS = ("Edema", "Pleural Effusion")
@@ -223,7 +223,7 @@ def test_intensity_mismatch_and_unreadable_images_are_recorded(run, external, tm
 
 
 def test_compare_folder_and_report(run, external, tmp_path):
-    from fastcxr.evaluation import EvalConfig, evaluate
+    from fastcxr.evaluate.evaluation import EvalConfig, evaluate
 
     cmp = tmp_path / "cmp"
     for form in ("single", "multilabel"):  # two formulation runs, cheaply: copies of one
@@ -271,7 +271,7 @@ def test_compare_folder_and_report(run, external, tmp_path):
 
 def test_findings_match_through_the_vocabulary(tmp_path):
     from fastcxr.errors import UsageError
-    from fastcxr.external import finding_columns
+    from fastcxr.evaluate.external import finding_columns
 
     df = pd.DataFrame(columns=["image", "patient_id", "split", "Effusion", "pulmonary edema"])
     got = finding_columns(df, FINDINGS, tmp_path / "manifest.csv")
@@ -355,7 +355,7 @@ def test_a_copy_of_a_training_image_and_a_training_patient_are_found(run, prepar
 
 def test_an_evaluation_being_written_locks_its_name(run, external):
     """#22 item 11: two `evaluate --name c` at once both said "written" and one was lost."""
-    from fastcxr.runs import RunLock
+    from fastcxr.runtime.runs import RunLock
 
     with RunLock(run / "evaluations" / "busy"):  # another process evaluating under that name
         res = runner.invoke(app, ["evaluate", str(run), "--data", str(external), "--name",

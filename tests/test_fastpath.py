@@ -20,9 +20,9 @@ from fastcxr.bench import project_compare
 from fastcxr.config import DEMO, PAPER_STAGES
 from fastcxr.data import GRAY_MEAN, GRAY_STD, apply_policy, network_data
 from fastcxr.data.cache_loader import gpu_augment
-from fastcxr.fastpath import default_workers, resolve_speed
 from fastcxr.formulations import get_formulation
 from fastcxr.manifest import read_manifest
+from fastcxr.runtime.fastpath import default_workers, resolve_speed
 from fastcxr.train.learner import make_learner
 
 FINDINGS = ("Edema", "Pleural Effusion")
@@ -91,7 +91,7 @@ def test_device_smooth_loss_equals_fastais():
 
     from fastai.learner import AvgSmoothLoss
 
-    from fastcxr.fastpath import DeviceSmoothLoss
+    from fastcxr.runtime.fastpath import DeviceSmoothLoss
 
     a, b = AvgSmoothLoss(), DeviceSmoothLoss()
     expect, count = 0.0, 0
@@ -115,8 +115,8 @@ def test_grouped_adamw_steps_like_fastais_adam():
     from fastai.learner import Learner
     from fastai.optimizer import Adam
 
-    from fastcxr.fastpath import GroupedAdamW
     from fastcxr.models import block_splitter, build_model
+    from fastcxr.runtime.fastpath import GroupedAdamW
 
     torch.manual_seed(0)
     model = build_model("resnet10", 2)
@@ -152,7 +152,7 @@ def test_grouped_adamw_steps_like_fastais_adam():
 def partial_grouped():
     from functools import partial
 
-    from fastcxr.fastpath import GroupedAdamW
+    from fastcxr.runtime.fastpath import GroupedAdamW
 
     return partial(GroupedAdamW, betas=(0.9, 0.99), eps=1e-5, foreach=True)
 

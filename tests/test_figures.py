@@ -15,8 +15,8 @@ from tiny import TINY_TRAIN  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from fastcxr.cli import app  # noqa: E402
-from fastcxr.figures import ablation_figure, curves_figure, restored_epochs  # noqa: E402
-from fastcxr.runs import load_run  # noqa: E402
+from fastcxr.evaluate.figures import ablation_figure, curves_figure, restored_epochs  # noqa: E402
+from fastcxr.runtime.runs import load_run  # noqa: E402
 
 runner = CliRunner()
 
@@ -89,8 +89,8 @@ def test_the_ablation_figure_marks_the_best_and_the_selected_stage(ablation):
 def test_the_reliability_diagrams_marker_areas_follow_the_bins_images():
     from matplotlib.collections import PathCollection
 
-    from fastcxr.figures import calibration_figure
-    from fastcxr.stats import calibration_bins
+    from fastcxr.evaluate.figures import calibration_figure
+    from fastcxr.evaluate.stats import calibration_bins
 
     rng = np.random.default_rng(0)
     evals = {}

@@ -23,9 +23,9 @@ from tiny import TINY_TRAIN, epochs_done, fastcxr
 
 from fastcxr.config import DEMO, PAPER_STAGES, Stage
 from fastcxr.data import apply_policy, network_data
-from fastcxr.fastpath import resolve_speed
 from fastcxr.formulations import get_formulation
 from fastcxr.manifest import read_manifest
+from fastcxr.runtime.fastpath import resolve_speed
 from fastcxr.train.learner import make_learner
 
 pytestmark = pytest.mark.gpu

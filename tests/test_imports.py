@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fastcxr.cli import app
 from fastcxr.cli.guard import guarded, stop_on_signals
 from fastcxr.errors import FastcxrError, UsageError
-from fastcxr.stopping import STOP, Interrupted
+from fastcxr.runtime.stopping import STOP, Interrupted
 
 HEAVY = ("torch", "fastai", "pandas", "matplotlib", "pydicom", "PIL", "sklearn")
 runner = CliRunner()

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from tiny import TINY_TRAIN
 
-from fastcxr.fastpath import default_workers
+from fastcxr.runtime.fastpath import default_workers
 
 pytest.importorskip("accelerate")
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from fastcxr import study
 from fastcxr.cli import app
-from fastcxr.fastpath import default_workers
+from fastcxr.runtime.fastpath import default_workers
 
 inner = study.train_formulation
 

@@ -23,8 +23,8 @@ from tiny import TINY_TRAIN
 from torch import nn
 from typer.testing import CliRunner
 
-from fastcxr import stats
 from fastcxr.cli import app, console
+from fastcxr.evaluate import stats
 from fastcxr.train.callbacks import StageCallbacks
 from fastcxr.train.freezing import Freezing
 from fastcxr.train.learner import silence
@@ -136,7 +136,7 @@ def test_a_bootstrap_reports_its_resamples_and_finds_the_same_interval(stat):
 def test_an_evaluation_reports_each_findings_bootstraps_and_finds_the_same_numbers():
     import pandas as pd
 
-    from fastcxr.evaluation import EvalConfig, evaluate
+    from fastcxr.evaluate.evaluation import EvalConfig, evaluate
 
     rng = np.random.default_rng(1)
     n = 240
@@ -159,8 +159,8 @@ def test_an_evaluation_reports_each_findings_bootstraps_and_finds_the_same_numbe
 
 
 def test_an_audit_counts_its_subgroups_and_finds_the_same_numbers():
-    from fastcxr.audit import score_finding
-    from fastcxr.evaluation import EvalConfig
+    from fastcxr.evaluate.audit import score_finding
+    from fastcxr.evaluate.evaluation import EvalConfig
 
     rng = np.random.default_rng(2)
     n = 300

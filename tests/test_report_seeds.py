@@ -15,7 +15,7 @@ from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
-from fastcxr.report import seed_curves
+from fastcxr.evaluate.report import seed_curves
 
 runner = CliRunner()
 FINDINGS = ("Edema", "Pleural Effusion")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fastcxr.runs import RunError, RunLock
+from fastcxr.runtime.runs import RunError, RunLock
 
 
 def test_the_lock_file_is_removed_when_the_run_ends(tmp_path):
@@ -52,7 +52,7 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_pa
     run = tmp_path / "r"
     code = (
         "import os, sys, time\n"
-        "from fastcxr.runs import RunLock\n"
+        "from fastcxr.runtime.runs import RunLock\n"
         f"lock = RunLock({str(run)!r}).__enter__()\n"
         "if os.fork() == 0:\n"  # a worker that outlives its parent
         "    time.sleep(30); os._exit(0)\n"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fastcxr.cli import app
 from fastcxr.manifest import ManifestError, read_manifest
 from fastcxr.predict import Predictor
-from fastcxr.runs import RunLock
+from fastcxr.runtime.runs import RunLock
 
 runner = CliRunner()
 TINY = [*TINY_TRAIN, "--epochs", "1", "--stages", "all", "--no-pretrained"]
@@ -286,7 +286,7 @@ def test_an_edited_sidecar_arch_is_refused(prepared, tmp_path):
 def test_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     import errno
 
-    from fastcxr.runs import RunError, save_torch
+    from fastcxr.runtime.runs import RunError, save_torch
 
     def full(obj, f, *a, **k):
         with open(f, "wb") as fh:
@@ -302,7 +302,7 @@ def test_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_torchs_unexpected_pos_on_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
     """#22 item 21: torch's zip writer reports a full disk as RuntimeError("... unexpected
     pos ..."), which a 115-line traceback showed."""
-    from fastcxr.runs import RunError, save_torch
+    from fastcxr.runtime.runs import RunError, save_torch
 
     def full(obj, f, *a, **k):
         with open(f, "wb") as fh:
@@ -318,7 +318,7 @@ def test_torchs_unexpected_pos_on_a_full_disk_is_a_one_line_error(tmp_path, monk
 
 
 def test_another_runtime_error_while_writing_is_not_hidden(tmp_path, monkeypatch):
-    from fastcxr.runs import save_torch
+    from fastcxr.runtime.runs import save_torch
 
     def bug(obj, f, *a, **k):
         raise RuntimeError("Can't pickle local object")
@@ -332,7 +332,7 @@ def test_a_read_only_folder_fails_with_one_line_even_when_cleanup_fails(tmp_path
     """#22 item 22: removing the partial file raised EROFS from the cleanup itself."""
     import errno
 
-    from fastcxr.runs import RunError, write_atomic
+    from fastcxr.runtime.runs import RunError, write_atomic
 
     def read_only(tmp):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
 
-from fastcxr import stats
-from fastcxr.evaluation import evaluate, holm, pairwise
+from fastcxr.evaluate import stats
+from fastcxr.evaluate.evaluation import evaluate, holm, pairwise
 
 
 def data(n=300, seed=0, ties=False):

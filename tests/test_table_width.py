@@ -148,8 +148,8 @@ def ablation_result() -> dict:
 def audit_result() -> dict:
     """A real audit (the library's own scoring) of 600 images, race and sex subgroups, one
     subgroup with no positive image."""
-    from fastcxr.audit import GAP_RULE, UNDERDIAGNOSIS_RULE, score_finding
-    from fastcxr.evaluation import EvalConfig
+    from fastcxr.evaluate.audit import GAP_RULE, UNDERDIAGNOSIS_RULE, score_finding
+    from fastcxr.evaluate.evaluation import EvalConfig
 
     rng = np.random.default_rng(0)
     n = 600

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 import fastcxr.cli.training as training_cli
 from fastcxr.cli import app
 from fastcxr.errors import FastcxrError, UsageError
-from fastcxr.stopping import STOP, Interrupted
-from fastcxr.tracking import Tracking, metric_name, require, tracked
+from fastcxr.runtime.stopping import STOP, Interrupted
+from fastcxr.runtime.tracking import Tracking, metric_name, require, tracked
 
 runner = CliRunner()
 KINDS = ("tensorboard", "mlflow", "wandb")

@@ -66,7 +66,7 @@ def _run(cmd, cwd, **extra) -> subprocess.CompletedProcess:
 
 
 def test_the_readme_python_read_path(tracked):
-    net = "edema-pleural_effusion"  # fastcxr.tracking.metric_name("edema+pleural_effusion")
+    net = "edema-pleural_effusion"  # fastcxr.runtime.tracking.metric_name("edema+pleural_effusion")
     py = [sys.executable, "-c", README_PYTHON, "runs/m", net]
     cwd = tracked.parent  # the README's relative path: runs/m/tracking/mlruns
     (cwd / "runs").mkdir(exist_ok=True)

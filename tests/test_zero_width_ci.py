@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fastcxr import stats
-from fastcxr.audit import score_finding
-from fastcxr.evaluation import EvalConfig, finding_report
-from fastcxr.external import auc_ci
+from fastcxr.evaluate import stats
+from fastcxr.evaluate.audit import score_finding
+from fastcxr.evaluate.evaluation import EvalConfig, finding_report
+from fastcxr.evaluate.external import auc_ci
 
 
 def _separated(n_pat: int = 8, per: int = 2, seed: int = 0):

@@ -57,7 +57,7 @@ def audit(
     at the run's threshold, the TPR gap to the whole test set with its CI (CheXclusion), and
     underdiagnosis (FPR of No Finding) when the run predicts it; written into RUN/audit/."""
     with guarded(), reporting(not json_out):
-        from fastcxr.audit import audit_run
+        from fastcxr.evaluate.audit import audit_run
 
         result = audit_run(
             run_dir, by.split(",") if by is not None else None, age_bins, min_size,

@@ -58,7 +58,7 @@ def evaluate(
     validation-chosen thresholds: AUC with the patient-bootstrap CI, accuracy, sensitivity and
     specificity at the run's threshold, ECE and Brier per finding; written into the run."""
     with guarded(), progress() as bar:
-        from fastcxr.external import evaluate_run
+        from fastcxr.evaluate.external import evaluate_run
 
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")

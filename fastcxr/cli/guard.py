@@ -28,12 +28,12 @@ INTERRUPTED = 143  # 128 + SIGTERM, what a job stopped by its scheduler reports
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGTERM or SIGINT sets `fastcxr.stopping.STOP` (long jobs stop at their next safe
+    """SIGTERM or SIGINT sets `fastcxr.runtime.stopping.STOP` (long jobs stop at their next safe
     point and raise `Interrupted`); a second Ctrl-C raises KeyboardInterrupt at once. The
     previous handlers are restored and STOP cleared on the way out."""
     import signal
 
-    from fastcxr.stopping import STOP
+    from fastcxr.runtime.stopping import STOP
 
     if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
         yield
@@ -84,7 +84,7 @@ def expected_message(e: BaseException) -> str | None:
 def expected_errors() -> Iterator[None]:
     """An expected error → one line on stderr, exit 2; a stopped job → its message in
     yellow, exit 143; everything else propagates with its traceback."""
-    from fastcxr.stopping import Interrupted
+    from fastcxr.runtime.stopping import Interrupted
 
     try:
         yield

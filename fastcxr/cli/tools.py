@@ -131,8 +131,8 @@ def report(
 ) -> None:
     """Figures and results.md from run records (no retraining)."""
     with guarded():
-        from fastcxr.evaluation import EvalConfig
-        from fastcxr.report import build_report
+        from fastcxr.evaluate.evaluation import EvalConfig
+        from fastcxr.evaluate.report import build_report
 
         files = build_report(
             run_dirs, out_dir, EvalConfig(ci=ci, threshold=threshold, target=target), template
@@ -176,7 +176,7 @@ def predict(
     """Predict findings for new radiographs with a trained run; unreadable files are listed."""
     with guarded(), progress() as bar:
         from fastcxr import predict as lib
-        from fastcxr.runs import write_csv
+        from fastcxr.runtime.runs import write_csv
 
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")

@@ -57,7 +57,7 @@ def _dataset(data: Path | None, cfg, log):
 
 
 def _is_main() -> bool:
-    from fastcxr.distributed import is_main
+    from fastcxr.runtime.distributed import is_main
 
     return is_main()
 
@@ -118,7 +118,7 @@ def _run_name(name: str | None, command: str, preset: str) -> str:
 
 
 def _seeds(seeds: str | None, seed: int | None) -> tuple[int, ...] | None:
-    from fastcxr.seeds import parse_seeds
+    from fastcxr.runtime.seeds import parse_seeds
 
     if seeds is None:
         return None
@@ -129,13 +129,13 @@ def _seeds(seeds: str | None, seed: int | None) -> tuple[int, ...] | None:
 
 def _track(kind: str | None):
     """--track checked up front (its package too), before any data or training."""
-    from fastcxr import tracking
+    from fastcxr.runtime import tracking
 
     return None if kind is None else tracking.require(kind)
 
 
 def _tracking(kind: str | None, run_dir: Path):
-    from fastcxr.tracking import Tracking
+    from fastcxr.runtime.tracking import Tracking
 
     return None if kind is None else Tracking(kind, run_dir)
 

@@ -6,7 +6,7 @@ Each worker decodes cached 8-bit PNGs into a uint8 batch (N, 1, H, W) — no per
 conversion, no 3-channel copies, no fastai type dispatch — pinned, then moved to the device,
 where it is converted to float, augmented (small rotation/zoom, lighting) and normalised in
 one pass per batch. fastai's and torch's internals it relies on are reached through
-`fastcxr.adapters` only.
+`fastcxr.runtime.adapters` only.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from fastai.data.load import DataLoader
 from fastcore.basics import chunked
 
-from fastcxr import adapters
-from fastcxr.fastpath import AUGMENT, Speed
 from fastcxr.prepare.cache import load_source
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, read_cached
+from fastcxr.runtime import adapters
+from fastcxr.runtime.fastpath import AUGMENT, Speed
 
 
 def gpu_augment(

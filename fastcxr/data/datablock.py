@@ -21,10 +21,10 @@ from PIL import Image
 from fastcxr.config import TrainConfig
 from fastcxr.data.cache_loader import cache_loaders, close_loaders
 from fastcxr.errors import FastcxrError
-from fastcxr.fastpath import AUGMENT, Speed, resolve_speed
 from fastcxr.findings import NO_FINDING, LabelPolicy, derive_no_finding
 from fastcxr.formulations import Formulation, Network
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, Preprocessing
+from fastcxr.runtime.fastpath import AUGMENT, Speed, resolve_speed
 
 
 class DataError(FastcxrError, ValueError):
@@ -184,7 +184,8 @@ def network_data(
     preprocessing: Preprocessing | None = None,
 ) -> NetworkData:
     """DataLoaders (train/valid) and a labelled test DataLoader for `net`: the fast cache
-    loader (`fastcxr.fastpath`) or fastai's DataBlock, as `speed` (resolved from `cfg`) says."""
+    loader (`fastcxr.runtime.fastpath`) or fastai's DataBlock, as `speed` (resolved from
+    `cfg`) says."""
     speed = speed or resolve_speed(cfg, device)
     prep = preprocessing or Preprocessing(cfg.size)
     df = df.copy()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastcxr.distributed import barrier, init, is_main
 from fastcxr.manifest import file_sha256, read_manifest
 from fastcxr.preprocessing import Preprocessing
+from fastcxr.runtime.distributed import barrier, init, is_main
 
 Log = Callable[[dict], None]
 

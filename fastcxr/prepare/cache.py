@@ -9,7 +9,7 @@ on; a cache that cannot be written (full disk, read-only folder) stops the whole
 `CacheWriteError`, leaving no partial file behind.
 
 Work is handed to the worker processes a few small chunks at a time, so a stop request
-(`fastcxr.stopping.STOP`, set by the CLI on SIGTERM/SIGINT) ends the batch within about a
+(`fastcxr.runtime.stopping.STOP`, set by the CLI on SIGTERM/SIGINT) ends the batch within about a
 second: pending chunks are cancelled, those in flight finish, and `Interrupted` is raised.
 Workers ignore SIGINT (the parent decides when to stop), end on SIGTERM only once their
 current image is whole, and die with their parent, even when it is killed with SIGKILL.
@@ -48,7 +48,7 @@ from fastcxr.dicom import (
     resize_u8,
 )
 from fastcxr.errors import FastcxrError, UsageError
-from fastcxr.stopping import STOP, Interrupted
+from fastcxr.runtime.stopping import STOP, Interrupted
 
 MIN_SIZE, MAX_SIZE = 8, 4096  # cache image sizes accepted (the study's is 512)
 CHUNK_SECONDS = 0.5  # target time of one task handed to a worker: bounds the stop latency
@@ -364,7 +364,7 @@ def build_cache(
 ) -> CacheResult:
     """Convert `sources[i]` → `targets[i]` in parallel; returns counts and failures.
 
-    Raises `Interrupted` when `fastcxr.stopping.STOP` is set (what is converted is kept: the
+    Raises `Interrupted` when `fastcxr.runtime.stopping.STOP` is set (what is converted is kept: the
     same call again continues) and `CacheWriteError` when the cache cannot be written.
     """
     size = check_size(size)

@@ -17,7 +17,7 @@ import pandas as pd
 from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.manifest import validate_manifest
 from fastcxr.prepare.cache import CacheWriteError, build_cache, check_size, describe_write_error
-from fastcxr.runs import write_atomic, write_csv
+from fastcxr.runtime.runs import write_atomic, write_csv
 
 
 class PrepareError(FastcxrError, ValueError):

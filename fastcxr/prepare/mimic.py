@@ -55,7 +55,7 @@ from fastcxr.prepare.common import (
     parse_shard,
     read_label_file,
 )
-from fastcxr.runs import write_atomic, write_csv
+from fastcxr.runtime.runs import write_atomic, write_csv
 
 FRONTAL_VIEWS = ("PA", "AP")
 LABELERS = ("chexpert", "negbio")

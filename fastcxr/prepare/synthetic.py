@@ -41,7 +41,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fastcxr.findings import CHEXPERT_FINDINGS
-from fastcxr.runs import write_atomic, write_csv
+from fastcxr.runtime.runs import write_atomic, write_csv
 
 TABLE2 = {(0, 0): 11548, (0, 1): 5709, (1, 0): 2310, (1, 1): 14136}  # (Edema, Effusion)
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation

@@ -16,7 +16,7 @@ history, weights and decisions.
 * `EpochProgress`: the stage's epochs and each epoch's images as progress events for `log`
   (no state, changes nothing in training).
 
-Progress events are described in `fastcxr.progress`.
+Progress events are described in `fastcxr.runtime.progress`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from fastai.learner import Recorder
 from fastai.torch_core import find_bs
 from torch import nn
 
-from fastcxr.distributed import unwrap
 from fastcxr.errors import Diverged
-from fastcxr.progress import progress_end, progress_event
+from fastcxr.runtime.distributed import unwrap
+from fastcxr.runtime.progress import progress_end, progress_event
 
 Log = Callable[[dict], None]
 
@@ -185,7 +185,7 @@ class History(Callback):
         self.epochs_done = int(state["epochs_done"])
 
     def _compiling(self) -> float:
-        acc = getattr(self.learn, "accelerated", None)  # fastcxr.fastpath.Accelerated
+        acc = getattr(self.learn, "accelerated", None)  # fastcxr.runtime.fastpath.Accelerated
         return acc.compile_seconds if acc is not None else 0.0
 
     def before_epoch(self):

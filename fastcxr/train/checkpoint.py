@@ -20,8 +20,8 @@ from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastcore.foundation import L
 
-from fastcxr.distributed import unwrap
-from fastcxr.runs import RunError, save_torch
+from fastcxr.runtime.distributed import unwrap
+from fastcxr.runtime.runs import RunError, save_torch
 
 FORMAT = "fastcxr-network-state-2"
 

@@ -12,10 +12,10 @@ from fastai.vision.learner import vision_learner
 
 from fastcxr.config import TrainConfig
 from fastcxr.data import NetworkData
-from fastcxr.distributed import world_size
-from fastcxr.fastpath import Accelerated, Speed, fused_adamw
 from fastcxr.formulations import Formulation, Network
 from fastcxr.models import TorchvisionArch, block_splitter
+from fastcxr.runtime.distributed import world_size
+from fastcxr.runtime.fastpath import Accelerated, Speed, fused_adamw
 from fastcxr.train.freezing import Freezing
 
 
@@ -34,7 +34,7 @@ def make_learner(nd: NetworkData, form: Formulation, net: Network, cfg: TrainCon
     if fast:
         learn.add_cb(Accelerated(nd.speed))
     if world_size() > 1:
-        from fastcxr.ddp import DataParallel
+        from fastcxr.train.ddp import DataParallel
 
         learn.add_cb(DataParallel())
     return silence(learn)

@@ -24,7 +24,7 @@ from fastai.learner import Learner
 
 from fastcxr.config import LR_FIND
 from fastcxr.errors import FastcxrError, UsageError
-from fastcxr.progress import progress_end, progress_event
+from fastcxr.runtime.progress import progress_end, progress_event
 from fastcxr.train.callbacks import Log
 from fastcxr.train.freezing import Freezing
 
@@ -92,7 +92,7 @@ def find_lr(
     smoothed losses `losses`, and the settings."""
     from fastai.callback.schedule import minimum, valley
 
-    from fastcxr.distributed import world_size
+    from fastcxr.runtime.distributed import world_size
 
     if world_size() > 1:
         raise UsageError(
@@ -165,7 +165,7 @@ def lr_find(data, form, cfg, stages, start_lr=START_LR, end_lr=END_LR,
     from fastai.torch_basics import default_device
 
     from fastcxr.data import apply_policy, network_data
-    from fastcxr.fastpath import resolve_speed
+    from fastcxr.runtime.fastpath import resolve_speed
     from fastcxr.train.learner import make_learner, seed_everything
 
     df = apply_policy(data.df, cfg, cfg.findings)

@@ -19,14 +19,14 @@ from fastai.torch_basics import default_device
 
 from fastcxr.config import Stage, TrainConfig
 from fastcxr.data import network_data, scored
-from fastcxr.distributed import is_main, local_view, unwrap
-from fastcxr.fastpath import Speed, resolve_speed
+from fastcxr.evaluate.metrics import thresholds as thresholds_for
 from fastcxr.formulations import Formulation, Network
-from fastcxr.metrics import thresholds as thresholds_for
 from fastcxr.preprocessing import Preprocessing
-from fastcxr.runs import save_torch, save_weights
-from fastcxr.stopping import STOP, Interrupted
-from fastcxr.tracking import Tracker
+from fastcxr.runtime.distributed import is_main, local_view, unwrap
+from fastcxr.runtime.fastpath import Speed, resolve_speed
+from fastcxr.runtime.runs import save_torch, save_weights
+from fastcxr.runtime.stopping import STOP, Interrupted
+from fastcxr.runtime.tracking import Tracker
 from fastcxr.train.callbacks import Log, cpu_state
 from fastcxr.train.checkpoint import NetworkState, get_rng, model_state, optimizer_state, set_rng
 from fastcxr.train.learner import make_learner, seed_everything

@@ -1,6 +1,6 @@
 """A formulation's run record, written from its networks' results: `write_record`.
 
-Files (see `fastcxr.runs`): config.json, history.csv, predictions.csv, metrics.json and
+Files (see `fastcxr.runtime.runs`): config.json, history.csv, predictions.csv, metrics.json and
 record.json (written last: the run is complete); the checkpoints are then removed.
 """
 
@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 
 from fastcxr.data import scored
-from fastcxr.distributed import barrier, is_main, world_size
+from fastcxr.evaluate.metrics import all_metrics
+from fastcxr.evaluate.metrics import thresholds as thresholds_for
 from fastcxr.findings import NO_FINDING, NO_FINDING_RULE
-from fastcxr.metrics import all_metrics
-from fastcxr.metrics import thresholds as thresholds_for
-from fastcxr.runs import environment, mark_complete, write_csv, write_json
+from fastcxr.runtime.distributed import barrier, is_main, world_size
+from fastcxr.runtime.runs import environment, mark_complete, write_csv, write_json
 from fastcxr.train.network import Job, NetworkResult
 
 TEST_SET_RULE = (

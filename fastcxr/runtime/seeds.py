@@ -18,7 +18,7 @@ import numpy as np
 
 from fastcxr.config import TrainConfig
 from fastcxr.errors import UsageError
-from fastcxr.runs import write_json
+from fastcxr.runtime.runs import write_json
 
 SEEDS_FILE = "seeds.json"
 AGGREGATED = ("auc", "accuracy")

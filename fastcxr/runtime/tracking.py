@@ -190,7 +190,7 @@ def tracked(
                 log({"event": "data", "message": f"tracking: {backends[-1].where()}"})
         yield _Fanout(backends) if len(backends) > 1 else backends[0]
     except BaseException as e:
-        from fastcxr.stopping import Interrupted
+        from fastcxr.runtime.stopping import Interrupted
 
         stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
         for b in backends:
@@ -329,7 +329,7 @@ class _Mirror(Tracker, ABC):
         return self._ids().get(self.label or ".") if self.resume else None
 
     def _save_id(self, entry: dict) -> None:
-        from fastcxr.runs import write_json
+        from fastcxr.runtime.runs import write_json
 
         path = self.tracking.folder / "runs.json"
         every = self._every_id()

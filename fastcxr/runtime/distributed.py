@@ -6,7 +6,7 @@ Launch the usual way, e.g. ``torchrun --nproc_per_node 2 -m fastcxr train …`` 
 Validation and test inference are *not* sharded: every process evaluates the whole split, so
 every process takes the same early-stopping decision and every metric is computed on the
 whole set. Only rank 0 writes run records and checkpoints. (The trainer callback lives in
-`fastcxr.ddp`, imported only when several processes run: it needs `accelerate`.)
+`fastcxr.train.ddp`, imported only when several processes run: it needs `accelerate`.)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fastcxr import stats
+from fastcxr.evaluate import stats
 
 
 def scored_rows(y: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """`fastcxr report`: results.md and the figures of a set of runs, read from their records
 only (a compare folder, a run, an ablation, a `--seeds` series), with the evaluations
 (`fastcxr evaluate`) and subgroup audits (`fastcxr audit`) saved under them. The figures
-themselves are drawn by `fastcxr.figures`.
+themselves are drawn by `fastcxr.evaluate.figures`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
-from fastcxr.evaluation import EvalConfig, evaluate, pairwise, table, with_holm
-from fastcxr.figures import (
+from fastcxr.evaluate.evaluation import EvalConfig, evaluate, pairwise, table, with_holm
+from fastcxr.evaluate.figures import (
     ablation_figure,
     accuracy_figure,
     calibration_figure,
@@ -28,8 +28,8 @@ from fastcxr.figures import (
     save_figure,
     tpr_gap_figure,
 )
-from fastcxr.runs import RunError, is_complete, load_run
-from fastcxr.seeds import SEEDS_FILE
+from fastcxr.runtime.runs import RunError, is_complete, load_run
+from fastcxr.runtime.seeds import SEEDS_FILE
 
 
 def _test(pred: pd.DataFrame) -> pd.DataFrame:
@@ -214,7 +214,7 @@ def build_report(
 def external_validations(runs: Mapping[str, Path], eval_cfg: EvalConfig) -> dict[str, dict]:
     """Every evaluation (`fastcxr evaluate`) under the runs: name → {run → its metrics},
     rescored from its predictions with the report's CI settings."""
-    from fastcxr.external import evaluations_of, read_evaluation
+    from fastcxr.evaluate.external import evaluations_of, read_evaluation
 
     out: dict[str, dict] = {}
     for n, p in runs.items():
@@ -225,7 +225,7 @@ def external_validations(runs: Mapping[str, Path], eval_cfg: EvalConfig) -> dict
 
 def subgroup_audits(runs: Mapping[str, Path]) -> dict[str, dict]:
     """Every saved audit (`fastcxr audit`) under the runs: `run` or `run/evaluation` → it."""
-    from fastcxr.audit import audits_of, read_audit
+    from fastcxr.evaluate.audit import audits_of, read_audit
 
     out = {}
     for n, p in runs.items():

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fastcxr import stats
 from fastcxr.errors import UsageError
-from fastcxr.evaluation import CLUSTERED, EvalConfig, bootstrap_method
-from fastcxr.metrics import finding_metrics, scored_rows
-from fastcxr.runs import (
+from fastcxr.evaluate import stats
+from fastcxr.evaluate.evaluation import CLUSTERED, EvalConfig, bootstrap_method
+from fastcxr.evaluate.metrics import finding_metrics, scored_rows
+from fastcxr.runtime.runs import (
     RunError,
     RunLock,
     is_complete,
@@ -321,9 +321,9 @@ def _evaluate_one(
     progress: Progress | None,
 ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Metrics dict, predictions and failures of one finished run on `dataset`."""
-    from fastcxr import __version__
     from fastcxr.manifest import file_sha256
     from fastcxr.predict import Predictor, predict
+    from fastcxr.version import __version__
 
     run = load_run(run_dir)
     pred = Predictor.load(run_dir, device=device)

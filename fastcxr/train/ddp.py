@@ -1,18 +1,18 @@
-"""fastai's Accelerate trainer adapted for fastcxr (see `fastcxr.distributed`)."""
+"""fastai's Accelerate trainer adapted for fastcxr (see `fastcxr.runtime.distributed`)."""
 
 from __future__ import annotations
 
 import torch
 from fastai.distributed import DistributedDL, DistributedTrainer
 
-from fastcxr import adapters
 from fastcxr.data.cache_loader import CacheDL
+from fastcxr.runtime import adapters
 
 
 class ShardedDL(DistributedDL):
     """fastai's `DistributedDL` with a broadcast that also works on CPU (gloo); fastai's moves
     the index list to CUDA unconditionally (fastai 2.8.12's private `_broadcast`, checked by
-    `fastcxr.adapters`)."""
+    `fastcxr.runtime.adapters`)."""
 
     def __init__(self, *args, **kwargs):
         adapters.check_hooks(("fastai.distributed", "DistributedDL", "_broadcast"))
@@ -40,7 +40,7 @@ class ShardedCacheDL(ShardedDL):
 
 class DataParallel(DistributedTrainer):
     """fastai's `DistributedTrainer` (Accelerate), sharding only the training loader (its
-    private `_wrap_dl` and `old_dls`, fastai 2.8.12, through `fastcxr.adapters`)."""
+    private `_wrap_dl` and `old_dls`, fastai 2.8.12, through `fastcxr.runtime.adapters`)."""
 
     def __init__(self):
         adapters.check_hooks(("fastai.distributed", "DistributedTrainer", "_wrap_dl"))

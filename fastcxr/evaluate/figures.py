@@ -1,6 +1,6 @@
 """The study's figures. Each function takes what a run record holds and returns a matplotlib
-Figure; `fastcxr.report` reads the runs, saves the figures and writes results.md. Nothing here
-calls plt.show().
+Figure; `fastcxr.evaluate.report` reads the runs, saves the figures and writes results.md.
+Nothing here calls plt.show().
 """
 
 from __future__ import annotations

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fastcxr import stats
 from fastcxr.errors import UsageError
-from fastcxr.evaluation import EvalConfig
+from fastcxr.evaluate import stats
+from fastcxr.evaluate.evaluation import EvalConfig
 from fastcxr.findings import ALL_FINDINGS
 from fastcxr.manifest import file_sha256
-from fastcxr.progress import progress_end, progress_event
-from fastcxr.runs import RunError, write_csv, write_json
+from fastcxr.runtime.progress import progress_end, progress_event
+from fastcxr.runtime.runs import RunError, write_csv, write_json
 
 FORMAT = "fastcxr-audit-1"
 ATTRIBUTES = ("sex", "age", "race", "view")
@@ -186,7 +186,7 @@ def score_finding(
     attribute (`groups`: attribute → subgroup name → mask). TPR/FPR at `threshold`; gap CIs
     from one patient bootstrap of the whole set, shared by every subgroup. `progress(done,
     total)` hears of each (sub)group scored (its AUC bootstrap is most of the time)."""
-    from fastcxr.external import auc_ci
+    from fastcxr.evaluate.external import auc_ci
 
     y = y.astype(bool)
     hit = p >= threshold if threshold is not None else None
@@ -272,7 +272,7 @@ def sources(path: Path, evaluation: str | None) -> dict[str, Path]:
     """What to audit under `path`: name → a folder holding predictions.csv (a run, an
     evaluation folder, or each formulation of a compare folder; `evaluation`: that
     evaluation of each)."""
-    from fastcxr.external import _sub_runs, evaluations_of
+    from fastcxr.evaluate.external import _sub_runs, evaluations_of
 
     path = Path(path).resolve()
     is_eval = (path / "metrics.json").exists() and _read_json(path / "metrics.json").get(
@@ -452,10 +452,10 @@ def audit_run(
 ) -> dict:
     """Audit a finished run (every formulation of a compare folder), or an evaluation (an
     evaluation folder, or `evaluation`: RUN/evaluations/NAME), and write SOURCE/audit/.
-    `log` hears of the subgroups scored as progress events (`fastcxr.progress`).
+    `log` hears of the subgroups scored as progress events (`fastcxr.runtime.progress`).
 
     Returns the audit (with `dir`), or for several sources `{"runs": name → audit}`."""
-    from fastcxr.external import _publish
+    from fastcxr.evaluate.external import _publish
 
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
         raise UsageError(f"--min-size must be a whole number of images ≥ 1, not {min_size!r}")
@@ -465,7 +465,7 @@ def audit_run(
     done = {n: audit_one(f, by, edges, min_size, cfg, Path(data) if data else None, log)
             for n, f in found.items()}  # fmt: skip
     if write:
-        from fastcxr.figures import save_figure, tpr_gap_figure
+        from fastcxr.evaluate.figures import save_figure, tpr_gap_figure
 
         for n, a in done.items():
             folder = Path(a["source"]) / "audit"

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fastcxr import stats
 from fastcxr.errors import UsageError
-from fastcxr.progress import progress_end, progress_event
+from fastcxr.evaluate import stats
+from fastcxr.runtime.progress import progress_end, progress_event
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from fastcxr.errors import FastcxrError
 FASTAI = "2.8.12"  # the versions this module was written against
 TORCH = "2.14.1"
 
-# (module, class, private method fastcxr overrides there): fastcxr.fastpath.GroupedAdamW,
-# fastcxr.ddp.ShardedDL and fastcxr.ddp.DataParallel
+# (module, class, private method fastcxr overrides there): fastcxr.runtime.fastpath.GroupedAdamW,
+# fastcxr.train.ddp.ShardedDL and fastcxr.train.ddp.DataParallel
 HOOKS = (
     ("fastai.optimizer", "OptimWrapper", "_set_hyper"),
     ("fastai.distributed", "DistributedDL", "_broadcast"),
@@ -43,7 +43,7 @@ def _changed(library: str, what: str, written: str, meaning: str) -> LibraryChan
     installed = {"fastai": fastai.__version__, "torch": torch.__version__}[library]
     return LibraryChanged(
         f"{library} {installed} has no {what} ({meaning}); fastcxr's adapter "
-        f"(fastcxr/adapters.py) was written against {library} {written}: install that "
+        f"(fastcxr/runtime/adapters.py) was written against {library} {written}: install that "
         f"version, or update the adapter"
     )
 

@@ -29,8 +29,8 @@ from fastai.callback.core import Callback
 from fastai.learner import AvgSmoothLoss
 from fastai.optimizer import OptimWrapper, set_item_pg
 
-from fastcxr import adapters
 from fastcxr.errors import UsageError
+from fastcxr.runtime import adapters
 
 # Training augmentation, shared by the fast path and fastai's `aug_transforms` (no flips: the
 # heart's side is anatomy, not noise; no warp).
