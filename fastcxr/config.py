@@ -14,7 +14,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastcxr.errors import UsageError
 from fastcxr.findings import STUDY_FINDINGS
@@ -169,7 +169,7 @@ class TrainConfig:
         if self.workers is not None and (not _is_int(self.workers) or self.workers < 0):
             raise UsageError(f"--workers must be 0 or more, not {self.workers!r}")
         if not _is_positive(self.lr_ratio) or self.lr_ratio < 1:
-            raise UsageError(f"lr_ratio must be >= 1, not {self.lr_ratio!r}")
+            raise UsageError(f"lr_ratio (--lr-ratio) must be >= 1, not {self.lr_ratio!r}")
         if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
             raise UsageError(f"weight_decay must be >= 0, not {self.weight_decay!r}")
         for name in ("pretrained", "augment", "compile"):
@@ -239,8 +239,10 @@ class TrainConfig:
         threshold: str | None = None,
         target: float | None = None,
         select: str | None = None,
+        **fields: Any,
     ) -> TrainConfig:
-        """The preset with the options given (`None`: keep the preset's value).
+        """The preset with the options given (`None`: keep the preset's value); `fields`: any
+        other `TrainConfig` field by its name (e.g. `lr_ratio`), also kept when None.
 
         `stages` is `--stages` text (`parse_stages`) or Stage objects and replaces both
         schedules; `epochs` and `lr` then apply to every stage of both. `findings` is
@@ -257,7 +259,10 @@ class TrainConfig:
             "compile": compile, "compile_backend": compile_backend, "threshold": threshold,
             "threshold_target": target, "select": select,
         }  # fmt: skip
-        changes = {k: v for k, v in given.items() if v is not None}
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"TrainConfig has no field {', '.join(sorted(unknown))}")
+        changes = {k: v for k, v in {**given, **fields}.items() if v is not None}
         if findings is not None:
             names = findings.split(",") if isinstance(findings, str) else list(findings)
             try:

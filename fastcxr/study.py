@@ -341,11 +341,18 @@ def unfreeze_ablation(
     return result
 
 
-def compare_seeds(
+# -- one entry: any experiment, on one seed or several --------------------------------------
+KINDS = ("train", "compare", "ablation")
+
+
+def run(
+    kind: str,
     data: Dataset,
     cfg: TrainConfig,
     run_dir: str | Path,
-    seeds: tuple[int, ...],
+    *,
+    seeds: tuple[int, ...] | None = None,
+    formulation: str = "multilabel",
     formulations: tuple[str, ...] = tuple(FORMULATIONS),
     log: Log | None = None,
     eval_cfg: EvalConfig = EvalConfig(),
@@ -353,75 +360,73 @@ def compare_seeds(
     overwrite: bool = False,
     track: Tracking | None = None,
 ) -> dict:
-    """`compare` once per seed (RUN/seed-K), with the spread of AUC and accuracy across seeds.
-    A seed whose compare.json exists is read back (`compare` reads back finished runs too)."""
+    """The experiment `kind` — `train` (one `formulation`), `compare` (`formulations`,
+    Experiment II) or `ablation` (progressive unfreezing of one `formulation`, Experiment
+    I) — into `run_dir`; with `seeds`, once per seed (RUN/seed-K; finished seeds are read back
+    on `resume`) with the spread of AUC and accuracy across the seeds, by formulation (train,
+    compare) or stage (ablation)."""
+    if kind not in KINDS:
+        raise UsageError(f"experiment {kind!r}: one of {', '.join(KINDS)}")
+    go = {"resume": resume, "track": track}
+    if kind == "train":
 
-    check_schedule(cfg, cfg.stages)  # before the series' plan.json
+        def one(c, sub, over=overwrite):
+            return train_formulation(data, formulation, c, sub, log, overwrite=over, **go)
 
-    def one(c: TrainConfig, sub: Path) -> dict:
-        return compare(data, c, sub, formulations, log, eval_cfg, resume, track=track)
+        def done(sub):
+            return load_run(sub)["record"] if resume and is_complete(sub) else None
 
+        rows, about, stages = (lambda r: {formulation: r["findings"]},
+                               {"formulation": formulation}, cfg.stages)  # fmt: skip
+    elif kind == "compare":
+
+        def one(c, sub, over=overwrite):
+            return compare(data, c, sub, formulations, log, eval_cfg, overwrite=over, **go)
+
+        def done(sub):
+            return read_json(sub / "compare.json")
+
+        rows = lambda r: {k: v["findings"] for k, v in r["formulations"].items()}  # noqa: E731
+        about, stages = {"formulations": list(formulations)}, cfg.stages
+    else:
+
+        def one(c, sub, over=overwrite):
+            return unfreeze_ablation(data, c, sub, formulation, log, overwrite=over, **go)
+
+        def done(sub):
+            return read_json(sub / "ablation.json") if resume else None
+
+        rows = lambda r: {s["name"]: s["findings"] for s in r["stages"]}  # noqa: E731
+        about, stages = {"formulation": formulation}, cfg.ablation_stages
+    if not seeds:
+        return one(cfg, run_dir)
+    check_schedule(cfg, stages)  # before the series' plan.json
     r = _seeded(data, cfg, run_dir, overwrite)(
-        seeds, cfg, run_dir, one, lambda sub: read_json(sub / "compare.json"),
-        lambda res: {k: v["findings"] for k, v in res["formulations"].items()}, log,
-    )  # fmt: skip
-    return {**r, **_about(data, cfg), "formulations": list(formulations)}
-
-
-def train_seeds(
-    data: Dataset,
-    formulation: str,
-    cfg: TrainConfig,
-    run_dir: str | Path,
-    seeds: tuple[int, ...],
-    log: Log | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    track: Tracking | None = None,
-) -> dict:
-    """`train_formulation` once per seed (RUN/seed-K); with `resume`, finished seeds are read
-    back."""
-
-    check_schedule(cfg, cfg.stages)  # before the series' plan.json
-
-    def one(c: TrainConfig, sub: Path) -> dict:
-        return train_formulation(data, formulation, c, sub, log, resume=resume, track=track)
-
-    def done(sub: Path) -> dict | None:
-        return load_run(sub)["record"] if resume and is_complete(sub) else None
-
-    r = _seeded(data, cfg, run_dir, overwrite)(
-        seeds, cfg, run_dir, one, done, lambda res: {formulation: res["findings"]}, log
+        seeds, cfg, run_dir, lambda c, sub: one(c, sub, False), done, rows, log
     )
-    return {**r, **_about(data, cfg), "formulation": formulation}
+    return {**r, **_about(data, cfg), **about}
 
 
-def ablation_seeds(
-    data: Dataset,
-    cfg: TrainConfig,
-    run_dir: str | Path,
-    seeds: tuple[int, ...],
-    formulation: str = "multilabel",
-    log: Log | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    track: Tracking | None = None,
-) -> dict:
-    """`unfreeze_ablation` once per seed (RUN/seed-K); the aggregate is keyed by stage."""
+def compare_seeds(data, cfg, run_dir, seeds, formulations=tuple(FORMULATIONS), log=None,
+                  eval_cfg=EvalConfig(), resume=False, overwrite=False,
+                  track=None) -> dict:  # fmt: skip
+    """`compare` once per seed (RUN/seed-K): `run("compare", ..., seeds=seeds)`."""
+    return run("compare", data, cfg, run_dir, seeds=seeds, formulations=formulations, log=log,
+               eval_cfg=eval_cfg, resume=resume, overwrite=overwrite, track=track)  # fmt: skip
 
-    check_schedule(cfg, cfg.ablation_stages)  # before the series' plan.json
 
-    def one(c: TrainConfig, sub: Path) -> dict:
-        return unfreeze_ablation(data, c, sub, formulation, log, resume, track=track)
+def train_seeds(data, formulation, cfg, run_dir, seeds, log=None, resume=False,
+                overwrite=False, track=None) -> dict:  # fmt: skip
+    """`train_formulation` once per seed (RUN/seed-K): `run("train", ..., seeds=seeds)`."""
+    return run("train", data, cfg, run_dir, seeds=seeds, formulation=formulation, log=log,
+               resume=resume, overwrite=overwrite, track=track)  # fmt: skip
 
-    def done(sub: Path) -> dict | None:
-        return read_json(sub / "ablation.json") if resume else None
 
-    r = _seeded(data, cfg, run_dir, overwrite)(
-        seeds, cfg, run_dir, one, done,
-        lambda res: {s["name"]: s["findings"] for s in res["stages"]}, log,
-    )  # fmt: skip
-    return {**r, **_about(data, cfg), "formulation": formulation}
+def ablation_seeds(data, cfg, run_dir, seeds, formulation="multilabel", log=None,
+                   resume=False, overwrite=False, track=None) -> dict:  # fmt: skip
+    """`unfreeze_ablation` once per seed (RUN/seed-K): `run("ablation", ..., seeds=seeds)`."""
+    return run("ablation", data, cfg, run_dir, seeds=seeds, formulation=formulation, log=log,
+               resume=resume, overwrite=overwrite, track=track)  # fmt: skip
 
 
 def _seeded(data: Dataset, cfg: TrainConfig, run_dir: str | Path, overwrite: bool):

@@ -11,30 +11,12 @@ import typer
 from fastcxr.cli import render
 from fastcxr.cli.console import report, reporting, show
 from fastcxr.cli.guard import guarded
-from fastcxr.cli.options import (
-    Arch,
-    BatchSize,
-    Blank,
-    Data,
-    Findings,
-    FreezeStyle,
-    Json,
-    Loader,
-    NoPretrained,
-    Precision,
-    Preset,
-    Seed,
-    Size,
-    Stages,
-    Uncertain,
-    Weights,
-    Workers,
-)
+from fastcxr.cli.options import SWEEP, Training, training_options
 
 
+@training_options(*SWEEP)
 def lr_find(
-    data: Data = None,
-    preset: Preset = "demo",
+    o: Training,
     formulation: Annotated[
         str, typer.Option(help="single, multilabel or multiclass: the networks to sweep.")
     ] = "multilabel",
@@ -42,54 +24,33 @@ def lr_find(
         bool,
         typer.Option("--ablation", help="Sweep the unfreeze-ablation's stages (Experiment I)."),
     ] = False,
-    arch: Arch = None,
-    size: Size = None,
-    batch_size: BatchSize = None,
-    stages: Stages = None,
-    weights: Weights = None,
-    no_pretrained: NoPretrained = False,
-    freeze_style: FreezeStyle = None,
-    findings: Findings = None,
-    uncertain: Uncertain = None,
-    blank: Blank = None,
-    seed: Seed = None,
-    workers: Workers = None,
-    loader: Loader = None,
-    precision: Precision = None,
     start_lr: Annotated[float, typer.Option("--start-lr", help="First rate of the sweep.")] = 1e-7,
     end_lr: Annotated[float, typer.Option("--end-lr", help="Last rate of the sweep.")] = 10.0,
     num_it: Annotated[int, typer.Option("--num-it", help="Mini-batches of the sweep.")] = 100,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Folder for lr_find.json and lr_find.png.")
     ] = Path("reports/build/lr-find"),
-    json_out: Json = False,
 ) -> None:
     """The loss against the learning rate at each stage (that stage's freezing and
     discriminative groups), with fastai's valley and minimum suggestions; each stage sweeps
     from the starting weights, nothing is trained. `--lr find` on train, compare or
     unfreeze-ablation runs the finder at each stage's real start instead."""
-    with guarded(), reporting(not json_out):
+    with guarded(), reporting(not o.json_out):
         from fastcxr.cli.training import _dataset, _log
-        from fastcxr.config import TrainConfig
         from fastcxr.formulations import get_formulation
         from fastcxr.study import check_schedule, write_lr_find
         from fastcxr.train.lr_find import check_sweep
 
         check_sweep(start_lr, end_lr, num_it)
 
-        cfg = TrainConfig.from_options(
-            preset, arch=arch, size=size, batch_size=batch_size, stages=stages,
-            weights=weights, pretrained=False if no_pretrained else None,
-            freeze_style=freeze_style, findings=findings, uncertain=uncertain, blank=blank,
-            seed=seed, workers=workers, loader=loader, precision=precision,
-        )  # fmt: skip
+        cfg = o.config()
         form = get_formulation(formulation)
         schedule = cfg.ablation_stages if ablation else cfg.stages
         check_schedule(cfg, schedule)
-        ds = _dataset(data, cfg, _log)
+        ds = _dataset(o.data, cfg, _log)
         result = write_lr_find(ds, form, cfg, schedule, out_dir, start_lr, end_lr, num_it,
                                lambda ev: report(ev) or _log(ev))  # fmt: skip
-    if json_out:
+    if o.json_out:
         print(json.dumps(result, indent=2))
         return
     show(render.lr_find(result))

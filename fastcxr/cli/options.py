@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import typer
+
+KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 Data = Annotated[
     Path | None,
@@ -40,6 +45,14 @@ Lr = Annotated[
         help="Learning rate of the head (the other unfrozen groups get less, down to lr / "
         "lr_ratio), or 'find': fastai's lr_find at the start of each stage, its valley "
         "suggestion used and recorded in the run config.",
+    ),
+]
+LrRatio = Annotated[
+    float | None,
+    typer.Option(
+        "--lr-ratio",
+        help="Discriminative learning rates: the earliest unfrozen group trains at lr / "
+        "lr-ratio, the groups between geometrically spaced up to the head's lr (default 10).",
     ),
 ]
 Stages = Annotated[
@@ -182,3 +195,79 @@ ManifestOnly = Annotated[
         "--manifest-only", help="Write the manifest from the label files alone; convert nothing."
     ),
 ]
+
+
+# -- the training options, as one bundle ------------------------------------------------------
+# Every option the training commands (compare, train, unfreeze-ablation, lr-find) share, in
+# the order `--help` lists them, with its default. A command takes a parameter `o: Training`
+# and names the shared options it offers in `@training_options(...)`; the options are put in
+# its signature where `o` stands (the run's name and folder options last), and `o` receives
+# them. Adding a training option: one line here, and the `TrainConfig` field it sets (an option
+# whose name is a field of `TrainConfig` reaches it through `Training.config()` unchanged).
+SHARED: dict[str, tuple[Any, Any]] = {
+    "data": (Data, None), "preset": (Preset, "demo"), "arch": (Arch, None),
+    "size": (Size, None), "batch_size": (BatchSize, None), "epochs": (Epochs, None),
+    "patience": (Patience, None), "lr": (Lr, None), "lr_ratio": (LrRatio, None),
+    "stages": (Stages, None), "weights": (Weights, None),
+    "no_pretrained": (NoPretrained, False), "freeze_style": (FreezeStyle, None),
+    "findings": (Findings, None), "uncertain": (Uncertain, None), "blank": (Blank, None),
+    "seed": (Seed, None), "seeds": (Seeds, None), "threshold": (Threshold, None),
+    "target": (Target, None), "select": (Select, None), "workers": (Workers, None),
+    "loader": (Loader, None), "precision": (Precision, None), "compile": (Compile, False),
+    "compile_backend": (CompileBackend, None), "track": (Track, None),
+    # the run: its name and folder, listed after the command's own options
+    "name": (RunName, None), "resume": (Resume, False), "overwrite": (Overwrite, False),
+    "runs": (Runs, Path("runs")), "json_out": (Json, False),
+}  # fmt: skip
+RUN_OPTIONS = ("name", "resume", "overwrite", "runs", "json_out")
+NOT_CONFIG = {"data", "preset", "seeds", "track", *RUN_OPTIONS}  # not TrainConfig's
+TRAINING = tuple(SHARED)  # what compare, train and unfreeze-ablation take
+SWEEP = tuple(  # lr-find trains nothing: no schedule length, seeds, thresholds or run folder
+    n for n in SHARED if n not in {"epochs", "patience", "lr", "seeds", "threshold", "target",
+                                   "select", "compile", "compile_backend", "track", "name",
+                                   "resume", "overwrite", "runs", "json_out"}
+) + ("json_out",)  # fmt: skip
+
+
+class Training(SimpleNamespace):
+    """The shared training options as given (None: the preset's value)."""
+
+    def config(self):
+        """The `TrainConfig`: the preset with every option given."""
+        from fastcxr.config import TrainConfig
+
+        given = {k: v for k, v in vars(self).items() if k not in NOT_CONFIG}
+        given["pretrained"] = False if given.pop("no_pretrained", False) else None
+        given["compile"] = True if given.get("compile") else None
+        return TrainConfig.from_options(self.preset, **given)
+
+
+def training_options(*names: str):
+    """Put the shared options `names` (default: all) into the command's signature where its
+    parameter `o` stands, the run options last; the command receives them as `o: Training`."""
+    names = names or TRAINING
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "o"]
+        at = list(sig.parameters).index("o")
+
+        def param(n: str) -> inspect.Parameter:
+            annotation, default = SHARED[n]
+            return inspect.Parameter(n, KEYWORD, default=default, annotation=annotation)
+
+        head = [param(n) for n in names if n not in RUN_OPTIONS]
+        tail = [param(n) for n in names if n in RUN_OPTIONS]
+        params = own[:at] + head + own[at:] + tail
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            o = Training(**{n: kwargs.pop(n) for n in names})
+            return fn(o, **kwargs)
+
+        del command.__wrapped__  # typer reads the signature below, not `fn`'s
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

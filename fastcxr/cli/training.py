@@ -12,39 +12,7 @@ import typer
 from fastcxr.cli import render
 from fastcxr.cli.console import err, esc, report, reporting, show
 from fastcxr.cli.guard import guarded
-from fastcxr.cli.options import (
-    Arch,
-    BatchSize,
-    Blank,
-    Compile,
-    CompileBackend,
-    Data,
-    Epochs,
-    Findings,
-    FreezeStyle,
-    Json,
-    Loader,
-    Lr,
-    NoPretrained,
-    Overwrite,
-    Patience,
-    Precision,
-    Preset,
-    Resume,
-    RunName,
-    Runs,
-    Seed,
-    Seeds,
-    Select,
-    Size,
-    Stages,
-    Target,
-    Threshold,
-    Track,
-    Uncertain,
-    Weights,
-    Workers,
-)
+from fastcxr.cli.options import Training, training_options
 from fastcxr.errors import UsageError
 
 
@@ -144,177 +112,65 @@ def _print_json(result: dict) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _run(o: Training, kind: str, command: str, **job) -> tuple[dict, object, Path]:
+    """A training command's job: the config from `o`, the data, the run folder, then
+    `study.run`; returns (result, config, run folder). The result says whether the data
+    were the built-in synthetic dataset (`synthetic`)."""
+    from fastcxr import study
+
+    cfg = o.config()
+    seeds = _seeds(o.seeds, o.seed)
+    _track(o.track)
+    ds = _dataset(o.data, cfg, _log)
+    _check_resume(o.resume, o.name)
+    run_dir = o.runs / _run_name(o.name, command, cfg.preset)
+    result = study.run(
+        kind, ds, cfg, run_dir, seeds=seeds, log=_log, resume=o.resume, overwrite=o.overwrite,
+        track=_tracking(o.track, run_dir), **job,
+    )  # fmt: skip
+    result.setdefault("synthetic", ds.synthetic)
+    return result, cfg, run_dir
+
+
+def _show(o: Training, result: dict, table) -> None:
+    if not _is_main():
+        return
+    if o.json_out:
+        return _print_json(result)
+    show(table())
+
+
+@training_options()
 def compare(
-    data: Data = None,
-    preset: Preset = "demo",
-    arch: Arch = None,
-    size: Size = None,
-    batch_size: BatchSize = None,
-    epochs: Epochs = None,
-    patience: Patience = None,
-    lr: Lr = None,
-    stages: Stages = None,
-    weights: Weights = None,
-    no_pretrained: NoPretrained = False,
-    freeze_style: FreezeStyle = None,
-    findings: Findings = None,
-    uncertain: Uncertain = None,
-    blank: Blank = None,
-    seed: Seed = None,
-    seeds: Seeds = None,
-    threshold: Threshold = None,
-    target: Target = None,
-    select: Select = None,
-    workers: Workers = None,
-    loader: Loader = None,
-    precision: Precision = None,
-    compile: Compile = False,
-    compile_backend: CompileBackend = None,
-    track: Track = None,
+    o: Training,
     formulations: Annotated[
         str, typer.Option(help="Comma-separated formulations.")
     ] = "single,multilabel,multiclass",
-    name: RunName = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    runs: Runs = Path("runs"),
-    json_out: Json = False,
 ) -> None:
     """Experiment II: train single / multilabel / multiclass on the same data and compare."""
-    with guarded(), reporting(not json_out):
-        from fastcxr import study
-        from fastcxr.config import TrainConfig
-
-        cfg = TrainConfig.from_options(
-            preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs,
-            patience=patience, lr=lr, stages=stages, weights=weights,
-            pretrained=False if no_pretrained else None, freeze_style=freeze_style,
-            findings=findings, uncertain=uncertain, blank=blank, seed=seed, workers=workers,
-            loader=loader, precision=precision, compile=True if compile else None,
-            compile_backend=compile_backend, threshold=threshold, target=target, select=select,
-        )  # fmt: skip
-        seed_list = _seeds(seeds, seed)
-        _track(track)
+    with guarded(), reporting(not o.json_out):
         forms = tuple(f.strip() for f in formulations.split(",") if f.strip())
-        ds = _dataset(data, cfg, _log)
-        _check_resume(resume, name)
-        run_dir = runs / _run_name(name, "compare", cfg.preset)
-        tr = _tracking(track, run_dir)
-        if seed_list:
-            result = study.compare_seeds(
-                ds, cfg, run_dir, seed_list, forms, _log, resume=resume, overwrite=overwrite,
-                track=tr,
-            )  # fmt: skip
-        else:
-            result = study.compare(
-                ds, cfg, run_dir, forms, _log, resume=resume, overwrite=overwrite, track=tr
-            )
-    if not _is_main():
-        return
-    if json_out:
-        return _print_json(result)
-    show(render.compare(result, cfg.to_dict()))
+        result, cfg, _ = _run(o, "compare", "compare", formulations=forms)
+    _show(o, result, lambda: render.compare(result, cfg.to_dict()))
 
 
+@training_options()
 def train(
+    o: Training,
     formulation: Annotated[
         str, typer.Option(help="single | multilabel | multiclass")
     ] = "multilabel",
-    data: Data = None,
-    preset: Preset = "demo",
-    arch: Arch = None,
-    size: Size = None,
-    batch_size: BatchSize = None,
-    epochs: Epochs = None,
-    patience: Patience = None,
-    lr: Lr = None,
-    stages: Stages = None,
-    weights: Weights = None,
-    no_pretrained: NoPretrained = False,
-    freeze_style: FreezeStyle = None,
-    findings: Findings = None,
-    uncertain: Uncertain = None,
-    blank: Blank = None,
-    seed: Seed = None,
-    seeds: Seeds = None,
-    threshold: Threshold = None,
-    target: Target = None,
-    select: Select = None,
-    workers: Workers = None,
-    loader: Loader = None,
-    precision: Precision = None,
-    compile: Compile = False,
-    compile_backend: CompileBackend = None,
-    track: Track = None,
-    name: RunName = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    runs: Runs = Path("runs"),
-    json_out: Json = False,
 ) -> None:
     """Train one formulation through the schedule and write its run record."""
-    with guarded(), reporting(not json_out):
-        from fastcxr import study
-        from fastcxr.config import TrainConfig
-
-        cfg = TrainConfig.from_options(
-            preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs,
-            patience=patience, lr=lr, stages=stages, weights=weights,
-            pretrained=False if no_pretrained else None, freeze_style=freeze_style,
-            findings=findings, uncertain=uncertain, blank=blank, seed=seed, workers=workers,
-            loader=loader, precision=precision, compile=True if compile else None,
-            compile_backend=compile_backend, threshold=threshold, target=target, select=select,
-        )  # fmt: skip
-        seed_list = _seeds(seeds, seed)
-        _track(track)
-        ds = _dataset(data, cfg, _log)
-        run_dir = runs / _run_name(name, f"train-{formulation}", cfg.preset)
-        _check_resume(resume, name)
-        tr = _tracking(track, run_dir)
-        if seed_list:
-            result = study.train_seeds(
-                ds, formulation, cfg, run_dir, seed_list, _log, resume=resume, overwrite=overwrite,
-                track=tr,
-            )  # fmt: skip
-        else:
-            result = study.train_formulation(
-                ds, formulation, cfg, run_dir, _log, resume=resume, overwrite=overwrite, track=tr
-            )
-        result["run_dir"], result["synthetic"] = str(run_dir), ds.synthetic
-    if not _is_main():
-        return
-    if json_out:
-        return _print_json(result)
-    show(render.train(result, cfg.to_dict(), formulation, run_dir))
+    with guarded(), reporting(not o.json_out):
+        result, cfg, run_dir = _run(o, "train", f"train-{formulation}", formulation=formulation)
+        result["run_dir"] = str(run_dir)
+    _show(o, result, lambda: render.train(result, cfg.to_dict(), formulation, run_dir))
 
 
+@training_options()
 def unfreeze_ablation(
-    data: Data = None,
-    preset: Preset = "demo",
-    arch: Arch = None,
-    size: Size = None,
-    batch_size: BatchSize = None,
-    epochs: Epochs = None,
-    patience: Patience = None,
-    lr: Lr = None,
-    stages: Stages = None,
-    weights: Weights = None,
-    no_pretrained: NoPretrained = False,
-    freeze_style: FreezeStyle = None,
-    findings: Findings = None,
-    uncertain: Uncertain = None,
-    blank: Blank = None,
-    seed: Seed = None,
-    seeds: Seeds = None,
-    threshold: Threshold = None,
-    target: Target = None,
-    select: Select = None,
-    workers: Workers = None,
-    loader: Loader = None,
-    precision: Precision = None,
-    compile: Compile = False,
-    compile_backend: CompileBackend = None,
-    track: Track = None,
+    o: Training,
     formulation: Annotated[str, typer.Option(help="Formulation to train.")] = "multilabel",
     dry_run: Annotated[
         bool,
@@ -322,47 +178,18 @@ def unfreeze_ablation(
             "--dry-run", help="Print the plan (stages and trainable parameters); no training."
         ),
     ] = False,
-    name: RunName = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    runs: Runs = Path("runs"),
-    json_out: Json = False,
 ) -> None:
     """Experiment I: progressive block unfreezing, test metrics after each stage."""
-    with guarded(), reporting(not json_out):
-        from fastcxr import study
-        from fastcxr.config import TrainConfig
-
-        cfg = TrainConfig.from_options(
-            preset, arch=arch, size=size, batch_size=batch_size, epochs=epochs,
-            patience=patience, lr=lr, stages=stages, weights=weights,
-            pretrained=False if no_pretrained else None, freeze_style=freeze_style,
-            findings=findings, uncertain=uncertain, blank=blank, seed=seed, workers=workers,
-            loader=loader, precision=precision, compile=True if compile else None,
-            compile_backend=compile_backend, threshold=threshold, target=target, select=select,
-        )  # fmt: skip
-        seed_list = _seeds(seeds, seed)
-        _track(track)
+    with guarded(), reporting(not o.json_out):
         if dry_run:
+            from fastcxr import study
+
+            cfg = o.config()
+            _seeds(o.seeds, o.seed)
+            _track(o.track)
             result = study.ablation_plan(cfg, formulation)
+            table = lambda: render.ablation_plan(result, cfg.to_dict(), formulation)  # noqa: E731
         else:
-            ds = _dataset(data, cfg, _log)
-            run_dir = runs / _run_name(name, "ablation", cfg.preset)
-            resume = _check_resume(resume, name)
-            tr = _tracking(track, run_dir)
-            if seed_list:
-                result = study.ablation_seeds(
-                    ds, cfg, run_dir, seed_list, formulation, _log, resume, overwrite, track=tr
-                )
-            else:
-                result = study.unfreeze_ablation(
-                    ds, cfg, run_dir, formulation, _log, resume=resume, overwrite=overwrite,
-                    track=tr,
-                )  # fmt: skip
-    if not _is_main():
-        return
-    if json_out:
-        return _print_json(result)
-    if dry_run:
-        return show(render.ablation_plan(result, cfg.to_dict(), formulation))
-    show(render.ablation(result, cfg.to_dict(), formulation, run_dir))
+            result, cfg, run_dir = _run(o, "ablation", "ablation", formulation=formulation)
+            table = lambda: render.ablation(result, cfg.to_dict(), formulation, run_dir)  # noqa: E731
+    _show(o, result, table)
