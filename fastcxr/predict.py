@@ -21,12 +21,13 @@ from torch import nn
 from fastcxr.dicom import DicomError
 from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.formulations import powerset_bits
+from fastcxr.images.readers import SUFFIXES, ImageError
 from fastcxr.models import build_model, load_state_dict
 from fastcxr.preprocessing import Preprocessing
 from fastcxr.runtime.runs import RunError, is_complete, write_atomic
 from fastcxr.runtime.stopping import check
 
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = SUFFIXES  # what a folder is searched for
 
 
 class ProbabilityModel(nn.Module):
@@ -130,8 +131,6 @@ class Predictor:
         preprocessing (the cache's intensity mode and size, then the run's size). A file
         that cannot be read (or declares an implausible size) raises `DicomError` or
         `ImageError`, both ValueErrors naming the file."""
-        from fastcxr.prepare.cache import ImageError
-
         try:
             return self.preprocessing.image(Path(path))
         except (DicomError, ImageError):

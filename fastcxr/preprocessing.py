@@ -15,12 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from fastcxr.dicom import INTENSITY_MODES, gray_u8, resize_u8
 from fastcxr.errors import FastcxrError, UsageError
-
-DICOM_SUFFIXES = (".dcm", ".dicom", "")
+from fastcxr.images.display import INTENSITY_MODES, resize_u8
+from fastcxr.images.readers import is_dicom, read_image, read_pil
 
 GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet RGB statistics averaged: a summed 1-channel stem
 
@@ -89,10 +87,8 @@ class Preprocessing:
 
     def image(self, path: Path) -> np.ndarray:
         """A source file (DICOM, PNG, JPG) as the network's uint8 input."""
-        from fastcxr.prepare.cache import load_source
-
         first = self.cache_size or self.size
-        arr = load_source(Path(path), first, self.intensity)  # as `prepare` made the cache
+        arr = read_image(Path(path), first, self.intensity)  # as `prepare` made the cache
         return self.from_cache(arr)
 
     def from_cache(self, arr: np.ndarray) -> np.ndarray:
@@ -105,14 +101,15 @@ class Preprocessing:
         """What both training loaders read: a cache image, or a source DICOM named directly
         by the manifest."""
         path = Path(path)
-        if path.suffix.lower() in DICOM_SUFFIXES:
+        if is_dicom(path):
             return read_cached(path, self.image)
-        return self.from_cache(read_cached(path, _gray))
+        return self.from_cache(read_cached(path, _cached))
 
 
-def _gray(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return gray_u8(im)
+def _cached(path: Path) -> np.ndarray:
+    """A cache image (or a PNG/JPG the manifest names) at its own size, its declared size
+    bounded before decoding; a cache image may be smaller than a radiograph's least side."""
+    return read_pil(path, radiograph=False)
 
 
 __all__ = ["GRAY_MEAN", "GRAY_STD", "CacheError", "Preprocessing", "read_cached"]

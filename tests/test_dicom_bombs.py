@@ -96,14 +96,14 @@ def _inflated_size(path: Path) -> int:
 
 
 def _read_in_child(path: Path) -> tuple[str, int]:
-    """Read `path` with fastcxr/dicom.py in a fresh interpreter (not the fastcxr package,
-    whose import brings torch and ~1 GB); return (outcome, the reader's peak RSS in KB),
+    """Read `path` with fastcxr.dicom in a fresh interpreter (the reader alone: no torch,
+    which would bring ~1 GB); return (outcome, the reader's peak RSS in KB),
     measured as RUSAGE_CHILDREN of a wrapper process that runs only that reader."""
     reader = textwrap.dedent(f"""
-        import importlib.util, json, sys
-        spec = importlib.util.spec_from_file_location("fastcxr_dicom", {str(DICOM_PY)!r})
-        m = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(m)
+        import json, sys
+        sys.path.insert(0, {str(DICOM_PY.parents[1])!r})
+        import fastcxr.dicom as m
+        assert "torch" not in sys.modules  # the reader alone
         try:
             img = m.read_dicom(sys.argv[1], size=16)
             print(json.dumps("read " + str(img.shape)))

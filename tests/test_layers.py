@@ -2,7 +2,8 @@
 imports from a layer above its own. Layers, lowest first, follow the data:
 
 0 base      — vocabulary and plumbing every layer shares: errors, config, findings,
-              formulations, manifest, leakage, dicom, models, runtime/*, and the numerics
+              formulations, manifest, leakage, the image readers (dicom, images/*), models,
+              runtime/*, and the numerics
               (evaluate/stats, evaluate/metrics: a training run chooses its thresholds and
               scores its test set with them)
 1 prepare   — prepare/*, preprocessing
@@ -26,8 +27,8 @@ PKG = Path(__file__).resolve().parents[1] / "fastcxr"
 LAYERS = [
     ["fastcxr.errors", "fastcxr.version", "fastcxr.config", "fastcxr.findings",
      "fastcxr.formulations", "fastcxr.manifest", "fastcxr.leakage", "fastcxr.dicom",
-     "fastcxr.models", "fastcxr.runtime", "fastcxr.evaluate.stats", "fastcxr.evaluate.metrics",
-     "fastcxr.standalone"],
+     "fastcxr.images", "fastcxr.models", "fastcxr.runtime", "fastcxr.evaluate.stats",
+     "fastcxr.evaluate.metrics", "fastcxr.standalone"],
     ["fastcxr.prepare", "fastcxr.preprocessing"],
     ["fastcxr.data"],
     ["fastcxr.train"],

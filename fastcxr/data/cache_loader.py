@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastai.data.load import DataLoader
 from fastcore.basics import chunked
 
-from fastcxr.prepare.cache import load_source
+from fastcxr.images.readers import read_image
 from fastcxr.preprocessing import GRAY_MEAN, GRAY_STD, read_cached
 from fastcxr.runtime import adapters
 from fastcxr.runtime.fastpath import AUGMENT, Speed
@@ -75,7 +75,9 @@ class _CacheBatches(torch.utils.data.Dataset):
         return len(self.files)
 
     def _load(self, path: Path) -> np.ndarray:
-        return load_source(path, self.size, self.mode)
+        # a cache image (fastcxr's own square, maybe under a radiograph's least side) or a
+        # source the manifest names: the declared size is bounded either way
+        return read_image(path, self.size, self.mode, radiograph=False)
 
     def __getitem__(self, idxs):
         x = np.stack([read_cached(Path(self.files[i]), self._load) for i in idxs])

@@ -39,15 +39,10 @@ import pandas as pd
 from PIL import Image
 
 from fastcxr.dicom import (
-    MAX_PIXELS,
-    MAX_SIDE,
     DicomError,
-    gray_u8,
-    implausible_shape,
-    read_dicom,
-    resize_u8,
 )
 from fastcxr.errors import FastcxrError, UsageError
+from fastcxr.images.readers import ImageError, read_image
 from fastcxr.runtime.stopping import STOP, Interrupted
 
 MIN_SIZE, MAX_SIZE = 8, 4096  # cache image sizes accepted (the study's is 512)
@@ -61,10 +56,6 @@ class CacheResult:
     converted: int
     skipped: int
     failures: pd.DataFrame  # columns: file, reason
-
-
-class ImageError(FastcxrError, ValueError):
-    """A PNG/JPG source fastcxr cannot turn into a radiograph; the message names the file."""
 
 
 class CacheWriteError(FastcxrError, ValueError):
@@ -85,40 +76,9 @@ def check_size(size: int) -> int:
 
 
 def load_source(path: Path, size: int, mode: str) -> np.ndarray:
-    """Any supported source (DICOM, PNG, JPG) as a uint8 `size` x `size` array.
-
-    PNG/JPG: the declared size (read from the header, nothing decoded yet) is checked against
-    the same limits as DICOM (`MAX_SIDE` a side, `MAX_PIXELS` in all), so a decompression
-    bomb is an unreadable file like any other (`ImageError`), not a crash.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_file():  # a FIFO would block the reader forever
-        raise ImageError(f"{path}: not a regular file (a folder, FIFO or device); not read")
-    if path.suffix.lower() in (".dcm", ".dicom", ""):
-        return read_dicom(path, mode=mode, size=size)
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE) or w * h > MAX_PIXELS:
-                raise ImageError(
-                    f"{path}: implausible image size {w}x{h} (limit {MAX_SIDE} a side, "
-                    f"{MAX_PIXELS:,} pixels): not decoded"
-                )
-            why = implausible_shape(h, w)
-            if why:
-                raise ImageError(f"{path}: {why}; not read")
-            arr = gray_u8(im)
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: implausible image size, not decoded ({e})") from None
-    except MemoryError:
-        raise ImageError(f"{path}: out of memory decoding the image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
-        raise ImageError(f"{path}: cannot read image ({_one_line(e)})") from None
-    return resize_u8(arr, size)
+    """A source image (DICOM, PNG, JPG) as the cache's uint8 `size` x `size` array
+    (`fastcxr.images.readers.read_image`)."""
+    return read_image(path, size, mode)
 
 
 def _one_line(e: BaseException) -> str:
