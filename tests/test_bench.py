@@ -139,7 +139,8 @@ def test_the_fastai_defaults_arm_can_cast_to_bf16(tmp_path):
 import sys
 from pathlib import Path
 import torch
-from fastcxr.bench import BenchJob, _defaults_learner, write_bench_cache
+from fastcxr.bench import BenchJob, write_bench_cache
+from fastcxr.bench.arms import _defaults_learner
 from fastcxr.config import DEMO
 from fastcxr.data.dataset import Dataset
 from fastcxr.runtime.fastpath import resolve_speed
