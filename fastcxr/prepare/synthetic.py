@@ -297,120 +297,21 @@ def write_synthetic_mimic(
     """
     out = Path(out)
     rng = np.random.default_rng(spec.seed)
-    combos = list(TABLE2)
-    p_combo = np.array([TABLE2[c] for c in combos], float)
-    p_combo /= p_combo.sum()
     subjects = rng.choice(np.arange(10_000_000, 20_000_000), spec.patients, replace=False)
-    split_names = list(SPLIT_PROBS)
-    meta_rows, label_rows, split_rows = [], [], []
+    tree = _Tree(out, spec)
     study_pool = iter(rng.choice(np.arange(50_000_000, 60_000_000), spec.patients * 8, False))
-    edema_i = CHEXPERT_FINDINGS.index("Edema")
-    jobs = []
-    effusion_i = CHEXPERT_FINDINGS.index("Pleural Effusion")
     study_dates: dict[int, list[dt.date]] = {}
     for subject in subjects:
-        split = split_names[rng.choice(len(split_names), p=list(SPLIT_PROBS.values()))]
+        split = SPLITS[rng.choice(len(SPLITS), p=list(SPLIT_PROBS.values()))]
         date = dt.date(2110, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3000)))
         for _ in range(1 + min(int(rng.poisson(1.2)), 4)):
             study = int(next(study_pool))
             date += dt.timedelta(days=int(rng.integers(1, 400)))
             study_dates.setdefault(int(subject), []).append(date)  # (no draw: see below)
-            edema, effusion = combos[rng.choice(len(combos), p=p_combo)]
-            labels = [np.nan] * len(CHEXPERT_FINDINGS)
-            labels[edema_i] = _raw_label(rng, edema, spec)
-            labels[effusion_i] = _raw_label(rng, effusion, spec)
-            # An uncertain label has a subtle sign half the time; a blank one shows nothing.
-            shown_edema = edema ^ int(rng.random() < spec.p_label_noise)
-            shown_effusion = effusion ^ int(rng.random() < spec.p_label_noise)
-            sev_edema = rng.uniform(0.1, 1.0) if shown_edema else 0.0
-            if labels[edema_i] == -1:
-                sev_edema = rng.uniform(0.0, 0.3) * (rng.random() < 0.5)
-            elif np.isnan(labels[edema_i]):
-                sev_edema = 0.0
-            sides = (
-                rng.choice([(1, 1), (1, 0), (0, 1)], p=[0.6, 0.2, 0.2])
-                if shown_effusion
-                else (0, 0)
-            )
-            sev_eff = tuple(float(rng.uniform(0.15, 1.0) * s) for s in sides)
-            if labels[effusion_i] == -1:
-                sev_eff = (rng.uniform(0.0, 0.3) * (rng.random() < 0.5), 0.0)
-            elif np.isnan(labels[effusion_i]):
-                sev_eff = (0.0, 0.0)
-            consolidation = rng.uniform(0.4, 1.0) if rng.random() < 0.2 else 0.0
-            if consolidation:
-                labels[CHEXPERT_FINDINGS.index("Consolidation")] = 1.0
-                labels[CHEXPERT_FINDINGS.index("Lung Opacity")] = 1.0
-            if not (edema or effusion or consolidation) and rng.random() < 0.5:
-                labels[CHEXPERT_FINDINGS.index("No Finding")] = 1.0
-            if rng.random() < 0.3:
-                labels[CHEXPERT_FINDINGS.index("Support Devices")] = float(rng.random() < 0.6)
-            label_rows.append([int(subject), study, *labels])
-            views = ["PA" if rng.random() < 0.55 else "AP"]
-            if rng.random() < spec.p_lateral:
-                views.append("LATERAL")
-            hh, mm, ss = (int(rng.integers(0, k)) for k in (24, 60, 60))
-            stime = f"{hh:02d}{mm:02d}{ss:02d}.000"
-            for view in views:
-                dicom_id = _dicom_id(rng)
-                m = dict(
-                    dicom_id=dicom_id,
-                    subject_id=int(subject),
-                    study_id=study,
-                    StudyDate=date.strftime("%Y%m%d"),
-                    StudyTime=stime,
-                )
-                path = (
-                    out
-                    / "files"
-                    / f"p{str(subject)[:2]}"
-                    / f"p{subject}"
-                    / f"s{study}"
-                    / f"{dicom_id}.dcm"
-                )
-                if not path.exists():
-                    jobs.append(
-                        (
-                            path,
-                            [spec.seed, int(subject), study, len(meta_rows)],
-                            view,
-                            sev_edema,
-                            sev_eff,
-                            consolidation,
-                            m,
-                            spec.rows,
-                            spec.cols,
-                        )
-                    )
-                meta_rows.append({
-                    "dicom_id": dicom_id, "subject_id": int(subject), "study_id": study,
-                    "PerformedProcedureStepDescription": f"CHEST ({view})",
-                    "ViewPosition": view, "Rows": spec.rows, "Columns": spec.cols,
-                    "StudyDate": int(m["StudyDate"]), "StudyTime": float(stime),
-                    "ProcedureCodeSequence_CodeMeaning": f"CHEST ({view})",
-                    "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior",
-                                                     "AP": "antero-posterior",
-                                                     "LATERAL": "lateral"}[view],
-                    "PatientOrientationCodeSequence_CodeMeaning": "Erect",
-                })  # fmt: skip
-                split_rows.append([dicom_id, study, int(subject), split])
-    if workers == 1 or len(jobs) < 16:
-        for job in jobs:
-            _write_image(job)
-    else:
-        with ProcessPoolExecutor(workers or os.cpu_count()) as ex:
-            list(ex.map(_write_image, jobs, chunksize=8))
-    write_csv(out / "mimic-cxr-2.0.0-metadata.csv.gz", pd.DataFrame(meta_rows), compression="gzip")
-    write_csv(
-        out / "mimic-cxr-2.0.0-chexpert.csv.gz",
-        pd.DataFrame(label_rows, columns=["subject_id", "study_id", *CHEXPERT_FINDINGS]),
-        compression="gzip",
-    )
-    write_csv(
-        out / "mimic-cxr-2.0.0-split.csv.gz",
-        pd.DataFrame(split_rows, columns=["dicom_id", "study_id", "subject_id", "split"]),
-        compression="gzip",
-    )
+            labels, signs = _study_labels(rng, spec)
+            tree.labels.append([int(subject), study, *labels])
+            tree.add_study(rng, int(subject), study, date, split, signs)
+    tree.write(workers)
     if not demographics:
         return out
     # Demographics last, from their own generator: the tree above is the same without them.
@@ -418,3 +319,95 @@ def write_synthetic_mimic(
     write_csv(out / "patients.csv", patients)
     write_csv(out / "admissions.csv", admissions)
     return out
+
+
+SPLITS = list(SPLIT_PROBS)
+_COMBOS = list(TABLE2)
+_P_COMBO = np.array([TABLE2[c] for c in _COMBOS], float)
+_P_COMBO /= _P_COMBO.sum()
+_VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral"}
+
+
+def _study_labels(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[list, tuple]:
+    """One study's CheXpert labels, and the signs its images show: (edema severity,
+    (left, right) effusion severities, consolidation). An uncertain label has a subtle sign
+    half the time; a blank one shows nothing."""
+    edema_i, effusion_i = (CHEXPERT_FINDINGS.index(f) for f in ("Edema", "Pleural Effusion"))
+    edema, effusion = _COMBOS[rng.choice(len(_COMBOS), p=_P_COMBO)]
+    labels = [np.nan] * len(CHEXPERT_FINDINGS)
+    labels[edema_i] = _raw_label(rng, edema, spec)
+    labels[effusion_i] = _raw_label(rng, effusion, spec)
+    shown_edema = edema ^ int(rng.random() < spec.p_label_noise)
+    shown_effusion = effusion ^ int(rng.random() < spec.p_label_noise)
+    sev_edema = rng.uniform(0.1, 1.0) if shown_edema else 0.0
+    if labels[edema_i] == -1:
+        sev_edema = rng.uniform(0.0, 0.3) * (rng.random() < 0.5)
+    elif np.isnan(labels[edema_i]):
+        sev_edema = 0.0
+    sides = rng.choice([(1, 1), (1, 0), (0, 1)], p=[0.6, 0.2, 0.2]) if shown_effusion else (0, 0)
+    sev_eff = tuple(float(rng.uniform(0.15, 1.0) * s) for s in sides)
+    if labels[effusion_i] == -1:
+        sev_eff = (rng.uniform(0.0, 0.3) * (rng.random() < 0.5), 0.0)
+    elif np.isnan(labels[effusion_i]):
+        sev_eff = (0.0, 0.0)
+    consolidation = rng.uniform(0.4, 1.0) if rng.random() < 0.2 else 0.0
+    if consolidation:
+        labels[CHEXPERT_FINDINGS.index("Consolidation")] = 1.0
+        labels[CHEXPERT_FINDINGS.index("Lung Opacity")] = 1.0
+    if not (edema or effusion or consolidation) and rng.random() < 0.5:
+        labels[CHEXPERT_FINDINGS.index("No Finding")] = 1.0
+    if rng.random() < 0.3:
+        labels[CHEXPERT_FINDINGS.index("Support Devices")] = float(rng.random() < 0.6)
+    return labels, (sev_edema, sev_eff, consolidation)
+
+
+class _Tree:
+    """The rows of the tree's three tables as they are drawn, and the images still to write."""
+
+    def __init__(self, out: Path, spec: SyntheticSpec):
+        self.out, self.spec = out, spec
+        self.meta, self.labels, self.splits, self.jobs = [], [], [], []
+
+    def add_study(self, rng, subject: int, study: int, date: dt.date, split: str, signs) -> None:
+        """A study's images: a frontal view (PA or AP), sometimes a lateral too."""
+        spec = self.spec
+        views = ["PA" if rng.random() < 0.55 else "AP"]
+        if rng.random() < spec.p_lateral:
+            views.append("LATERAL")
+        hh, mm, ss = (int(rng.integers(0, k)) for k in (24, 60, 60))
+        stime = f"{hh:02d}{mm:02d}{ss:02d}.000"
+        for view in views:
+            dicom_id = _dicom_id(rng)
+            m = dict(dicom_id=dicom_id, subject_id=subject, study_id=study,
+                     StudyDate=date.strftime("%Y%m%d"), StudyTime=stime)  # fmt: skip
+            path = (self.out / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
+                    / f"{dicom_id}.dcm")  # fmt: skip
+            if not path.exists():
+                seeds = [spec.seed, subject, study, len(self.meta)]
+                self.jobs.append((path, seeds, view, *signs, m, spec.rows, spec.cols))
+            self.meta.append({
+                "dicom_id": dicom_id, "subject_id": subject, "study_id": study,
+                "PerformedProcedureStepDescription": f"CHEST ({view})",
+                "ViewPosition": view, "Rows": spec.rows, "Columns": spec.cols,
+                "StudyDate": int(m["StudyDate"]), "StudyTime": float(stime),
+                "ProcedureCodeSequence_CodeMeaning": f"CHEST ({view})",
+                "ViewCodeSequence_CodeMeaning": _VIEW_MEANING[view],
+                "PatientOrientationCodeSequence_CodeMeaning": "Erect",
+            })  # fmt: skip
+            self.splits.append([dicom_id, study, subject, split])
+
+    def write(self, workers: int | None) -> None:
+        """The images not yet on disk, then the three tables."""
+        if workers == 1 or len(self.jobs) < 16:
+            for job in self.jobs:
+                _write_image(job)
+        else:
+            with ProcessPoolExecutor(workers or os.cpu_count()) as ex:
+                list(ex.map(_write_image, self.jobs, chunksize=8))
+        out = self.out
+        write_csv(out / "mimic-cxr-2.0.0-metadata.csv.gz", pd.DataFrame(self.meta),
+                  compression="gzip")  # fmt: skip
+        labels = pd.DataFrame(self.labels, columns=["subject_id", "study_id", *CHEXPERT_FINDINGS])
+        write_csv(out / "mimic-cxr-2.0.0-chexpert.csv.gz", labels, compression="gzip")
+        splits = pd.DataFrame(self.splits, columns=["dicom_id", "study_id", "subject_id", "split"])
+        write_csv(out / "mimic-cxr-2.0.0-split.csv.gz", splits, compression="gzip")
