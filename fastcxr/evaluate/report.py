@@ -159,7 +159,7 @@ def build_report(
         written.append(out / name)
 
     recs = {n: load_run(p) for n, p in runs.items()}
-    findings = next(iter(recs.values()))["config"]["train"]["findings"] if recs else []
+    findings = same_findings(recs)
     evals = {
         n: evaluate(r["predictions"], findings, eval_cfg, r["config"].get("thresholds"))
         for n, r in recs.items()
@@ -209,6 +209,19 @@ def build_report(
     (out / "results.md").write_text(md)
     written.append(out / "results.md")
     return written
+
+
+def same_findings(recs: Mapping[str, dict]) -> list[str]:
+    """The findings every run predicts; runs of different findings share no table (their
+    rows, paired tests and figures are per finding), so they are refused together."""
+    sets = {n: list(r["config"]["train"]["findings"]) for n, r in recs.items()}
+    if len({tuple(v) for v in sets.values()}) > 1:
+        raise RunError(
+            "runs of different findings cannot be reported together ("
+            + "; ".join(f"{n}: {', '.join(v)}" for n, v in sets.items())
+            + "): report them apart (--out to separate folders)"
+        )
+    return next(iter(sets.values()), [])
 
 
 def external_validations(runs: Mapping[str, Path], eval_cfg: EvalConfig) -> dict[str, dict]:
@@ -377,125 +390,125 @@ def results_markdown(intro, recs, evals, findings, ablations, pairs, figures, ex
     [(folder, its seeds.json)])."""
     lines = ["# Results", ""]
     if recs:
-        first = next(iter(recs.values()))
-        cfg = first["config"]
-        tc = cfg["train"]
-        data = cfg["data"]
-        lines += [intro, "",
-                  "## Data and configuration", "",
-                  f"- manifest: `{data['manifest']}` (sha256 `{data['sha256'][:12]}…`)"
-                  + (" — **synthetic data**" if data.get("synthetic") else ""),
-                  f"- label policy: uncertain={tc['uncertain']}, blank={tc['blank']}",
-                  "- split sizes (train and valid after the label policy; test: images scored for "
-                  f"at least one finding): {first['record'].get('split_sizes')}",
-                  f"- arch {tc['arch']}, {tc['size']}x{tc['size']}, batch {tc['batch_size']}, "
-                  f"pretrained={tc['pretrained']}, freeze style {tc['freeze_style']}, "
-                  f"seed {tc['seed']}",
-                  "- stages: " + ", ".join(f"{s['name']} ({s['unfreeze']})" for s in cfg["stages"]),
-                  "- software: " + ", ".join(f"{k} {v}" for k, v in cfg["environment"].items()
-                                             if v),
-                  "", "## Per finding (test set)", "",
-                  "AUC CI: " + next(iter(next(iter(evals.values())).values()))["auc_ci_method"]
-                  + f"; threshold t per finding chosen on the validation split "
-                  f"({_rule(next(iter(evals.values())))}) and applied to test. "
-                  "Each finding is scored on the test images labelled 0 or 1 for it, the same "
-                  "images for every label policy and formulation.",
-                  "",
-                  "| run | selected stage (`--select best`: lowest validation loss) | thresholds |",
-                  "|---|---|---|",
-                  *[f"| {n} | {_selected(r['record'])} | "
-                    + ", ".join(f"{f} {_f(e['chosen_threshold'].get('threshold'))}"
-                                for f, e in evals[n].items()) + " |"
-                    for n, r in recs.items()],
-                  ""]  # fmt: skip
-        t = table(evals)
-        cols = [
-            "run",
-            "finding",
-            "n",
-            "auc",
-            "auc_lo",
-            "auc_hi",
-            "pr_auc",
-            "acc@0.5",
-            "threshold",
-            "acc@t",
-            "sens@t",
-            "spec@t",
-            "ppv@t",
-            "npv@t",
-            "f1@t",
-            "brier",
-            "ece",
-            "note",
-        ]
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for _, r in t.iterrows():
-            lines.append(
-                "| "
-                + " | ".join(
-                    str(r[c]) if c in ("run", "finding", "n", "note") else _f(r[c]) for c in cols
-                )
-                + " |"
-            )
-        lines += [
-            "",
-            "## Training cost",
-            "",
-            "| run | epochs | s/epoch | train time (s) |",
-            "|---|---|---|---|",
-        ]
-        for n, r in recs.items():
-            s = r["record"]
-            lines.append(
-                f"| {n} | {s['epochs']} | {s['seconds_per_epoch']:.1f} | {s['train_seconds']:.0f} |"
-            )
-    if pairs:
-        lines += [
-            "",
-            "## Paired comparisons (DeLong's test clustered by patient, Obuchowski 1997; "
-            "same test images)",
-            "",
-            "p (Holm): Holm-adjusted over every defined p-value of the table; an undefined p "
-            "is left out of the family.",
-            "",
-            "| a | b | finding | patients | AUC a | AUC b | diff | 95% CI | p | p (Holm) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for p in pairs:
-            ci, why = p["diff_ci"], p.get("reason")
-            lines.append(
-                f"| {p['a']} | {p['b']} | {p['finding']} | {p.get('patients', '')} | "
-                f"{_f(p['auc_a'])} | {_f(p['auc_b'])} | {_f(p['auc_diff'], 3, why)} | "
-                + (f"{_f(ci[0])} to {_f(ci[1])}" if ci else _f(None, 3, why))
-                + f" | {_f(p['p_value'], 4, why)} | "
-                + f"{_f(p.get('p_holm'), 4, p.get('p_holm_reason'))} |"
-            )
+        lines += [intro, ""] + config_markdown(recs, evals) + metrics_markdown(evals)
+        lines += cost_markdown(recs)
+    lines += pairs_markdown(pairs)
     for d, abl in ablations:
-        lines += [
-            "",
-            f"## Experiment I — progressive unfreezing ({d.name})",
-            "",
-            f"★ lowest validation loss; the run's model: {_selected(abl)}. Accuracy at each "
-            "stage's own validation-chosen threshold.",
-            "",
-            "| stage | unfrozen groups | trainable params | epochs | valid loss | "
-            + " | ".join(f"{f} acc @ t | {f} AUC" for f in abl["stages"][0]["findings"])
-            + " |",
-            "|---|---|---|---|---|" + "---|---|" * len(abl["stages"][0]["findings"]),
-        ]
-        for s in abl["stages"]:
-            star = " ★" if s["name"] == abl["best_stage"] else ""
-            lines.append(
-                f"| {s['name']}{star} | {len(s['unfrozen'])} | {s['trainable_params']:,} "
-                f"| {s['epochs']} | {s['valid_loss']:.4f} | "
-                + " | ".join(
-                    f"{_f(m.get('accuracy'))} | {_f(m['auc'])}" for m in s["findings"].values()
-                )
-                + " |"
-            )
+        lines += ablation_markdown(d, abl)
     lines += seeds_markdown(seeds or [])
     lines += external_markdown(external or {}, evals)
     lines += audit_markdown(audits or {})
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def config_markdown(recs, evals) -> list[str]:
+    """The data and configuration of the runs, and each run's selected stage and thresholds."""
+    first = next(iter(recs.values()))
+    cfg = first["config"]
+    tc = cfg["train"]
+    data = cfg["data"]
+    return ["## Data and configuration", "",
+            f"- manifest: `{data['manifest']}` (sha256 `{data['sha256'][:12]}…`)"
+            + (" — **synthetic data**" if data.get("synthetic") else ""),
+            f"- label policy: uncertain={tc['uncertain']}, blank={tc['blank']}",
+            "- split sizes (train and valid after the label policy; test: images scored for "
+            f"at least one finding): {first['record'].get('split_sizes')}",
+            f"- arch {tc['arch']}, {tc['size']}x{tc['size']}, batch {tc['batch_size']}, "
+            f"pretrained={tc['pretrained']}, freeze style {tc['freeze_style']}, "
+            f"seed {tc['seed']}",
+            "- stages: " + ", ".join(f"{s['name']} ({s['unfreeze']})" for s in cfg["stages"]),
+            "- software: " + ", ".join(f"{k} {v}" for k, v in cfg["environment"].items()
+                                       if v),
+            "", "## Per finding (test set)", "",
+            "AUC CI: " + next(iter(next(iter(evals.values())).values()))["auc_ci_method"]
+            + f"; threshold t per finding chosen on the validation split "
+            f"({_rule(next(iter(evals.values())))}) and applied to test. "
+            "Each finding is scored on the test images labelled 0 or 1 for it, the same "
+            "images for every label policy and formulation.",
+            "",
+            "| run | selected stage (`--select best`: lowest validation loss) | thresholds |",
+            "|---|---|---|",
+            *[f"| {n} | {_selected(r['record'])} | "
+              + ", ".join(f"{f} {_f(e['chosen_threshold'].get('threshold'))}"
+                          for f, e in evals[n].items()) + " |"
+              for n, r in recs.items()],
+            ""]  # fmt: skip
+
+
+METRIC_COLUMNS = ("run", "finding", "n", "auc", "auc_lo", "auc_hi", "pr_auc", "acc@0.5",
+                  "threshold", "acc@t", "sens@t", "spec@t", "ppv@t", "npv@t", "f1@t", "brier",
+                  "ece", "note")  # fmt: skip
+
+
+def metrics_markdown(evals) -> list[str]:
+    """Every run's metrics per finding on the test set, one row each."""
+    cols = METRIC_COLUMNS
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table(evals).iterrows():
+        cells = (str(r[c]) if c in ("run", "finding", "n", "note") else _f(r[c]) for c in cols)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_markdown(recs) -> list[str]:
+    lines = ["", "## Training cost", "", "| run | epochs | s/epoch | train time (s) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for n, r in recs.items():
+        s = r["record"]
+        lines.append(
+            f"| {n} | {s['epochs']} | {s['seconds_per_epoch']:.1f} | {s['train_seconds']:.0f} |"
+        )
+    return lines
+
+
+def pairs_markdown(pairs) -> list[str]:
+    """The paired comparisons of the runs' AUCs, Holm-adjusted."""
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## Paired comparisons (DeLong's test clustered by patient, Obuchowski 1997; "
+        "same test images)",
+        "",
+        "p (Holm): Holm-adjusted over every defined p-value of the table; an undefined p "
+        "is left out of the family.",
+        "",
+        "| a | b | finding | patients | AUC a | AUC b | diff | 95% CI | p | p (Holm) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in pairs:
+        ci, why = p["diff_ci"], p.get("reason")
+        lines.append(
+            f"| {p['a']} | {p['b']} | {p['finding']} | {p.get('patients', '')} | "
+            f"{_f(p['auc_a'])} | {_f(p['auc_b'])} | {_f(p['auc_diff'], 3, why)} | "
+            + (f"{_f(ci[0])} to {_f(ci[1])}" if ci else _f(None, 3, why))
+            + f" | {_f(p['p_value'], 4, why)} | "
+            + f"{_f(p.get('p_holm'), 4, p.get('p_holm_reason'))} |"
+        )
+    return lines
+
+
+def ablation_markdown(d: Path, abl: dict) -> list[str]:
+    """Experiment I: one row per stage, ★ on the lowest validation loss."""
+    found = abl["stages"][0]["findings"]
+    lines = [
+        "",
+        f"## Experiment I — progressive unfreezing ({d.name})",
+        "",
+        f"★ lowest validation loss; the run's model: {_selected(abl)}. Accuracy at each "
+        "stage's own validation-chosen threshold.",
+        "",
+        "| stage | unfrozen groups | trainable params | epochs | valid loss | "
+        + " | ".join(f"{f} acc @ t | {f} AUC" for f in found)
+        + " |",
+        "|---|---|---|---|---|" + "---|---|" * len(found),
+    ]
+    for s in abl["stages"]:
+        star = " ★" if s["name"] == abl["best_stage"] else ""
+        cells = (f"{_f(m.get('accuracy'))} | {_f(m['auc'])}" for m in s["findings"].values())
+        lines.append(
+            f"| {s['name']}{star} | {len(s['unfrozen'])} | {s['trainable_params']:,} "
+            f"| {s['epochs']} | {s['valid_loss']:.4f} | " + " | ".join(cells) + " |"
+        )
+    return lines
