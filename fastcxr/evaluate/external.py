@@ -443,54 +443,70 @@ def evaluate_run(
                 f"evaluation {name!r} exists ({', '.join(existing)}); add --overwrite to replace "
                 "it, or choose another --name"
             )
-        overlap = run_overlap(next(iter(subs.values())), dataset, split)
-        if (overlap["images"] or overlap["patients"]) and not allow_overlap:
-            raise UsageError(
-                f"not an external validation: {overlap['images']} image(s) and "
-                f"{overlap['patients']} patient(s) of {dataset.manifest} (split {split}) are "
-                f"in the run's training or validation data ({'; '.join(overlap['examples'][:3])}); "
-                "evaluate another dataset, or add --allow-overlap to record it as not external"
-            )
+        overlap = _refuse_overlap(next(iter(subs.values())), dataset, split, allow_overlap)
         done = {}
         for form, sub in subs.items():
             done[form] = _evaluate_one(
                 sub, dataset, split, name, eval_cfg, device, batch_size, progress
             )
-        for metrics, _, _ in done.values():
+        for (metrics, rows, fails), sub in zip(done.values(), subs.values()):
             metrics["overlap"] = overlap
             metrics["external"] = not (overlap["images"] or overlap["patients"])
-        for (metrics, rows, fails), sub in zip(done.values(), subs.values()):
-
-            def write(tmp: Path, metrics=metrics, rows=rows, fails=fails) -> None:
-                write_csv(tmp / "predictions.csv", _labels_csv(rows))
-                if len(fails):
-                    write_csv(tmp / "failures.csv", fails[["image", "file", "reason"]])
-                write_json(tmp / "metrics.json", metrics)  # last: a folder with it is whole
-
-            folder = sub / "evaluations" / name
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            _publish(folder, write)
-            metrics["dir"] = str(folder)
+            _write_evaluation(sub / "evaluations" / name, metrics, rows, fails)
         if not is_compare:
             return next(iter(done.values()))[0]
-        first = next(iter(done.values()))[0]
-        summary = {
-            "format": FORMAT, "name": name, "compare": str(run_dir),
-            "manifest": first["manifest"], "manifest_sha256": first["manifest_sha256"],
-            "split": split, "calibration_method": CALIBRATION,
-            "overlap": overlap, "external": first["external"],
-            "runs": {form: {"dir": m["dir"], "formulation": m["formulation"],
-                            "findings": {f: {k: v[k] for k in HEADLINE}
-                                         for f, v in m["findings"].items()},
-                            "internal": m["internal"], "images": m["images"],
-                            "preprocessing_mismatch": m["preprocessing_mismatch"]}
-                     for form, (m, _, _) in done.items()},
-            "created": first["created"], "fastcxr_version": first["fastcxr_version"],
-        }  # fmt: skip
+        summary = _compare_summary(run_dir, name, split, overlap, done)
         folder = run_dir / "evaluations" / name
         folder.parent.mkdir(parents=True, exist_ok=True)
         _publish(folder, lambda tmp: write_json(tmp / "summary.json", summary))
         return {**summary, "dir": str(folder)}
+
+
+def _refuse_overlap(run: Path, dataset, split: str, allow: bool) -> dict:
+    """`run_overlap`, refused unless `allow` when the rows share images or patients with the
+    run's training or validation data."""
+    overlap = run_overlap(run, dataset, split)
+    if (overlap["images"] or overlap["patients"]) and not allow:
+        raise UsageError(
+            f"not an external validation: {overlap['images']} image(s) and "
+            f"{overlap['patients']} patient(s) of {dataset.manifest} (split {split}) are "
+            f"in the run's training or validation data ({'; '.join(overlap['examples'][:3])}); "
+            "evaluate another dataset, or add --allow-overlap to record it as not external"
+        )
+    return overlap
+
+
+def _write_evaluation(folder: Path, metrics: dict, rows, fails) -> None:
+    """One run's evaluation folder, published whole (metrics.json last); `metrics` gets its
+    `dir`."""
+
+    def write(tmp: Path) -> None:
+        write_csv(tmp / "predictions.csv", _labels_csv(rows))
+        if len(fails):
+            write_csv(tmp / "failures.csv", fails[["image", "file", "reason"]])
+        write_json(tmp / "metrics.json", metrics)  # last: a folder with it is whole
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _publish(folder, write)
+    metrics["dir"] = str(folder)
+
+
+def _compare_summary(run_dir: Path, name: str, split: str, overlap: dict, done: dict) -> dict:
+    """A compare folder's evaluation: each formulation's headline metrics."""
+    first = next(iter(done.values()))[0]
+    return {
+        "format": FORMAT, "name": name, "compare": str(run_dir),
+        "manifest": first["manifest"], "manifest_sha256": first["manifest_sha256"],
+        "split": split, "calibration_method": CALIBRATION,
+        "overlap": overlap, "external": first["external"],
+        "runs": {form: {"dir": m["dir"], "formulation": m["formulation"],
+                        "findings": {f: {k: v[k] for k in HEADLINE}
+                                     for f, v in m["findings"].items()},
+                        "internal": m["internal"], "images": m["images"],
+                        "preprocessing_mismatch": m["preprocessing_mismatch"]}
+                 for form, (m, _, _) in done.items()},
+        "created": first["created"], "fastcxr_version": first["fastcxr_version"],
+    }  # fmt: skip
 
 
 # -- what the report reads ---------------------------------------------------------------------
