@@ -186,70 +186,13 @@ def score_finding(
     attribute (`groups`: attribute → subgroup name → mask). TPR/FPR at `threshold`; gap CIs
     from one patient bootstrap of the whole set, shared by every subgroup. `progress(done,
     total)` hears of each (sub)group scored (its AUC bootstrap is most of the time)."""
-    from fastcxr.evaluate.external import auc_ci
-
-    y = y.astype(bool)
-    hit = p >= threshold if threshold is not None else None
-    w = stats.bootstrap_weights(patients, cfg.n_boot, cfg.seed) if len(y) else None
-    classes = {"tpr": y, "fpr": ~y}
-    whole, boot_all = {}, None
-    if hit is not None:
-        whole = {k: _ratio(int((hit & c).sum()), int(c.sum())) for k, c in classes.items()}
-    if hit is not None and w is not None:
-        boot_all = {k: _rate(hit[c], w[:, c]) for k, c in classes.items()}
-
-    def one(mask: np.ndarray, name: str) -> dict:
-        ys, ps, gs = y[mask], p[mask], patients[mask]
-        n, pos = int(mask.sum()), int(ys.sum())
-        reasons: dict[str, str] = {}
-        out = {
-            "subgroup": name,
-            "n": n,
-            "patients": int(len(set(gs))),
-            "positives": pos,
-            "prevalence": _ratio(pos, n),
-            "auc": stats.auc_rank(ys, ps) if n else None,
-        }
-        out.update(
-            auc_ci(ys.astype(int), ps, gs, cfg)
-            if n
-            else {"auc_ci": None, "auc_ci_method": None, "auc_ci_reason": "no image"}
-        )
-        if out["auc"] is None:
-            reasons["auc"] = "one class in the subgroup" if n else "no image"
-        out["threshold"] = threshold
-        for k, cls, label in (("tpr", ys, "positive"), ("fpr", ~ys, "negative")):
-            out[k] = None if hit is None else _ratio(int((hit[mask] & cls).sum()), int(cls.sum()))
-            if hit is not None and out[k] is None:
-                reasons[k] = f"no {label} image"
-            gap, gap_ci = None, None
-            if out[k] is not None and boot_all is not None:
-                gap = out[k] - whole[k]
-                sel = mask & classes[k]
-                sub_boot = _rate(hit[sel], w[:, sel])
-                if len(set(patients[sel])) < 2:  # one patient's images say nothing of spread
-                    reasons[f"{k}_gap_ci"] = f"only one patient with a {label} image"
-                elif np.nanmax(sub_boot) == np.nanmin(sub_boot):
-                    reasons[f"{k}_gap_ci"] = (
-                        f"the subgroup's {k.upper()} is {np.nanmax(sub_boot):g} in every "
-                        "resample: a percentile CI would show the whole set's spread only"
-                    )
-                else:
-                    gap_ci = stats.percentile_ci(sub_boot - boot_all[k], cfg.n_boot, cfg.level)
-            out[f"{k}_gap"], out[f"{k}_gap_ci"] = gap, gap_ci
-        if hit is None:
-            reasons["tpr"] = reasons["fpr"] = "no threshold chosen on validation"
-        out["small"] = n < min_size
-        out["reasons"] = reasons  # metric → why it is undefined
-        out["reason"] = "; ".join(f"{k.upper()}: {v}" for k, v in reasons.items()) or None
-        return out
-
+    scorer = _Scorer(y.astype(bool), p, patients, threshold, cfg, min_size)
     total = 1 + sum(len(m) for m in groups.values())
     done = 0
 
     def counted(mask: np.ndarray, name: str) -> dict:
         nonlocal done
-        out = one(mask, name)
+        out = scorer.subgroup(mask, name)
         done += 1
         if progress:
             progress(done, total)
@@ -258,6 +201,76 @@ def score_finding(
     whole_set = counted(np.ones(len(y), bool), "all")
     by = {a: [counted(m, g) for g, m in masks.items()] for a, masks in groups.items()}
     return {"threshold": threshold, "all": whole_set, "by": by}
+
+
+class _Scorer:
+    """A finding's scored images, the hits at its threshold, and the whole set's TPR/FPR with
+    their patient bootstrap (resampled once, shared by every subgroup's gap)."""
+
+    LABELS = {"tpr": "positive", "fpr": "negative"}
+
+    def __init__(self, y, p, patients, threshold, cfg: EvalConfig, min_size: int):
+        self.y, self.p, self.patients, self.threshold = y, p, patients, threshold
+        self.cfg, self.min_size = cfg, min_size
+        self.hit = p >= threshold if threshold is not None else None
+        self.w = stats.bootstrap_weights(patients, cfg.n_boot, cfg.seed) if len(y) else None
+        self.classes = {"tpr": y, "fpr": ~y}
+        self.whole, self.boot_all = {}, None
+        if self.hit is not None:
+            self.whole = {k: _ratio(int((self.hit & c).sum()), int(c.sum()))
+                          for k, c in self.classes.items()}  # fmt: skip
+        if self.hit is not None and self.w is not None:
+            self.boot_all = {k: _rate(self.hit[c], self.w[:, c]) for k, c in self.classes.items()}
+
+    def subgroup(self, mask: np.ndarray, name: str) -> dict:
+        from fastcxr.evaluate.external import auc_ci
+
+        ys, ps, gs = self.y[mask], self.p[mask], self.patients[mask]
+        n, pos = int(mask.sum()), int(ys.sum())
+        reasons: dict[str, str] = {}
+        out = {"subgroup": name, "n": n, "patients": int(len(set(gs))), "positives": pos,
+               "prevalence": _ratio(pos, n),
+               "auc": stats.auc_rank(ys, ps) if n else None}  # fmt: skip
+        out.update(
+            auc_ci(ys.astype(int), ps, gs, self.cfg)
+            if n
+            else {"auc_ci": None, "auc_ci_method": None, "auc_ci_reason": "no image"}
+        )
+        if out["auc"] is None:
+            reasons["auc"] = "one class in the subgroup" if n else "no image"
+        out["threshold"] = self.threshold
+        for k in ("tpr", "fpr"):
+            self._rate_and_gap(out, reasons, mask, k)
+        if self.hit is None:
+            reasons["tpr"] = reasons["fpr"] = "no threshold chosen on validation"
+        out["small"] = n < self.min_size
+        out["reasons"] = reasons  # metric → why it is undefined
+        out["reason"] = "; ".join(f"{k.upper()}: {v}" for k, v in reasons.items()) or None
+        return out
+
+    def _rate_and_gap(self, out: dict, reasons: dict, mask: np.ndarray, k: str) -> None:
+        """The subgroup's TPR or FPR (`k`), its gap to the whole set's and the gap's CI."""
+        hit, label = self.hit, self.LABELS[k]
+        cls = self.classes[k][mask]
+        out[k] = None if hit is None else _ratio(int((hit[mask] & cls).sum()), int(cls.sum()))
+        if hit is not None and out[k] is None:
+            reasons[k] = f"no {label} image"
+        gap, gap_ci = None, None
+        if out[k] is not None and self.boot_all is not None:
+            gap = out[k] - self.whole[k]
+            sel = mask & self.classes[k]
+            sub_boot = _rate(hit[sel], self.w[:, sel])
+            if len(set(self.patients[sel])) < 2:  # one patient's images say nothing of spread
+                reasons[f"{k}_gap_ci"] = f"only one patient with a {label} image"
+            elif np.nanmax(sub_boot) == np.nanmin(sub_boot):
+                reasons[f"{k}_gap_ci"] = (
+                    f"the subgroup's {k.upper()} is {np.nanmax(sub_boot):g} in every "
+                    "resample: a percentile CI would show the whole set's spread only"
+                )
+            else:
+                gap_ci = stats.percentile_ci(sub_boot - self.boot_all[k], self.cfg.n_boot,
+                                             self.cfg.level)  # fmt: skip
+        out[f"{k}_gap"], out[f"{k}_gap_ci"] = gap, gap_ci
 
 
 # -- sources -----------------------------------------------------------------------------------
