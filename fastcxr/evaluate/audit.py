@@ -389,26 +389,11 @@ def audit_one(
             f"{info['manifest_sha256'][:12]}…); its images and patients match, its other "
             "columns are read as they are now"
         )
-    findings: dict[str, dict] = {}
-    for f in info["findings"]:
-        y_all = pd.to_numeric(rows[f"y_{f}"], errors="coerce").to_numpy(float)
-        keep = ~np.isnan(y_all)
-        sub = rows[keep].reset_index(drop=True)
-        y, p = y_all[keep].astype(int), sub[f"p_{f}"].to_numpy(float)
-        pats = sub["patient_id"].astype(str).to_numpy()
-        masks = {}
-        for a in attributes:
-            g = subgroups(sub, a, edges).to_numpy(object)
-            masks[a] = {name: g == name for name in group_order(a, list(g), edges)}
-        bar = None
-        if log is not None:
-            label = f"{folder.name}: {f}"
-
-            def bar(done, total, label=label):
-                log(progress_event("audit", label, done, total, "subgroup"))
-
-        findings[f] = score_finding(y, p, pats, masks, info["thresholds"].get(f), cfg, min_size,
-                                    bar)  # fmt: skip
+    findings = {
+        f: _score(folder, rows, f, attributes, edges, info["thresholds"].get(f), cfg, min_size,
+                  log)
+        for f in info["findings"]
+    }  # fmt: skip
     if log is not None:
         log(progress_end("audit"))
     under = None
@@ -432,6 +417,27 @@ def audit_one(
             "not defined for it"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
+
+
+def _score(folder: Path, rows: pd.DataFrame, f: str, attributes, edges, threshold, cfg,
+           min_size: int, log) -> dict:  # fmt: skip
+    """`score_finding` for `f` on the rows scored for it, by each attribute's subgroups."""
+    y_all = pd.to_numeric(rows[f"y_{f}"], errors="coerce").to_numpy(float)
+    keep = ~np.isnan(y_all)
+    sub = rows[keep].reset_index(drop=True)
+    y, p = y_all[keep].astype(int), sub[f"p_{f}"].to_numpy(float)
+    pats = sub["patient_id"].astype(str).to_numpy()
+    masks = {}
+    for a in attributes:
+        g = subgroups(sub, a, edges).to_numpy(object)
+        masks[a] = {name: g == name for name in group_order(a, list(g), edges)}
+    bar = None
+    if log is not None:
+
+        def bar(done, total, label=f"{folder.name}: {f}"):
+            log(progress_event("audit", label, done, total, "subgroup"))
+
+    return score_finding(y, p, pats, masks, threshold, cfg, min_size, bar)
 
 
 def table(audit: Mapping) -> pd.DataFrame:
