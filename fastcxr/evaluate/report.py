@@ -273,42 +273,48 @@ def audit_markdown(audits: Mapping[str, dict]) -> list[str]:
                   "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for f, m in a["findings"].items():
             for attr, groups in {"all": [m["all"]], **m["by"]}.items():
-                for s in groups:
-                    why = s.get("reasons") or {}
-                    ci = s.get("tpr_gap_ci")
-                    gap = (
-                        "—"
-                        if attr == "all"
-                        else _f(s["tpr_gap"], 3, why.get("tpr"))
-                        + (
-                            f" [{ci[0]:+.3f} to {ci[1]:+.3f}]"
-                            if ci
-                            else f" [CI {_f(None, 3, why.get('tpr_gap_ci'))}]"
-                            if s["tpr_gap"] is not None
-                            else ""
-                        )
-                    )
-                    lines.append(
-                        f"| {f} | {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
-                        f"{s['n']} | {s['patients']} | {_f(s['prevalence'])} | "
-                        f"{_auc_ci({**s, 'reason': why.get('auc')})} | "
-                        f"{_f(s['tpr'], 3, why.get('tpr'))} | {_f(s['fpr'], 3, why.get('fpr'))}"
-                        f" | {gap} |"
-                    )
+                lines += [_audit_row(f, attr, s) for s in groups]
         if a.get("underdiagnosis"):
-            lines += ["", a["underdiagnosis_rule"] + ":", "",
-                      "| attribute | subgroup | images with a finding | underdiagnosis | "
-                      "gap [95% CI] |", "|---|---|---|---|---|"]  # fmt: skip
-            for attr, groups in a["underdiagnosis"].items():
-                for s in groups:
-                    ci = s.get("gap_ci")
-                    lines.append(
-                        f"| {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
-                        f"{s['n_with_finding']} | {_f(s['rate'], 3, s.get('reason'))} | "
-                        f"{_f(s['gap'], 3, s.get('reason'))}"
-                        + (f" [{ci[0]:+.3f} to {ci[1]:+.3f}]" if ci else "")
-                        + " |"
-                    )
+            lines += _underdiagnosis_markdown(a)
+    return lines
+
+
+def _audit_row(f: str, attr: str, s: Mapping) -> str:
+    """One subgroup of one finding: its counts, AUC, TPR, FPR and TPR gap."""
+    why = s.get("reasons") or {}
+    ci = s.get("tpr_gap_ci")
+    if attr == "all":
+        gap = "—"
+    elif ci:
+        gap = _f(s["tpr_gap"], 3, why.get("tpr")) + f" [{ci[0]:+.3f} to {ci[1]:+.3f}]"
+    elif s["tpr_gap"] is not None:
+        gap = _f(s["tpr_gap"], 3, why.get("tpr")) + f" [CI {_f(None, 3, why.get('tpr_gap_ci'))}]"
+    else:
+        gap = _f(s["tpr_gap"], 3, why.get("tpr"))
+    return (
+        f"| {f} | {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
+        f"{s['n']} | {s['patients']} | {_f(s['prevalence'])} | "
+        f"{_auc_ci({**s, 'reason': why.get('auc')})} | "
+        f"{_f(s['tpr'], 3, why.get('tpr'))} | {_f(s['fpr'], 3, why.get('fpr'))}"
+        f" | {gap} |"
+    )
+
+
+def _underdiagnosis_markdown(a: Mapping) -> list[str]:
+    """Underdiagnosis (the FPR of No Finding) per subgroup, with its gap."""
+    lines = ["", a["underdiagnosis_rule"] + ":", "",
+             "| attribute | subgroup | images with a finding | underdiagnosis | "
+             "gap [95% CI] |", "|---|---|---|---|---|"]  # fmt: skip
+    for attr, groups in a["underdiagnosis"].items():
+        for s in groups:
+            ci = s.get("gap_ci")
+            lines.append(
+                f"| {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
+                f"{s['n_with_finding']} | {_f(s['rate'], 3, s.get('reason'))} | "
+                f"{_f(s['gap'], 3, s.get('reason'))}"
+                + (f" [{ci[0]:+.3f} to {ci[1]:+.3f}]" if ci else "")
+                + " |"
+            )
     return lines
 
 
