@@ -140,53 +140,49 @@ def report(
     show(render.report(files))
 
 
-def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A trained run (train, or compare/NAME).")],
-    paths: Annotated[
-        list[Path],
-        typer.Argument(help="DICOM/PNG/JPG files, folders (recursive) or a manifest CSV."),
-    ],
-    out_csv: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path(
-        "predictions.csv"
+RunDir = Annotated[Path, typer.Argument(help="A trained run (train, or compare/NAME).")]
+Inputs = Annotated[
+    list[Path], typer.Argument(help="DICOM/PNG/JPG files, folders (recursive) or a manifest CSV.")
+]
+PredictionsCsv = Annotated[Path, typer.Option("--out", help="Predictions CSV.")]
+Cam = Annotated[
+    Path | None,
+    typer.Option("--cam", help="Folder for Grad-CAM overlays (one PNG per image and finding)."),
+]
+ExportDir = Annotated[
+    Path | None,
+    typer.Option("--export", help="Also export the model (see --format) with an export.json."),
+]
+ExportFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="Export format: torch (torch.export .pt2 per network, the default) or onnx "
+        "(one model.onnx: uint8 images in, per-finding probabilities out; needs the onnx "
+        "extra: pip install 'fastcxr\\[onnx]').",
     ),
-    cam: Annotated[
-        Path | None,
-        typer.Option("--cam", help="Folder for Grad-CAM overlays (one PNG per image and finding)."),
-    ] = None,
-    export_dir: Annotated[
-        Path | None,
-        typer.Option("--export", help="Also export the model (see --format) with an export.json."),
-    ] = None,
-    export_format: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            help="Export format: torch (torch.export .pt2 per network, the default) or onnx "
-            "(one model.onnx: uint8 images in, per-finding probabilities out; needs the onnx "
-            "extra: pip install 'fastcxr\\[onnx]').",
-        ),
-    ] = None,
+]
+ExportOverwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace a previous export in the --export folder.")
+]
+
+
+def predict(
+    run_dir: RunDir,
+    paths: Inputs,
+    out_csv: PredictionsCsv = Path("predictions.csv"),
+    cam: Cam = None,
+    export_dir: ExportDir = None,
+    export_format: ExportFormat = None,
     batch_size: BatchSize = 64,
-    overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", help="Replace a previous export in the --export folder."),
-    ] = False,
+    overwrite: ExportOverwrite = False,
     json_out: Json = False,
 ) -> None:
     """Predict findings for new radiographs with a trained run; unreadable files are listed."""
     with guarded(), progress() as bar:
         from fastcxr import predict as lib
-        from fastcxr.runtime.runs import write_csv
 
-        if batch_size is not None and batch_size < 1:
-            raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")
-        if export_format is not None and export_dir is None:
-            raise UsageError("--format chooses the export's format: it needs --export DIR")
-        export_format = export_format or "torch"
-        if export_format not in lib.EXPORT_FORMATS:
-            raise UsageError(f"--format must be torch or onnx, not {export_format!r}")
-        if export_format == "onnx":
-            lib.onnx_modules()  # a missing extra is refused before any prediction is made
+        export_format = _export_format(batch_size, export_format, export_dir)
         pred = lib.Predictor.load(run_dir)
         files = lib.collect_inputs(paths)
         lib.check_outputs(out_csv, files, export_dir, overwrite)
@@ -194,30 +190,47 @@ def predict(
         df, fails = lib.predict(
             pred, files, batch_size or 64, progress=lambda i, n: bar.update(task, completed=i)
         )
-        failures_csv = out_csv.with_name(out_csv.stem + "_failures.csv")
-        if len(fails):
-            write_csv(failures_csv, fails)
-        if not len(df):
-            raise UsageError(
-                f"none of the {len(fails)} input file(s) could be read (e.g. "
-                f"{fails['reason'].iloc[0] if len(fails) else 'no input'}); the reasons are in "
-                f"{failures_csv}"
-            )
-        write_csv(out_csv, df)
+        _write_predictions(df, fails, out_csv)
         cams = lib.write_cams(pred, [Path(f) for f in df["file"]], cam) if cam else []
         if export_dir:
             lib.clear_export(export_dir)
         exported = lib.export(pred, export_dir, export_format) if export_dir else []
-    summary = {
-        "predicted": len(df),
-        "failed": len(fails),
-        "csv": str(out_csv),
-        "failures": fails.to_dict("records"),
-        "cams": len(cams),
-        "exported": [str(p) for p in exported],
-        "device": str(pred.device),
-    }
+    summary = {"predicted": len(df), "failed": len(fails), "csv": str(out_csv),
+               "failures": fails.to_dict("records"), "cams": len(cams),
+               "exported": [str(p) for p in exported], "device": str(pred.device)}  # fmt: skip
     if json_out:
         print(json.dumps(summary, indent=2))
         return
     show(render.predict(summary, cam, export_dir))
+
+
+def _export_format(batch_size: int | None, export_format: str | None, export_dir) -> str:
+    """predict's options checked before anything is read: the export format (its extra too)."""
+    from fastcxr import predict as lib
+
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")
+    if export_format is not None and export_dir is None:
+        raise UsageError("--format chooses the export's format: it needs --export DIR")
+    export_format = export_format or "torch"
+    if export_format not in lib.EXPORT_FORMATS:
+        raise UsageError(f"--format must be torch or onnx, not {export_format!r}")
+    if export_format == "onnx":
+        lib.onnx_modules()  # a missing extra is refused before any prediction is made
+    return export_format
+
+
+def _write_predictions(df, fails, out_csv: Path) -> None:
+    """The predictions CSV and, beside it, the failures CSV; nothing readable is an error."""
+    from fastcxr.runtime.runs import write_csv
+
+    failures_csv = out_csv.with_name(out_csv.stem + "_failures.csv")
+    if len(fails):
+        write_csv(failures_csv, fails)
+    if not len(df):
+        raise UsageError(
+            f"none of the {len(fails)} input file(s) could be read (e.g. "
+            f"{fails['reason'].iloc[0] if len(fails) else 'no input'}); the reasons are in "
+            f"{failures_csv}"
+        )
+    write_csv(out_csv, df)
