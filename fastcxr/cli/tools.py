@@ -39,55 +39,63 @@ def bench_prepare(
     show(render.bench_prepare(r, size))
 
 
+BenchStages = Annotated[
+    str, typer.Option(help="Comma-separated stages (NAME=SPEC or SPEC) to measure.")
+]
+BenchStyles = Annotated[
+    str, typer.Option("--freeze-style", help="Comma-separated freezing styles: keras,fastai.")
+]
+Warmup = Annotated[int, typer.Option(help="Untimed batches per stage (compile, cuDNN).")]
+Steps = Annotated[int, typer.Option(help="Timed batches per stage.")]
+Rounds = Annotated[
+    int,
+    typer.Option(
+        help="Interleaved rounds (limit, fastcxr, defaults) per stage; the ratios are the "
+        "median over rounds, with their range."
+    ),
+]
+BenchImages = Annotated[
+    int | None, typer.Option(help="Images in the bench cache (default: enough for one pass).")
+]
+BenchCache = Annotated[
+    Path | None,
+    typer.Option(help="Image cache folder (generated if absent; default under FASTCXR_HOME)."),
+]
+NoDefaults = Annotated[
+    bool, typer.Option("--no-defaults", help="Skip the fastai-defaults baseline.")
+]
+ProjectImages = Annotated[
+    int, typer.Option(help="Training images for the projected `compare --preset paper`.")
+]
+
+
 def bench(
     arch: Annotated[str, typer.Option(help="Architecture.")] = "resnet152",
     size: Annotated[int, typer.Option(help="Image size (square).")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 64,
-    stages: Annotated[
-        str, typer.Option(help="Comma-separated stages (NAME=SPEC or SPEC) to measure.")
-    ] = "head,conv5_block3=conv5_block-1,conv5,conv4_last3=conv4_block-3,all",
-    freeze_style: Annotated[
-        str, typer.Option("--freeze-style", help="Comma-separated freezing styles: keras,fastai.")
-    ] = "keras,fastai",
+    stages: BenchStages = "head,conv5_block3=conv5_block-1,conv5,conv4_last3=conv4_block-3,all",
+    freeze_style: BenchStyles = "keras,fastai",
     precision: Precision = None,
     compile: Compile = False,
     compile_backend: CompileBackend = None,
-    warmup: Annotated[int, typer.Option(help="Untimed batches per stage (compile, cuDNN).")] = 5,
-    steps: Annotated[int, typer.Option(help="Timed batches per stage.")] = 20,
-    rounds: Annotated[
-        int,
-        typer.Option(
-            help="Interleaved rounds (limit, fastcxr, defaults) per stage; the ratios are the "
-            "median over rounds, with their range."
-        ),
-    ] = 3,
-    images: Annotated[
-        int | None, typer.Option(help="Images in the bench cache (default: enough for one pass).")
-    ] = None,
-    cache: Annotated[
-        Path | None,
-        typer.Option(help="Image cache folder (generated if absent; default under FASTCXR_HOME)."),
-    ] = None,
-    no_defaults: Annotated[
-        bool, typer.Option("--no-defaults", help="Skip the fastai-defaults baseline.")
-    ] = False,
+    warmup: Warmup = 5,
+    steps: Steps = 20,
+    rounds: Rounds = 3,
+    images: BenchImages = None,
+    cache: BenchCache = None,
+    no_defaults: NoDefaults = False,
     formulation: Annotated[str, typer.Option(help="Formulation of the network.")] = "multilabel",
     workers: Workers = None,
-    project_images: Annotated[
-        int, typer.Option(help="Training images for the projected `compare --preset paper`.")
-    ] = 34_000,
+    project_images: ProjectImages = 34_000,
     json_out: Json = False,
 ) -> None:
     """Training speed per stage: the model-only limit (random tensors on the device), fastcxr's
     real loop on an image cache, and fastai's defaults, measured in one run."""
     with guarded(), progress(not json_out) as bar:
         from fastcxr import bench
-        from fastcxr.config import FREEZE_STYLES, TrainConfig, parse_stages
+        from fastcxr.config import TrainConfig, parse_stages
 
-        styles = tuple(s.strip() for s in freeze_style.split(",") if s.strip())
-        for s in styles or (freeze_style,):
-            if s not in FREEZE_STYLES:
-                raise UsageError(f"--freeze-style must list keras and/or fastai, not {s!r}")
+        styles = _freeze_styles(freeze_style)
         given = {"precision": precision, "compile_backend": compile_backend}
         cfg = TrainConfig(
             arch=arch, size=size, batch_size=batch_size, pretrained=False,
@@ -105,6 +113,17 @@ def bench(
         print(json.dumps(r, indent=2))
         return
     show(render.bench(r, defaults=not no_defaults))
+
+
+def _freeze_styles(text: str) -> tuple[str, ...]:
+    """`--freeze-style keras,fastai`: each one a known style."""
+    from fastcxr.config import FREEZE_STYLES
+
+    styles = tuple(s.strip() for s in text.split(",") if s.strip())
+    for s in styles or (text,):
+        if s not in FREEZE_STYLES:
+            raise UsageError(f"--freeze-style must list keras and/or fastai, not {s!r}")
+    return styles
 
 
 def report(
