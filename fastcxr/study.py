@@ -297,7 +297,35 @@ def unfreeze_ablation(
         data, formulation, cfg, run_dir, log, stages=cfg.ablation_stages,
         resume=resume or finished, overwrite=overwrite, track=track,
     )  # fmt: skip
-    metrics = load_run(run_dir)["metrics"]["per_stage"]
+    stages = _ablation_stages(cfg, summary, load_run(run_dir)["metrics"]["per_stage"])
+    best = stages[int(np.nanargmin([s["valid_loss"] for s in stages]))]["name"]
+    # each network's own best stage: ★ averages the networks' losses (`single` has several)
+    by_net = {
+        n["network"]: cfg.ablation_stages[
+            int(np.nanargmin([s["valid_loss"] for s in n["stages"]]))
+        ].name
+        for n in summary["networks"]
+    }
+    rule = "validation loss" + (
+        f" (the mean over the {len(by_net)} networks)" if len(by_net) > 1 else ""
+    )
+    result = {
+        "stages": stages, "best_stage": best, "best_stage_by_network": by_net,
+        "best_stage_rule": rule, "selected_stage": summary["selected_stage"],
+        "select": cfg.select, "thresholds": summary["thresholds"], "formulation": formulation,
+        "run_dir": str(run_dir), "synthetic": data.synthetic, "preset": cfg.preset,
+        "arch": cfg.arch, "freeze_style": cfg.freeze_style,
+        "findings": summary["findings"],  # the selected model's
+        "train_seconds": summary["train_seconds"],
+    }  # fmt: skip
+    if is_main():
+        write_json(Path(run_dir) / "ablation.json", result)
+    return result
+
+
+def _ablation_stages(cfg: TrainConfig, summary: dict, metrics: dict) -> list[dict]:
+    """Each ablation stage summed over the networks (their mean validation loss), with the
+    test metrics of the stage's model per finding."""
     stages = []
     for i, st in enumerate(cfg.ablation_stages):
         per_net = [n["stages"][i] for n in summary["networks"]]
@@ -310,35 +338,7 @@ def unfreeze_ablation(
             "train_seconds": sum(s["train_seconds"] for s in per_net),
             "findings": {f: headline(m) for f, m in metrics[st.name].items()},
         })  # fmt: skip
-    best = stages[int(np.nanargmin([s["valid_loss"] for s in stages]))]["name"]
-    # each network's own best stage: ★ averages the networks' losses (`single` has several)
-    by_net = {
-        n["network"]: cfg.ablation_stages[
-            int(np.nanargmin([s["valid_loss"] for s in n["stages"]]))
-        ].name
-        for n in summary["networks"]
-    }
-    result = {
-        "stages": stages,
-        "best_stage": best,
-        "best_stage_by_network": by_net,
-        "best_stage_rule": "validation loss"
-        + (f" (the mean over the {len(by_net)} networks)" if len(by_net) > 1 else ""),
-        "selected_stage": summary["selected_stage"],
-        "select": cfg.select,
-        "thresholds": summary["thresholds"],
-        "formulation": formulation,
-        "run_dir": str(run_dir),
-        "synthetic": data.synthetic,
-        "preset": cfg.preset,
-        "arch": cfg.arch,
-        "freeze_style": cfg.freeze_style,
-        "findings": summary["findings"],  # the selected model's
-        "train_seconds": summary["train_seconds"],
-    }
-    if is_main():
-        write_json(Path(run_dir) / "ablation.json", result)
-    return result
+    return stages
 
 
 # -- one entry: any experiment, on one seed or several --------------------------------------

@@ -90,8 +90,6 @@ def find_lr(
 
     Returns `valley`, `minimum`, `used` (the valley), the swept head rates `lrs` and the
     smoothed losses `losses`, and the settings."""
-    from fastai.callback.schedule import minimum, valley
-
     from fastcxr.runtime.distributed import world_size
 
     if world_size() > 1:
@@ -102,26 +100,7 @@ def find_lr(
     check_sweep(start_lr, end_lr, num_it)
     t0 = time.perf_counter()
     mult = freezing.lrs(learn, n_unfrozen, 1.0)
-    old_path, old_dir = learn.path, learn.model_dir
-    with ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastcxr-lr-find-"))
-        learn.path, learn.model_dir = Path(tmp), "."  # fastai saves the weights it restores
-        cbs = [_Discriminative(mult), *freezing.callbacks()]
-        cbs += [_SweepProgress(progress, label, num_it)] if progress else []
-        stack.enter_context(learn.added_cbs(cbs))
-        try:
-            found = learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it,
-                                  show_plot=False, suggest_funcs=(valley, minimum))  # fmt: skip
-        except (IndexError, RuntimeError, ValueError) as e:
-            if isinstance(e, FastcxrError):
-                raise
-            raise LRFindError(
-                f"the learning-rate finder could not suggest a rate ({type(e).__name__}: {e}); "
-                "the loss may diverge at once: try a lower start, more iterations or a "
-                "larger batch"
-            ) from None
-        finally:
-            learn.path, learn.model_dir = old_path, old_dir
+    found = _sweep(learn, mult, freezing, start_lr, end_lr, num_it, progress, label)
     lrs = [float(x) for x in learn.recorder.lrs]
     losses = [float(x) for x in learn.recorder.losses]
     out = {s: _finite(getattr(found, s)) for s in SUGGESTIONS}
@@ -136,6 +115,42 @@ def find_lr(
         "lr_ratio": freezing.lr_ratio, "group_multipliers": mult,
         "seconds": time.perf_counter() - t0,  # the sweep's cost, not counted as training
     }  # fmt: skip
+
+
+def _sweep(
+    learn: Learner,
+    mult,
+    freezing: Freezing,
+    start_lr: float,
+    end_lr: float,
+    num_it: int,
+    progress,
+    label: str,
+):
+    """fastai's `lr_find` with every group at `mult` times the head's rate, in a scratch
+    folder (fastai saves the weights it restores there); its failure is an `LRFindError`."""
+    from fastai.callback.schedule import minimum, valley
+
+    old_path, old_dir = learn.path, learn.model_dir
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastcxr-lr-find-"))
+        learn.path, learn.model_dir = Path(tmp), "."  # fastai saves the weights it restores
+        cbs = [_Discriminative(mult), *freezing.callbacks()]
+        cbs += [_SweepProgress(progress, label, num_it)] if progress else []
+        stack.enter_context(learn.added_cbs(cbs))
+        try:
+            return learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it,
+                                    show_plot=False, suggest_funcs=(valley, minimum))  # fmt: skip
+        except (IndexError, RuntimeError, ValueError) as e:
+            if isinstance(e, FastcxrError):
+                raise
+            raise LRFindError(
+                f"the learning-rate finder could not suggest a rate ({type(e).__name__}: {e}); "
+                "the loss may diverge at once: try a lower start, more iterations or a "
+                "larger batch"
+            ) from None
+        finally:
+            learn.path, learn.model_dir = old_path, old_dir
 
 
 def check_sweep(start_lr: float, end_lr: float, num_it: int) -> None:
