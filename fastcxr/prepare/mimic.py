@@ -317,6 +317,19 @@ def prepare_mimic(
     table = mimic_table(root, views, labels, demographics, info)
     if list_files:
         Path(list_files).write_text("\n".join(table["source"]) + "\n")
+    table, skipped = _by_modality(table, root, workers, modalities, shard)
+    extra = {"dataset": "mimic-cxr", "labels": labels,
+             "modalities": list(modalities) if modalities is not None else None,
+             "demographics": info.get("demographics")}  # fmt: skip
+    report = finish(table, root, out, size, intensity, views, workers, shard, manifest_only,
+                    progress, extra=extra)  # fmt: skip
+    return _record_skipped(out, report, skipped, shard) if len(skipped) else report
+
+
+def _by_modality(table: pd.DataFrame, root: Path, workers, modalities, shard):
+    """Each DICOM's Modality (read from the headers on disk) as the table's `modality`
+    column; the rows of another modality than `modalities` dropped and listed (this shard's
+    share of them) with their reason. Returns (the kept table, the skipped files)."""
     modality = pd.Series("", index=table.index, dtype=object)
     dicom = table["source"].str.lower().str.endswith(".dcm")
     if dicom.any():
@@ -342,23 +355,4 @@ def prepare_mimic(
             f"{root}: every image was skipped by --modalities {','.join(kept)} "
             f"(found: {found}); pass --modalities to keep them"
         )
-    table = table[~skip].reset_index(drop=True)
-    report = finish(
-        table,
-        root,
-        out,
-        size,
-        intensity,
-        views,
-        workers,
-        shard,
-        manifest_only,
-        progress,
-        extra={
-            "dataset": "mimic-cxr",
-            "labels": labels,
-            "modalities": list(modalities) if modalities is not None else None,
-            "demographics": info.get("demographics"),
-        },
-    )
-    return _record_skipped(out, report, skipped, shard) if len(skipped) else report
+    return table[~skip].reset_index(drop=True), skipped
