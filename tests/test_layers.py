@@ -153,3 +153,22 @@ def test_the_checker_sees_cycles_and_upward_imports():
     assert layer("fastcxr.train.lr_find") > layer("fastcxr.data.datablock")
     assert layer("fastcxr.evaluate.figures") > layer("fastcxr.train.lr_find")
     assert layer("fastcxr.evaluate.stats") < layer("fastcxr.train.network")
+
+
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 600
+
+
+def test_no_function_over_60_lines_and_no_module_over_600():
+    """A function's lines run from its `def` (decorators apart) to its last line."""
+    long_functions, long_modules = [], []
+    for path in sorted(PKG.rglob("*.py")):
+        text = path.read_text()
+        n = len(text.splitlines())
+        if n > MAX_MODULE_LINES:
+            long_modules.append(f"{path.relative_to(PKG.parent)}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{path.relative_to(PKG.parent)}:{node.name} {lines}")
+    assert long_functions == [] and long_modules == []

@@ -143,15 +143,7 @@ def build_report(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, ablations, series = {}, [], []
-    for d in map(Path, run_dirs):
-        if (d / SEEDS_FILE).exists():  # a --seeds series: across seeds (RUN/seed-K: one seed)
-            series.append((d, json.loads((d / SEEDS_FILE).read_text())))
-            continue
-        found, abl = _runs_of(d)
-        runs.update(found)
-        if abl:
-            ablations.append((d, abl))
+    runs, ablations, series = _sources(run_dirs)
     written: list[Path] = []
 
     def save(fig: Figure, name: str) -> None:
@@ -165,50 +157,67 @@ def build_report(
         for n, r in recs.items()
     }
     if recs:
-        preds = {n: r["predictions"] for n, r in recs.items()}
-        summaries = {n: r["record"] for n, r in recs.items()}
-        save(confusion_figure(evals, findings), "confusion.png")
-        save(accuracy_figure(evals, findings), "accuracy.png")
-        for f in findings:
-            slug = f.lower().replace(" ", "_")
-            save(roc_figure(preds, evals, f), f"roc_{slug}.png")
-            save(calibration_figure(evals, f), f"calibration_{slug}.png")
-        save(epochs_time_figure(summaries), "epochs_vs_seconds.png")
-        for n, r in recs.items():
-            save(curves_figure(r["history"], n), f"curves_{n}.png")
+        _run_figures(save, recs, evals, findings)
     for d, abl in ablations:
         save(ablation_figure(abl), f"ablation_{d.name}.png")
         save(curves_figure(load_run(d)["history"], "Experiment I"), f"curves_ablation_{d.name}.png")
     for d, s in series:
-        what = "each seed's selected stage" if _is_ablation(d, s) else "seeds"
-        title = f"{d.name}: {what} {', '.join(map(str, s['seeds']))}"
-        for f in series_config(d, s)["train"]["findings"]:
-            curves = seed_curves(d, s, f)
-            if curves:
-                slug = f.lower().replace(" ", "_")
-                save(roc_seeds_figure(curves, f, title), f"roc_seeds_{d.name}_{slug}.png")
+        _seed_figures(save, d, s)
     audits = subgroup_audits(runs)
     for key, a in audits.items():
         if not a["stale"]:
             save(tpr_gap_figure(a, key), f"tpr_gaps_{key.replace('/', '_')}.png")
     intro = Path(template).read_text().strip() if template else ""
-    md = results_markdown(
-        intro,
-        recs,
-        evals,
-        findings,
-        ablations,
-        with_holm(pairwise({n: r["predictions"] for n, r in recs.items()}, findings))
-        if len(recs) > 1
-        else [],
-        [p.name for p in written],
-        external=external_validations(runs, eval_cfg),
-        audits=audits,
-        seeds=series,
-    )
+    preds = {n: r["predictions"] for n, r in recs.items()}
+    pairs = with_holm(pairwise(preds, findings)) if len(recs) > 1 else []
+    md = results_markdown(intro, recs, evals, findings, ablations, pairs,
+                          [p.name for p in written], external=external_validations(runs, eval_cfg),
+                          audits=audits, seeds=series)  # fmt: skip
     (out / "results.md").write_text(md)
     written.append(out / "results.md")
     return written
+
+
+def _sources(run_dirs) -> tuple[dict[str, Path], list, list]:
+    """(formulation runs by name, [(folder, ablation.json)], [(folder, seeds.json)]) of the
+    folders given: compare folders, runs, ablations and `--seeds` series."""
+    runs, ablations, series = {}, [], []
+    for d in map(Path, run_dirs):
+        if (d / SEEDS_FILE).exists():  # a --seeds series: across seeds (RUN/seed-K: one seed)
+            series.append((d, json.loads((d / SEEDS_FILE).read_text())))
+            continue
+        found, abl = _runs_of(d)
+        runs.update(found)
+        if abl:
+            ablations.append((d, abl))
+    return runs, ablations, series
+
+
+def _slug(finding: str) -> str:
+    return finding.lower().replace(" ", "_")
+
+
+def _run_figures(save, recs: Mapping[str, dict], evals, findings) -> None:
+    """The runs' figures: confusion, accuracy, ROC and calibration per finding, cost, curves."""
+    preds = {n: r["predictions"] for n, r in recs.items()}
+    save(confusion_figure(evals, findings), "confusion.png")
+    save(accuracy_figure(evals, findings), "accuracy.png")
+    for f in findings:
+        save(roc_figure(preds, evals, f), f"roc_{_slug(f)}.png")
+        save(calibration_figure(evals, f), f"calibration_{_slug(f)}.png")
+    save(epochs_time_figure({n: r["record"] for n, r in recs.items()}), "epochs_vs_seconds.png")
+    for n, r in recs.items():
+        save(curves_figure(r["history"], n), f"curves_{n}.png")
+
+
+def _seed_figures(save, d: Path, s: dict) -> None:
+    """A `--seeds` series: each finding's ROC curves, one per seed."""
+    what = "each seed's selected stage" if _is_ablation(d, s) else "seeds"
+    title = f"{d.name}: {what} {', '.join(map(str, s['seeds']))}"
+    for f in series_config(d, s)["train"]["findings"]:
+        curves = seed_curves(d, s, f)
+        if curves:
+            save(roc_seeds_figure(curves, f, title), f"roc_seeds_{d.name}_{_slug(f)}.png")
 
 
 def same_findings(recs: Mapping[str, dict]) -> list[str]:
