@@ -17,6 +17,7 @@ from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
+from fastcxr.errors import UsageError
 from fastcxr.evaluate.external import evaluate_run
 
 runner = CliRunner()
@@ -67,7 +68,10 @@ def _predictions(folder) -> pd.DataFrame:
 
 
 def test_own_manifest_and_test_split_reproduce_the_record(run, prepared):
-    r = evaluate_run(run, prepared / "manifest.csv", name="own", device="cpu")
+    with pytest.raises(UsageError, match="the run's own dataset"):  # not an external validation
+        evaluate_run(run, prepared / "manifest.csv", name="own", device="cpu")
+    r = evaluate_run(run, prepared / "manifest.csv", name="own", device="cpu", allow_overlap=True)
+    assert r["external"] is False and r["overlap"]["own_dataset"] is True
     recorded = json.loads((run / "metrics.json").read_text())["findings"]
     for f in FINDINGS:
         got, want = r["findings"][f], recorded[f]
@@ -364,3 +368,36 @@ def test_an_evaluation_being_written_locks_its_name(run, external):
     assert not (run / "evaluations" / "busy").exists()
     _cli("evaluate", run, "--data", external, "--name", "busy")  # free again: it runs
     assert not list((run / "evaluations").glob(".busy.lock"))
+
+
+def _copy_run(run, tmp_path, manifest):
+    """The run, copied, its config pointing at `manifest` (as if its data had moved)."""
+    import shutil
+
+    copy = tmp_path / "run-copy"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["data"]["manifest"] = str(manifest)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy
+
+
+def test_an_overlap_that_cannot_be_checked_is_not_called_external(run, prepared, external,
+                                                                   tmp_path):  # fmt: skip
+    """The run's manifest moved, or re-split since training (its sha256 differs from the
+    record's): the overlap check cannot run, so the evaluation is refused, or recorded as not
+    external with --allow-overlap — never "external validation" by default."""
+    gone = _copy_run(run, tmp_path, tmp_path / "moved" / "manifest.csv")
+    with pytest.raises(UsageError, match=r"cannot check .* cannot be read"):
+        evaluate_run(gone, external / "manifest.csv", name="x", device="cpu")
+    resplit = tmp_path / "resplit"
+    resplit.mkdir()
+    df = pd.read_csv(prepared / "manifest.csv")
+    df["split"] = df["split"].map({"train": "test", "test": "train"}).fillna(df["split"])
+    df.to_csv(resplit / "manifest.csv", index=False)
+    changed = _copy_run(run, tmp_path / "b", resplit / "manifest.csv")
+    with pytest.raises(UsageError, match=r"changed since training \(sha256"):
+        evaluate_run(changed, external / "manifest.csv", name="x", device="cpu")
+    r = evaluate_run(changed, external / "manifest.csv", name="x", device="cpu",
+                     allow_overlap=True)  # fmt: skip
+    assert r["external"] is False and r["overlap"]["checked"] is False

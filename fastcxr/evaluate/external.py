@@ -293,15 +293,24 @@ def run_overlap(run_dir: Path, dataset, split: str) -> dict:
     patients (ids as `leakage.patient_key` reads them). `checked` is False when the run's
     manifest is gone (nothing can be compared)."""
     from fastcxr.leakage import patient_key, same_files
-    from fastcxr.manifest import ManifestError, read_manifest
+    from fastcxr.manifest import ManifestError, file_sha256, read_manifest
 
     config = json.loads((run_dir / "config.json").read_text())
-    manifest = Path((config.get("data") or {}).get("manifest") or "")
+    data = config.get("data") or {}
+    manifest = Path(data.get("manifest") or "")
+    unchecked = {"checked": False, "images": 0, "patients": 0, "examples": []}
     try:
         own = read_manifest(manifest)
+        sha = file_sha256(manifest)
     except (ManifestError, OSError):
-        return {"checked": False, "reason": f"the run's manifest {manifest} cannot be read",
-                "images": 0, "patients": 0, "examples": []}  # fmt: skip
+        return {**unchecked, "reason": f"the run's manifest {manifest} cannot be read"}
+    if data.get("sha256") and sha != data["sha256"]:  # re-split or re-prepared since training
+        return {**unchecked, "reason": f"the run's manifest {manifest} changed since training "
+                f"(sha256 {sha[:12]}… ≠ recorded {data['sha256'][:12]}…)"}  # fmt: skip
+    if sha == file_sha256(dataset.manifest) or manifest.resolve() == dataset.manifest.resolve():
+        return {**unchecked, "checked": True, "own_dataset": True, "against": str(manifest),
+                "reason": f"{dataset.manifest} is the run's own dataset (its test split is "
+                "scored in the run record already)"}  # fmt: skip
     own = own[own["split"].astype(str).isin(["train", "valid"])]
     rows = dataset.df if split == "all" else dataset.df[dataset.df["split"].astype(str) == split]
     pairs = same_files([str(manifest.parent / p) for p in own["image"].astype(str)],
@@ -451,7 +460,7 @@ def evaluate_run(
             )
         for (metrics, rows, fails), sub in zip(done.values(), subs.values()):
             metrics["overlap"] = overlap
-            metrics["external"] = not (overlap["images"] or overlap["patients"])
+            metrics["external"] = is_external(overlap)
             _write_evaluation(sub / "evaluations" / name, metrics, rows, fails)
         if not is_compare:
             return next(iter(done.values()))[0]
@@ -462,11 +471,31 @@ def evaluate_run(
         return {**summary, "dir": str(folder)}
 
 
+def is_external(overlap: dict) -> bool:
+    """External: checked against the run's own (unchanged) manifest, another dataset, and no
+    image or patient shared with the run's training and validation data."""
+    return bool(overlap["checked"] and not overlap.get("own_dataset")
+                and not (overlap["images"] or overlap["patients"]))  # fmt: skip
+
+
 def _refuse_overlap(run: Path, dataset, split: str, allow: bool) -> dict:
     """`run_overlap`, refused unless `allow` when the rows share images or patients with the
     run's training or validation data."""
     overlap = run_overlap(run, dataset, split)
-    if (overlap["images"] or overlap["patients"]) and not allow:
+    if allow:
+        return overlap
+    if not overlap["checked"]:
+        raise UsageError(
+            f"cannot check that {dataset.manifest} shares no image or patient with the run's "
+            f"training and validation data: {overlap['reason']}; restore it, or add "
+            "--allow-overlap to record the evaluation as not external"
+        )
+    if overlap.get("own_dataset"):
+        raise UsageError(
+            f"not an external validation: {overlap['reason']}; evaluate another dataset, or "
+            "add --allow-overlap to record it as not external"
+        )
+    if overlap["images"] or overlap["patients"]:
         raise UsageError(
             f"not an external validation: {overlap['images']} image(s) and "
             f"{overlap['patients']} patient(s) of {dataset.manifest} (split {split}) are "

@@ -37,6 +37,8 @@ def evaluation(result: Mapping) -> Page:
             f"{ov['patients']} patient(s) are in the run's training or validation data "
             f"({escape('; '.join(ov.get('examples', [])))})"
         )
+    elif ov and (not ov.get("checked", True) or ov.get("own_dataset")):
+        page_note = f"[bold red]not an external validation:[/] {escape(ov.get('reason') or '')}"
     else:
         page_note = None
     cols = ["finding", "internal AUC\n[95% CI]", "external AUC\n[95% CI]", "n", "pos.",
