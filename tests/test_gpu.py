@@ -295,7 +295,8 @@ def test_onnx_export_of_a_cuda_trained_run(cuda_run, prepared, tmp_path, gpu_rec
     pytest.importorskip("onnxscript")
     from PIL import Image
 
-    from fastcxr.predict import Predictor, export, load_exported
+    from fastcxr.export import export, load_exported
+    from fastcxr.predict import Predictor
 
     pred = Predictor.load(cuda_run, device="cuda")
     written = export(pred, tmp_path / "onnx", "onnx")

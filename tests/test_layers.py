@@ -9,7 +9,7 @@ imports from a layer above its own. Layers, lowest first, follow the data:
 1 prepare   — prepare/*, preprocessing
 2 data      — data/*
 3 train     — train/*
-4 evaluate  — evaluate/* (the rest), predict
+4 evaluate  — evaluate/* (the rest), predict, export
 5 experiments — study, bench
 6 interface — cli/*, __main__, the package's lazy names
 
@@ -32,7 +32,7 @@ LAYERS = [
     ["fastcxr.prepare", "fastcxr.preprocessing"],
     ["fastcxr.data"],
     ["fastcxr.train"],
-    ["fastcxr.evaluate", "fastcxr.predict"],
+    ["fastcxr.evaluate", "fastcxr.predict", "fastcxr.export"],
     ["fastcxr.study", "fastcxr.bench"],
     ["fastcxr.cli", "fastcxr.__main__", "fastcxr"],
 ]  # fmt: skip
@@ -91,7 +91,7 @@ def layer(mod: str) -> int:
     best = None
     for i, prefixes in enumerate(LAYERS):
         for p in prefixes:
-            if mod == p or mod.startswith(p + "."):
+            if mod == p or (p != "fastcxr" and mod.startswith(p + ".")):
                 if best is None or len(p) > best[1]:
                     best = (i, len(p))
     assert best is not None, f"{mod} is in no layer: add it to LAYERS"

@@ -14,8 +14,9 @@ from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
+from fastcxr.export import export, load_exported
 from fastcxr.models import build_model, load_state_dict
-from fastcxr.predict import Predictor, export, load_exported
+from fastcxr.predict import Predictor
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

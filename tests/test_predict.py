@@ -11,7 +11,8 @@ from tiny import TINY_TRAIN
 from typer.testing import CliRunner
 
 from fastcxr.cli import app
-from fastcxr.predict import Predictor, grad_cam, load_exported
+from fastcxr.export import load_exported
+from fastcxr.predict import Predictor, grad_cam
 
 runner = CliRunner()
 
@@ -158,6 +159,13 @@ def test_predict_never_replaces_a_run_file_or_an_input(trained, prepared, tmp_pa
         res = runner.invoke(app, ["predict", str(trained), *imgs, "--out", "mine.csv"])
         assert res.exit_code == 0, res.output
     assert len(pd.read_csv(tmp_path / "mine.csv")) == len(imgs)
+    # a CSV predict did not write (here a manifest) is not replaced
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,subject_id,Edema\na.png,1,1\n")
+    m_before = manifest.read_bytes()
+    _refused(runner.invoke(app, ["predict", str(trained), *imgs, "--out", str(manifest)]),
+             "not a CSV written by predict")  # fmt: skip
+    assert manifest.read_bytes() == m_before
 
 
 def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_an_export(trained, prepared,
@@ -174,10 +182,12 @@ def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_an_export(trai
     args2 = [*args[:-1], str(out2)]
     assert runner.invoke(app, args2).exit_code == 0
     (out2 / "stale.pt2").write_bytes(b"from another run")
+    (out2 / "README.txt").write_text("my notes on this export")
     _refused(runner.invoke(app, args2), "is not empty")
     res = runner.invoke(app, [*args2, "--overwrite"])
     assert res.exit_code == 0, res.output
     assert not (out2 / "stale.pt2").exists() and (out2 / "export.json").exists()
+    assert (out2 / "README.txt").read_text() == "my notes on this export"  # not an export file
 
 
 def test_predict_fails_when_no_input_is_readable(trained, tmp_path):

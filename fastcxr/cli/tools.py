@@ -212,8 +212,10 @@ def predict(
         _write_predictions(df, fails, out_csv)
         cams = lib.write_cams(pred, [Path(f) for f in df["file"]], cam) if cam else []
         if export_dir:
-            lib.clear_export(export_dir)
-        exported = lib.export(pred, export_dir, export_format) if export_dir else []
+            from fastcxr import export
+
+            export.clear_export(export_dir)
+        exported = export.export(pred, export_dir, export_format) if export_dir else []
     summary = {"predicted": len(df), "failed": len(fails), "csv": str(out_csv),
                "failures": fails.to_dict("records"), "cams": len(cams),
                "exported": [str(p) for p in exported], "device": str(pred.device)}  # fmt: skip
@@ -225,7 +227,7 @@ def predict(
 
 def _export_format(batch_size: int | None, export_format: str | None, export_dir) -> str:
     """predict's options checked before anything is read: the export format (its extra too)."""
-    from fastcxr import predict as lib
+    from fastcxr import export as lib
 
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")
