@@ -4,6 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("FASTCXR_HOME", "/nonexistent-fastcxr-home")  # tests never use ~/.cache
+# Test modules import mlflow at collection, before fastcxr's tracker could turn its telemetry
+# off: its config thread would reach out and draw from Python's `random` mid-test.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -150,8 +150,14 @@ METRICS = {"findings": {"Edema": {"auc": 0.75, "accuracy": 0.5, "reason": None, 
            "per_stage": {"head": {"Edema": {"auc": 0.625}}}}  # fmt: skip
 
 
-def _rng_states():
-    return (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist())
+def _rng_states() -> dict:
+    return {"random": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+            "torch": torch.get_rng_state().tolist()}  # fmt: skip
+
+
+def _drawn(before: dict) -> list[str]:
+    """The global generators whose state changed since `before`."""
+    return [k for k, v in _rng_states().items() if v != before[k]]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -178,7 +184,7 @@ def test_steps_names_and_a_resume_after_a_kill(kind, tmp_path, offline):
         t.network(b, ROWS[b][:2])
         t.epoch(b, ROWS[b])
         t.finish(run_dir)
-    assert _rng_states() == before
+    assert _drawn(before) == []
     expected = {
         metric_name(net, col): [(off + i + 1, r[col]) for i, r in enumerate(ROWS[net])]
         for off, net in ((0, a), (3, b)) for col in ("train_loss", "valid_loss")
@@ -341,6 +347,21 @@ def test_tracking_is_no_part_of_the_config(run):
     # where the user configured nothing: MLflow's usage telemetry and W&B's error reports off
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert os.environ["WANDB_ERROR_REPORTING"] == "false"
+
+
+def test_mlflow_telemetry_is_off_with_a_server_too_unless_the_user_chose(monkeypatch):
+    """Its config thread draws from Python's `random` at a moment no one controls."""
+    from fastcxr.runtime.tracking import offline_defaults
+
+    for var in ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    offline_defaults("mlflow")
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # a server: no file store
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")
+    offline_defaults("mlflow")
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"  # the user's choice stands
 
 
 def test_a_tracker_failure_is_one_line(tmp_path, offline, monkeypatch):

@@ -131,10 +131,15 @@ def check_mlflow_server(timeout: float = REACH_TIMEOUT) -> None:
 def offline_defaults(kind: str) -> None:
     """Where the user configured nothing, keep the library on this machine: MLflow's file store
     allowed and its usage telemetry off; W&B offline (see `_Wandb`) and its error reports off.
-    A variable the user set is left as it is."""
+    A variable the user set is left as it is.
+
+    MLflow's telemetry is off with a tracking server too: besides sending usage records, its
+    background thread draws from Python's global `random` (its rollout check) at a moment no
+    one controls, and fastai's augmentations draw from that generator."""
+    if kind == "mlflow":
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if kind == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: file store opt-in
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if kind == "wandb" and "WANDB_MODE" not in os.environ:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
@@ -282,9 +287,15 @@ class _Mirror(Tracker, ABC):
         import numpy as np
 
         # A tracker's client may draw from the global generators (MLflow does, now and then,
-        # e.g. for retry jitter), which fastai's random transforms also use: put them back so
-        # tracking never changes a number.
-        state, np_state = random.getstate(), np.random.get_state()
+        # e.g. for retry jitter), which fastai's random transforms also use (and torch's): put
+        # them back so tracking never changes a number.
+        import torch
+
+        state, np_state, torch_state = (
+            random.getstate(),
+            np.random.get_state(),
+            torch.get_rng_state(),
+        )
         try:
             yield
         except self.errors as e:
@@ -292,6 +303,7 @@ class _Mirror(Tracker, ABC):
         finally:
             random.setstate(state)
             np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
 
     def values(self, name: str, row: dict) -> dict[str, float]:
         """A history row's numbers, named `<network>/<column>`, and its stage's index."""
