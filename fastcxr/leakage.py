@@ -17,18 +17,34 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 _NUMBER = re.compile(r"^[+]?0*(\d+)(?:\.0*)?$")
+_SCIENTIFIC = re.compile(r"^[+]?\d+(?:\.\d*)?[eE][+]?\d{1,3}$")  # "1.0035354E+07" (a spreadsheet)
 _HEAD = 1 << 16
 
 
 def patient_key(pid) -> str:
-    """The id two spellings of one patient share: a whole number without leading zeros or a
-    trailing `.0` ("010035354", "10035354.0" → "10035354"); other ids stripped of spaces."""
+    """The id two spellings of one patient share: a whole number without leading zeros, a
+    trailing `.0` or an exponent ("010035354", "10035354.0", "1.0035354E+07" → "10035354");
+    other ids stripped of spaces."""
     text = str(pid).strip()
     m = _NUMBER.match(text)
     if m:
         return m.group(1).lstrip("0") or "0"
+    if _SCIENTIFIC.match(text):
+        from decimal import Decimal
+
+        value = Decimal(text)
+        if value == value.to_integral_value():
+            return str(int(value))
     return text
+
+
+def patient_keys(ids: Iterable) -> np.ndarray:
+    """`patient_key` of each id: the clusters of the patient-level statistics (bootstrap,
+    DeLong), so two spellings of one patient are one cluster there as in the leakage check."""
+    return np.array([patient_key(p) for p in ids], dtype=object)
 
 
 def _digest(path: str, head: bool) -> str:

@@ -37,6 +37,7 @@ from fastcxr.errors import UsageError
 from fastcxr.evaluate import stats
 from fastcxr.evaluate.evaluation import EvalConfig
 from fastcxr.findings import ALL_FINDINGS
+from fastcxr.leakage import patient_keys
 from fastcxr.manifest import file_sha256
 from fastcxr.runtime.progress import progress_end, progress_event
 from fastcxr.runtime.runs import RunError, write_csv, write_json
@@ -353,7 +354,9 @@ def joined(pred: pd.DataFrame, manifest: pd.DataFrame, source: Path) -> pd.DataF
             "the right one with --data"
         )
     right = m.loc[pred["image"]].reset_index()
-    other = right["patient_id"].astype(str).to_numpy() != pred["patient_id"].astype(str).to_numpy()
+    other = patient_keys(right["patient_id"].astype(str)) != patient_keys(
+        pred["patient_id"].astype(str)
+    )
     if other.any():
         raise UsageError(
             f"{int(other.sum())} predicted image(s) belong to another patient in {source} "
@@ -426,7 +429,7 @@ def _score(folder: Path, rows: pd.DataFrame, f: str, attributes, edges, threshol
     keep = ~np.isnan(y_all)
     sub = rows[keep].reset_index(drop=True)
     y, p = y_all[keep].astype(int), sub[f"p_{f}"].to_numpy(float)
-    pats = sub["patient_id"].astype(str).to_numpy()
+    pats = patient_keys(sub["patient_id"].astype(str))
     masks = {}
     for a in attributes:
         g = subgroups(sub, a, edges).to_numpy(object)

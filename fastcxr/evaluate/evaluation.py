@@ -16,6 +16,7 @@ import pandas as pd
 
 from fastcxr.errors import UsageError
 from fastcxr.evaluate import stats
+from fastcxr.leakage import patient_keys
 from fastcxr.runtime.progress import progress_end, progress_event
 
 
@@ -77,7 +78,7 @@ def finding_report(
     bootstrap resamples as progress events (the same numbers either way)."""
     test, valid = _scored(_split(pred, "test"), finding), _scored(_split(pred, "valid"), finding)
     y, s = test[f"y_{finding}"].to_numpy(int), test[f"p_{finding}"].to_numpy(float)
-    groups = test["patient_id"].astype(str).to_numpy()
+    groups = patient_keys(test["patient_id"].astype(str))
     auc = stats.auc_rank(y, s)
     if cfg.ci == "delong":
         d = stats.auc_ci_delong(y, s, cfg.level, groups=groups)
@@ -144,7 +145,7 @@ def pairwise(preds: Mapping[str, pd.DataFrame], findings: Sequence[str]) -> list
                 mf[f"y_{f}_a"].to_numpy(int),
                 mf[f"p_{f}_a"].to_numpy(float),
                 mf[f"p_{f}_b"].to_numpy(float),
-                groups=mf["patient_id_a"].astype(str).to_numpy(),
+                groups=patient_keys(mf["patient_id_a"].astype(str)),
             )
             out.append({"a": a, "b": b, "finding": f, **r})
     return out

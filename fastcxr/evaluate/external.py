@@ -37,6 +37,7 @@ from fastcxr.errors import UsageError
 from fastcxr.evaluate import stats
 from fastcxr.evaluate.evaluation import CLUSTERED, EvalConfig, bootstrap_method
 from fastcxr.evaluate.metrics import finding_metrics, scored_rows
+from fastcxr.leakage import patient_keys
 from fastcxr.runtime.runs import (
     RunError,
     RunLock,
@@ -100,7 +101,7 @@ def score(
         m = finding_metrics(y_all, p_all, thresholds.get(f))
         keep = scored_rows(y_all)
         y, s = y_all[keep].astype(int), p_all[keep]
-        groups = pred["patient_id"].astype(str).to_numpy()[keep]
+        groups = patient_keys(pred["patient_id"].astype(str))[keep]
         if m["n"] == 0:
             m["reason"] = "no image of the split is labelled 0 or 1 for this finding"
         ci = auc_ci(y, s, groups, cfg)
