@@ -18,6 +18,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from fastcxr.evaluate.stats import ci_text  # noqa: E402
+
 COLORS = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c"]
 
 
@@ -88,7 +90,11 @@ def roc_figure(preds: Mapping[str, pd.DataFrame], evals, finding: str) -> Figure
         t = t[t[f"y_{finding}"].notna()]  # scored images only
         fpr, tpr, _ = roc_curve(t[f"y_{finding}"].astype(int), t[f"p_{finding}"])
         ci = e["auc_ci"]
-        label = f"{name}: AUC {e['auc']:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+        if ci:
+            auc, lohi = ci_text(e["auc"], ci)
+            label = f"{name}: AUC {auc} ({lohi})"
+        else:
+            label = f"{name}: AUC {e['auc']:.3f}"
         ax.plot(fpr, tpr, color=COLORS[i % len(COLORS)], lw=1.8, label=label)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
     ax.set_xlabel("1 − specificity")

@@ -28,6 +28,7 @@ from fastcxr.evaluate.figures import (
     save_figure,
     tpr_gap_figure,
 )
+from fastcxr.evaluate.stats import ci_text, shown_digits
 from fastcxr.runtime.runs import RunError, is_complete, load_run
 from fastcxr.runtime.seeds import SEEDS_FILE
 
@@ -74,8 +75,9 @@ def _spread(a: Mapping) -> tuple[str, str]:
     """(mean ± sd, min–max) of a `seeds.spread`, or why it is undefined."""
     if a.get("mean") is None:
         return _f(None, 3, a.get("reason")), ""
-    sd = f" ± {a['sd']:.3f}" if a.get("sd") is not None else " (one seed: no sd)"
-    return f"{a['mean']:.3f}{sd}", f"{a['min']:.3f}–{a['max']:.3f}"
+    d = shown_digits(a["mean"], a["min"], a["max"])
+    sd = f" ± {a['sd']:.{d}f}" if a.get("sd") is not None else " (one seed: no sd)"
+    return f"{a['mean']:.{d}f}{sd}", f"{a['min']:.{d}f}–{a['max']:.{d}f}"
 
 
 def _is_ablation(path: Path, series: dict) -> bool:
@@ -295,7 +297,8 @@ def _audit_row(f: str, attr: str, s: Mapping) -> str:
     if attr == "all":
         gap = "—"
     elif ci:
-        gap = _f(s["tpr_gap"], 3, why.get("tpr")) + f" [{ci[0]:+.3f} to {ci[1]:+.3f}]"
+        shown, lohi = ci_text(s["tpr_gap"], ci, signed=True, sep=" to ")
+        gap = f"{shown} [{lohi}]"
     elif s["tpr_gap"] is not None:
         gap = _f(s["tpr_gap"], 3, why.get("tpr")) + f" [CI {_f(None, 3, why.get('tpr_gap_ci'))}]"
     else:
@@ -317,12 +320,13 @@ def _underdiagnosis_markdown(a: Mapping) -> list[str]:
     for attr, groups in a["underdiagnosis"].items():
         for s in groups:
             ci = s.get("gap_ci")
+            gap = _f(s["gap"], 3, s.get("reason"))
+            if ci and s["gap"] is not None:
+                shown, lohi = ci_text(s["gap"], ci, signed=True, sep=" to ")
+                gap = f"{shown} [{lohi}]"
             lines.append(
                 f"| {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
-                f"{s['n_with_finding']} | {_f(s['rate'], 3, s.get('reason'))} | "
-                f"{_f(s['gap'], 3, s.get('reason'))}"
-                + (f" [{ci[0]:+.3f} to {ci[1]:+.3f}]" if ci else "")
-                + " |"
+                f"{s['n_with_finding']} | {_f(s['rate'], 3, s.get('reason'))} | {gap} |"
             )
     return lines
 
@@ -332,9 +336,10 @@ def _auc_ci(e: Mapping | None) -> str:
     if not e or e.get("auc") is None:
         return _f(None, 3, (e or {}).get("undefined") or (e or {}).get("reason") or "not scored")
     ci = e.get("auc_ci")
-    return f"{e['auc']:.3f} " + (
-        f"[{ci[0]:.3f}–{ci[1]:.3f}]" if ci else f"[CI {_f(None, 3, e.get('auc_ci_reason'))}]"
-    )
+    if not ci:
+        return f"{e['auc']:.3f} [CI {_f(None, 3, e.get('auc_ci_reason'))}]"
+    auc, lohi = ci_text(e["auc"], ci)
+    return f"{auc} [{lohi}]"
 
 
 def external_markdown(external: Mapping[str, Mapping[str, dict]], evals) -> list[str]:

@@ -13,6 +13,7 @@ from fastcxr.cli.render.page import (
     Table,
     fmt,
 )
+from fastcxr.evaluate.stats import ci_text
 
 
 # -- external validation ------------------------------------------------------------------------
@@ -21,8 +22,10 @@ def auc_ci(m: Mapping | None) -> str:
     if not m or m.get("auc") is None:
         return fmt(None, why=(m or {}).get("reason") or "not scored")
     ci = m.get("auc_ci")
-    tail = f"[{ci[0]:.3f}–{ci[1]:.3f}]" if ci else f"CI {fmt(None, why=m.get('auc_ci_reason'))}"
-    return f"{m['auc']:.3f}\n{tail}"
+    if ci:
+        auc, lohi = ci_text(m["auc"], ci)
+        return f"{auc}\n[{lohi}]"
+    return f"{m['auc']:.3f}\nCI {fmt(None, why=m.get('auc_ci_reason'))}"
 
 
 def evaluation(result: Mapping) -> Page:
@@ -87,7 +90,8 @@ def _gap(s: Mapping, notes: Footnotes, key: str = "tpr_gap", why: str | None = N
     if s.get(key) is None:
         return notes.mark(why)
     if ci:
-        return f"{s[key]:+.3f}\n[{ci[0]:+.3f}–{ci[1]:+.3f}]"
+        gap, lohi = ci_text(s[key], ci, signed=True)
+        return f"{gap}\n[{lohi}]"
     ci_why = s.get("reasons", {}).get(f"{key}_ci")
     return f"{s[key]:+.3f}\n[CI {notes.mark(ci_why) if ci_why else 'undefined'}]"
 
@@ -97,7 +101,10 @@ def _auc_short(s: Mapping, notes: Footnotes) -> str:
     if s.get("auc") is None:
         return notes.mark(s.get("reasons", {}).get("auc"))
     ci = s.get("auc_ci")
-    return f"{s['auc']:.3f}\n" + (f"[{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "[CI undefined]")
+    if not ci:
+        return f"{s['auc']:.3f}\n[CI undefined]"
+    auc, lohi = ci_text(s["auc"], ci)
+    return f"{auc}\n[{lohi}]"
 
 
 def _subgroup(s: Mapping) -> str:

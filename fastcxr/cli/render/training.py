@@ -20,6 +20,7 @@ from fastcxr.cli.render.page import (
     threshold_label,
     threshold_rule,
 )
+from fastcxr.evaluate.stats import ci_text
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -48,11 +49,11 @@ def compare(result: Mapping, cfg: Mapping) -> Page:
             m = r["findings"][f]
             ci = m.get("auc_ci")
             auc = fmt(m["auc"], why=m.get("reason"))
-            auc += (
-                f"\n({ci[0]:.3f}–{ci[1]:.3f})"
-                if ci
-                else f"\nCI {fmt(None, why=m.get('auc_ci_reason'))}"
-            )
+            if ci and m["auc"] is not None:
+                shown, lohi = ci_text(m["auc"], ci)
+                auc = f"{shown}\n({lohi})"
+            else:
+                auc += f"\nCI {fmt(None, why=m.get('auc_ci_reason'))}"
             acc = fmt(m["accuracy"], why=m.get("reason"))
             if m.get("threshold") is not None:
                 acc += f"\nt={m['threshold']:.3f}"
