@@ -149,6 +149,8 @@ def test_counts_rates_aucs_and_gaps_equal_pandas(manifest, tmp_path):
         assert s["n_with_finding"] == len(rows)
         if len(rows):
             assert s["rate"] == pytest.approx((rows["p_No Finding"] >= 0.5).mean())
+        if s["gap"] is not None and s["gap_ci"] is None:  # a missing CI says why
+            assert s["gap_ci_reason"], s
     assert len(ill) > 0 and a["underdiagnosis_rule"].startswith("underdiagnosis = FPR")
 
 

@@ -269,9 +269,23 @@ class _Scorer:
                     "resample: a percentile CI would show the whole set's spread only"
                 )
             else:
-                gap_ci = stats.percentile_ci(sub_boot - self.boot_all[k], self.cfg.n_boot,
-                                             self.cfg.level)  # fmt: skip
+                diff = sub_boot - self.boot_all[k]
+                gap_ci = stats.percentile_ci(diff, self.cfg.n_boot, self.cfg.level)
+                if gap_ci is None:
+                    reasons[f"{k}_gap_ci"] = _gap_ci_reason(diff, self.cfg.n_boot, k)
         out[f"{k}_gap"], out[f"{k}_gap_ci"] = gap, gap_ci
+
+
+def _gap_ci_reason(diff: np.ndarray, n_boot: int, k: str) -> str:
+    """Why `percentile_ci` gave no interval for a gap's resamples `diff`."""
+    defined = int((~np.isnan(diff)).sum())
+    if defined < n_boot / 2:
+        return (
+            f"the {k.upper()} gap is defined in {defined} of {n_boot} patient resamples (the "
+            "others draw none of the subgroup's images of its class): fewer than half"
+        )
+    value = float(np.nanmax(diff))
+    return f"the {k.upper()} gap is {value:+.6g} in every patient resample: zero width"
 
 
 # -- sources -----------------------------------------------------------------------------------
@@ -403,6 +417,7 @@ def audit_one(
     if NO_FINDING in findings:
         under = {a: [{"subgroup": s["subgroup"], "n_with_finding": s["n"] - s["positives"],
                       "rate": s["fpr"], "gap": s["fpr_gap"], "gap_ci": s["fpr_gap_ci"],
+                      "gap_ci_reason": s["reasons"].get("fpr_gap_ci"),
                       "small": s["small"], "reason": s["reasons"].get("fpr")}
                      for s in groups]
                  for a, groups in findings[NO_FINDING]["by"].items()}  # fmt: skip

@@ -324,6 +324,8 @@ def _underdiagnosis_markdown(a: Mapping) -> list[str]:
             if ci and s["gap"] is not None:
                 shown, lohi = ci_text(s["gap"], ci, signed=True, sep=" to ")
                 gap = f"{shown} [{lohi}]"
+            elif s["gap"] is not None:
+                gap += f" [CI {_f(None, 3, s.get('gap_ci_reason'))}]"
             lines.append(
                 f"| {attr} | {s['subgroup']}{' ⚠' if s['small'] else ''} | "
                 f"{s['n_with_finding']} | {_f(s['rate'], 3, s.get('reason'))} | {gap} |"

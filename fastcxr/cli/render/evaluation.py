@@ -92,7 +92,7 @@ def _gap(s: Mapping, notes: Footnotes, key: str = "tpr_gap", why: str | None = N
     if ci:
         gap, lohi = ci_text(s[key], ci, signed=True)
         return f"{gap}\n[{lohi}]"
-    ci_why = s.get("reasons", {}).get(f"{key}_ci")
+    ci_why = s.get("reasons", {}).get(f"{key}_ci") or s.get(f"{key}_ci_reason")
     return f"{s[key]:+.3f}\n[CI {notes.mark(ci_why) if ci_why else 'undefined'}]"
 
 
