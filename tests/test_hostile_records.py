@@ -108,6 +108,26 @@ def test_a_16_bit_copy_of_an_8_bit_png_reads_as_the_8_bit_image(tmp_path):
     assert abs(float(got16.mean()) - float(a.mean())) < 3  # not saturated (PIL's "L" gives ~253)
 
 
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_a_12_bit_image_in_a_16_bit_png_is_scaled_by_its_bit_depth(tmp_path, bits):
+    """#22 checker item 7: values < 4096 were divided by 257 (a 16-bit range): the radiograph
+    came out 16-fold darker, max 16 of 255."""
+    from fastcxr.images.display import gray_u8
+    from fastcxr.images.readers import read_image
+
+    top = 2**bits - 1
+    a = np.random.default_rng(bits).integers(0, top + 1, (64, 48)).astype(np.uint16)
+    a[0, 0] = top  # the full range of its bit depth is used
+    Image.fromarray(a).save(tmp_path / "x.png")
+    want = np.clip(np.floor(a.astype(np.float64) * 255 / top + 0.5), 0, 255).astype(np.uint8)
+    with Image.open(tmp_path / "x.png") as im:
+        got = gray_u8(im)
+    assert int(got.max()) == 255
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # rint vs round-half-up
+    squared = read_image(tmp_path / "x.png", 32)  # the reader the cache and predict use
+    assert abs(float(squared.mean()) - float(want.mean())) < 3
+
+
 @pytest.mark.parametrize(("h", "w", "why"), [(1, 1, "too small"), (1, 5000, "too small"),
                                               (40, 400, "too elongated")])  # fmt: skip
 def test_implausibly_small_or_elongated_images_are_unreadable(tmp_path, h, w, why):

@@ -59,7 +59,10 @@ def _sources(tmp_path, synthetic_tree) -> list[Path]:
     made += sorted(synthetic_tree.rglob("*.dcm"))[:4]
     png = d / "photo.png"
     Image.fromarray(rng.integers(0, 255, (60, 50), dtype=np.uint8)).save(png)
-    return [*made, png]
+    png12, png16 = d / "twelve_bit.png", d / "eight_bit_x257.png"  # 16-bit PNGs
+    Image.fromarray(rng.integers(0, 4096, (60, 50)).astype(np.uint16)).save(png12)
+    Image.fromarray(rng.integers(0, 256, (60, 50)).astype(np.uint16) * 257).save(png16)
+    return [*made, png, png12, png16]
 
 
 @pytest.mark.parametrize(

@@ -125,13 +125,19 @@ def equalize_hist(img: np.ndarray) -> np.ndarray:
 
 
 def gray_u8(im: Image.Image) -> np.ndarray:
-    """An image file's pixels as 8-bit grey. 16-bit greys (PNG "I;16", or "I" holding
-    0..65535) are scaled by 255/65535 — a 16-bit copy of an 8-bit image (each value x257)
-    gives the 8-bit image back — where PIL's `convert("L")` would clip them to 255; other
-    modes (RGB, palette, 8-bit grey) convert as PIL does."""
+    """An image file's pixels as 8-bit grey. 16-bit greys (PNG "I;16", or "I") are scaled
+    to 0..255 by their bit depth, where PIL's `convert("L")` would clip them to 255: a 16-bit
+    copy of an 8-bit image (every value a multiple of 257) gives the 8-bit image back; other
+    values are read as the fewest of 8, 10, 12, 14 or 16 bits that hold the largest value (a
+    12-bit radiograph stored in 16 bits, values < 4096, is scaled by 255/4095, not darkened
+    16-fold by 255/65535). Other modes (RGB, palette, 8-bit grey) convert as PIL does."""
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.float64)
-        return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        if a.size and not (a % 257).any():
+            return np.clip(a / 257.0, 0, 255).astype(np.uint8)
+        top = float(a.max()) if a.size else 0.0
+        bits = next((b for b in (8, 10, 12, 14) if top < 2**b), 16)
+        return np.clip(np.rint(a * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
     if im.mode == "F":
         return np.clip(np.rint(np.asarray(im, np.float64)), 0, 255).astype(np.uint8)
     return np.asarray(im.convert("L"))
