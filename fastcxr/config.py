@@ -87,6 +87,14 @@ PAPER_STAGES = (
 )
 
 
+SEED_RANGE = f"a whole number from {-(2**63)} to {2**63 - 1} (what torch's generator accepts)"
+
+
+def seed_in_range(seed: int) -> bool:
+    """Whether torch's generator accepts `seed` (a signed 64-bit integer)."""
+    return -(2**63) <= seed < 2**63
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs besides the data; saved, resolved, with every run.
@@ -157,11 +165,8 @@ class TrainConfig:
                 )
 
     def _check_numbers(self) -> None:
-        if not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63:
-            raise UsageError(
-                f"--seed must be a whole number from {-(2**63)} to {2**63 - 1} (what torch's "
-                f"generator accepts), not {self.seed!r}"
-            )
+        if not _is_int(self.seed) or not seed_in_range(self.seed):
+            raise UsageError(f"--seed must be {SEED_RANGE}, not {self.seed!r}")
         for name, low in (("size", 8), ("batch_size", 1), ("patience", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < low:

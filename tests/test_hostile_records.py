@@ -168,6 +168,17 @@ def test_a_seed_too_large_for_the_generators_is_refused(prepared, tmp_path):
     )
 
 
+def test_a_later_seed_out_of_range_is_refused_before_the_first_trains(prepared, tmp_path):
+    """#22 checker item 8: `--seeds 0,2**64` trained seed 0 (minutes to hours), then failed."""
+    res = runner.invoke(app, ["train", "--data", str(prepared), *FAST, "--seeds",
+                              f"0,{2**64}", "--runs", str(tmp_path)])  # fmt: skip
+    _one_line_error(
+        res, f"--seeds: each seed must be a whole number from {-(2**63)} to {2**63 - 1}"
+    )
+    assert str(2**64) in res.stderr
+    assert not any(tmp_path.rglob("*.pth"))  # nothing was trained
+
+
 def test_a_name_too_long_for_the_file_system_is_refused(prepared, tmp_path):
     res = runner.invoke(app, ["train", "--data", str(prepared), *FAST, "--name", "a" * 260,
                               "--runs", str(tmp_path)])  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcxr.config import TrainConfig
+from fastcxr.config import SEED_RANGE, TrainConfig, seed_in_range
 from fastcxr.errors import UsageError
 from fastcxr.runtime.runs import write_json
 
@@ -34,6 +34,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise UsageError("--seeds is empty")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds repeats a seed: {text!r}")
+    bad = [s for s in seeds if not seed_in_range(s)]
+    if bad:  # refused now, not when its turn comes after hours of the other seeds
+        raise UsageError(f"--seeds: each seed must be {SEED_RANGE}, not {bad[0]}")
     return seeds
 
 
