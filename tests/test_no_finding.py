@@ -107,3 +107,26 @@ def test_labels_count_the_derived_no_finding(prepared):
         combos = comp["splits"][split]["combinations"]
         assert combos.get("0", 0) == int((kept == 0).sum())
         assert combos.get("1", 0) == int((kept == 1).sum())
+
+
+def test_an_edited_predictions_file_is_refused_by_the_audit_and_the_report(run, tmp_path):
+    """The record keeps predictions.csv's sha256: an edited file (here one probability) would be
+    audited and reported under metrics it no longer matches."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    record = json.loads((copy / "record.json").read_text())
+    pred_csv = copy / "predictions.csv"
+    assert record["predictions_sha256"] == hashlib.sha256(pred_csv.read_bytes()).hexdigest()
+    pred = pd.read_csv(pred_csv, dtype={"image": str, "patient_id": str})
+    pred.loc[0, "p_Edema"] = 1 - pred.loc[0, "p_Edema"]
+    pred.to_csv(pred_csv, index=False)
+    for args in (
+        ["audit", str(copy), "--by", "sex"],
+        ["report", str(copy), "--out", str(tmp_path / "r")],
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code != 0, (args, res.output)
+        assert "changed since the run wrote it" in res.output, res.output

@@ -40,7 +40,7 @@ from fastcxr.findings import ALL_FINDINGS
 from fastcxr.leakage import patient_keys
 from fastcxr.manifest import file_sha256
 from fastcxr.runtime.progress import progress_end, progress_event
-from fastcxr.runtime.runs import RunError, write_csv, write_json
+from fastcxr.runtime.runs import RunError, check_predictions, write_csv, write_json
 
 FORMAT = "fastcxr-audit-1"
 ATTRIBUTES = ("sex", "age", "race", "view")
@@ -336,6 +336,7 @@ def _source_info(folder: Path) -> dict:
         split = metrics.get("split")
         kind = "evaluation"
     else:
+        check_predictions(folder)
         config = _read_json(folder / "config.json")
         thresholds = (config.get("thresholds") or {}).get("values", {})
         manifest, sha = config["data"]["manifest"], config["data"].get("sha256")

@@ -160,7 +160,32 @@ def is_complete(run_dir: str | Path) -> bool:
 
 
 def mark_complete(run_dir: Path, summary: dict) -> None:
-    write_json(run_dir / RECORD, {"complete": True, **summary})
+    """The record that says the run is complete, with the sha256 of its predictions.csv (what
+    the audit and the report read; `check_predictions`)."""
+    from fastcxr.manifest import file_sha256
+
+    pred = run_dir / "predictions.csv"
+    digest = {"predictions_sha256": file_sha256(pred)} if pred.exists() else {}
+    write_json(run_dir / RECORD, {"complete": True, **summary, **digest})
+
+
+def check_predictions(run_dir: str | Path) -> None:
+    """A run's predictions.csv must be the file the run wrote (its sha256 in the record): an
+    edited one would be audited and reported under metrics it no longer matches. Runs recorded
+    before the digest was kept are not checked."""
+    from fastcxr.manifest import file_sha256
+
+    run_dir = Path(run_dir)
+    try:
+        want = json.loads((run_dir / RECORD).read_text()).get("predictions_sha256")
+    except (OSError, ValueError):
+        return
+    pred = run_dir / "predictions.csv"
+    if want and pred.exists() and (now := file_sha256(pred)) != want:
+        raise RunError(
+            f"{pred} changed since the run wrote it (sha256 {now[:12]}… ≠ {want[:12]}… in "
+            f"{RECORD}): its metrics no longer describe it; restore the file or retrain"
+        )
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -170,6 +195,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise RunError(f"{run_dir}: no such run directory")
     if not is_complete(run_dir):
         raise RunError(f"{run_dir}: incomplete run (no complete {RECORD}); resume or rerun it")
+    check_predictions(run_dir)
     files = {"record": RECORD, "config": "config.json", "metrics": "metrics.json",
              "history": "history.csv", "predictions": "predictions.csv"}  # fmt: skip
     out: dict = {"dir": run_dir}
