@@ -401,3 +401,17 @@ def test_an_overlap_that_cannot_be_checked_is_not_called_external(run, prepared,
     r = evaluate_run(changed, external / "manifest.csv", name="x", device="cpu",
                      allow_overlap=True)  # fmt: skip
     assert r["external"] is False and r["overlap"]["checked"] is False
+
+
+def test_a_default_name_from_a_long_folder_name_fits_the_name_rule(tmp_path):
+    """#22 checker: a 200-character dataset folder gave a default evaluation name over 120
+    characters, refused as if the user's --name were too long."""
+    from fastcxr.evaluate.external import _check_name, default_name
+
+    folder = tmp_path / ("chest_xray_external_site_" * 8)
+    folder.mkdir()
+    (folder / "manifest.csv").write_text("image\n")
+    name = default_name(folder / "manifest.csv", "test")
+    assert len(name) <= 120 and _check_name(name) == name
+    assert name.endswith("-site-test")  # the split, and the words nearest the manifest
+    assert set(name.split("-")) <= {"chest", "xray", "external", "site", "test"}  # no cut word

@@ -128,6 +128,9 @@ def internal(run: Mapping, findings: Sequence[str], cfg: EvalConfig = EvalConfig
 
 
 # -- the dataset -----------------------------------------------------------------------------------
+MAX_EVAL_NAME = 120  # characters (ASCII): room for `.NAME.old-PID` and the like under 255
+
+
 def default_name(manifest: Path, split: str, folders: Sequence[Path] = ()) -> str:
     """`<manifest folder>-<split>` as a slug, e.g. `prepared-32-test`. When an evaluation of
     that name in one of `folders` (the `evaluations/` folders it would be written to) was made
@@ -139,6 +142,8 @@ def default_name(manifest: Path, split: str, folders: Sequence[Path] = ()) -> st
 
     def slug(words: Sequence[str]) -> str:
         s = re.sub(r"[^a-z0-9]+", "-", "-".join([*words, split]).lower()).strip("-")
+        if len(s) > MAX_EVAL_NAME:  # deep folders: keep the words nearest the manifest
+            s = s[-MAX_EVAL_NAME:].split("-", 1)[-1]
         return s if s and s != split.lower() else f"dataset-{split}"
 
     def free(name: str) -> bool:
@@ -168,8 +173,8 @@ def _check_name(name: str) -> str:
             f"--name {name!r}: use letters, digits, '.', '_' and '-' (not starting with '.' "
             "or '-'), no '/'"
         )
-    if len(name) > 120:
-        raise UsageError(f"--name is {len(name)} characters long; at most 120")
+    if len(name) > MAX_EVAL_NAME:
+        raise UsageError(f"--name is {len(name)} characters long; at most {MAX_EVAL_NAME}")
     return name
 
 
