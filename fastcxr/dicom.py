@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -38,8 +39,13 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from fastcxr.errors import FastcxrError, UsageError
-from fastcxr.images.display import (  # noqa: F401  (also fastcxr.dicom's, as before)
+from fastcxr.images.codestream import codestream_geometry, has_end_marker
+
+# also fastcxr.dicom's names, as before the images package
+from fastcxr.images.display import (  # noqa: F401
     INTENSITY_MODES,
+    TAG_ERRORS,
+    TagError,
     display_mimic_jpg,
     display_voi,
     equalize_hist,
@@ -47,7 +53,7 @@ from fastcxr.images.display import (  # noqa: F401  (also fastcxr.dicom's, as be
     resize_u8,
     to_display,
     window01,
-)
+)  # fmt: skip
 from fastcxr.images.limits import (  # noqa: F401
     MAX_ASPECT,
     MAX_PIXELS,
@@ -55,7 +61,7 @@ from fastcxr.images.limits import (  # noqa: F401
     MIN_SIDE,
     implausible_shape,
     too_large,
-)
+)  # fmt: skip
 
 # The dataset before the pixel data, inflated: a radiograph's header is tens of KB.
 MAX_HEADER_BYTES = 16 << 20
@@ -83,6 +89,12 @@ _UNSUPPORTED = re.compile(r"does ?n[o']t support|not supported|unsupported|no .*
 
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+# What pydicom's readers and decoders (and our checks of header values) raise for malformed
+# data; MemoryError, NameError (a bug) and the like propagate.
+PARSE_ERRORS = (*TAG_ERRORS, ZeroDivisionError, struct.error, EOFError, NotImplementedError,
+                RuntimeError, OSError)  # fmt: skip
 
 
 class DicomError(FastcxrError, ValueError):
@@ -121,8 +133,8 @@ def read_dicom(
         arr = _decode(ds, path)
     try:
         img = to_display(arr, ds, mode)
-    except Exception as e:  # e.g. a VOI LUT or window tag that cannot be applied
-        raise DicomError(f"{path}: cannot apply display tags ({type(e).__name__}: {e})") from e
+    except TagError as e:  # e.g. a VOI LUT or window tag that cannot be applied
+        raise DicomError(f"{path}: cannot apply display tags ({e})") from e
     return resize_u8(img, size) if size else img
 
 
@@ -297,7 +309,7 @@ class _Reader:
                 f"{path}: the deflated header inflates past {MAX_HEADER_BYTES >> 20} MB "
                 "before any pixel data; refused (a decompression bomb, or not a radiograph)"
             ) from None
-        except Exception as e:  # truncated headers raise a variety of errors inside pydicom
+        except PARSE_ERRORS as e:  # truncated headers raise a variety of errors inside pydicom
             if self._cut():
                 raise DicomError(f"{path}: truncated file (it ends inside the header)") from e
             raise DicomError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from e
@@ -336,7 +348,7 @@ class _Reader:
                 f"the declared {_geometry(ds)} image needs ({expected} bytes); refused "
                 "(a decompression bomb)"
             ) from None
-        except Exception as e:
+        except PARSE_ERRORS as e:
             if self.fp.short or getattr(self.fp, "cut", False):
                 return  # the pixel data is missing or short; reported by the caller
             raise DicomError(f"{self.path}: unreadable pixel data ({type(e).__name__}: {e})") from e
@@ -352,14 +364,14 @@ def _read_dataset(path: str | Path, modalities: tuple[str, ...] | None = None) -
             expected = _expected_bytes(ds)
         except DicomError:
             raise
-        except Exception as e:  # a header value of the wrong type or form
+        except PARSE_ERRORS as e:  # a header value of the wrong type or form
             raise DicomError(f"{path}: malformed header ({type(e).__name__}: {e})") from e
         reader.rest(ds, expected)
     try:
         _check_pixels(ds, path)
     except DicomError:
         raise
-    except Exception as e:
+    except PARSE_ERRORS as e:
         raise DicomError(f"{path}: malformed pixel data ({type(e).__name__}: {e})") from e
     return ds
 
@@ -444,52 +456,8 @@ def _check_header(
 def _first_frame(ds: pydicom.Dataset) -> bytes | None:
     try:
         return next(generate_frames(ds.PixelData, number_of_frames=1))
-    except Exception:
+    except PARSE_ERRORS:
         return None  # malformed encapsulation: the decoder will say so
-
-
-def _codestream_geometry(frame: bytes) -> tuple[int, int, int, int] | None:
-    """(rows, columns, components, precision) from a JPEG / JPEG-LS frame header (SOFn) or a
-    JPEG 2000 SIZ marker, without decoding; None when not found."""
-    if frame[:2] == b"\xff\xd8":  # JPEG family: walk the marker segments to the frame header
-        i = 2
-        while i + 4 <= len(frame):
-            if frame[i] != 0xFF:
-                return None
-            m = frame[i + 1]
-            if m == 0xFF:  # fill byte
-                i += 1
-                continue
-            if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-                i += 2
-                continue
-            if (0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC)) or m == 0xF7:  # SOFn, SOF55
-                if i + 10 > len(frame):
-                    return None
-                p, y = frame[i + 4], int.from_bytes(frame[i + 5 : i + 7], "big")
-                x, nf = int.from_bytes(frame[i + 7 : i + 9], "big"), frame[i + 9]
-                return (y, x, nf, p) if y else None  # y = 0: height set later by DNL
-            if m == 0xDA:  # a scan before any frame header
-                return None
-            i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
-        return None
-    k = frame.find(b"\xff\x4f\xff\x51", 0, 1 << 16)  # JPEG 2000: SOC then SIZ
-    if k < 0 or k + 43 > len(frame):
-        return None
-    j = k + 2
-
-    def u32(o: int) -> int:
-        return int.from_bytes(frame[j + o : j + o + 4], "big")
-
-    cols, rows = u32(6) - u32(14), u32(10) - u32(18)  # Xsiz - XOsiz, Ysiz - YOsiz
-    comps = int.from_bytes(frame[j + 38 : j + 40], "big")
-    return rows, cols, comps, (frame[j + 40] & 0x7F) + 1
-
-
-def _has_end_marker(frame: bytes) -> bool:
-    """JPEG's EOI and JPEG 2000's EOC are both FFD9, found only as the last marker (allowing
-    for a few padding bytes after it)."""
-    return b"\xff\xd9" in frame[-64:]
 
 
 def _check_pixels(ds: pydicom.Dataset, path: str | Path) -> None:
@@ -510,7 +478,7 @@ def _check_pixels(ds: pydicom.Dataset, path: str | Path) -> None:
     frame = _first_frame(ds)
     if not frame:
         return
-    geo = _codestream_geometry(frame)
+    geo = codestream_geometry(frame)
     if geo is not None:
         r, c, n, _ = geo
         if r > MAX_SIDE or c > MAX_SIDE or r * c * n > rows * cols * int(ds.SamplesPerPixel):
@@ -518,7 +486,7 @@ def _check_pixels(ds: pydicom.Dataset, path: str | Path) -> None:
                 f"{path}: the {_short_name(ts)} codestream declares a {r}x{c} image with {n} "
                 f"component(s), larger than the header's {rows}x{cols}; refused before decoding"
             )
-    if "JPEG 2000" in ts.name and not _has_end_marker(frame):
+    if "JPEG 2000" in ts.name and not has_end_marker(frame):
         raise DicomError(
             f"{path}: truncated JPEG 2000 data (the codestream has no end-of-codestream "
             f"marker; {len(frame)} bytes)"
@@ -546,7 +514,7 @@ def _decoder_failure(ds: pydicom.Dataset, path: str | Path, e: Exception) -> Dic
     tried = lines[1:] if len(lines) > 1 and "plugins" in lines[0] else lines
     summary = "; ".join(tried)[:300] or type(e).__name__
     frame = _first_frame(ds)
-    geo = _codestream_geometry(frame) if frame else None
+    geo = codestream_geometry(frame) if frame else None
     bits = geo[3] if geo else int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
     name = f"{bits}-bit {_short_name(ts)} ({ts})"
     if tried and all(_UNSUPPORTED.search(t) for t in tried):
@@ -554,7 +522,7 @@ def _decoder_failure(ds: pydicom.Dataset, path: str | Path, e: Exception) -> Dic
         return DicomError(
             f"{path}: {name}: no installed decoder supports it (tried {summary}); try {hint}"
         )
-    if frame and not _has_end_marker(frame):
+    if frame and not has_end_marker(frame):
         return DicomError(f"{path}: truncated {name} data: the codestream has no end marker")
     return DicomError(f"{path}: cannot decode {name} pixel data ({summary})")
 
@@ -562,17 +530,17 @@ def _decoder_failure(ds: pydicom.Dataset, path: str | Path, e: Exception) -> Dic
 def _decode(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     try:
         arr = ds.pixel_array
-    except Exception as e:
+    except PARSE_ERRORS as e:
         try:
             err = _decoder_failure(ds, path, e)
-        except Exception:
+        except PARSE_ERRORS:
             err = DicomError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})")
         raise err from e
     if arr.ndim != 2:
         raise DicomError(f"{path}: expected a 2-D image, decoded shape {arr.shape}")
     try:
         return stored_values(arr, ds)
-    except Exception as e:
+    except PARSE_ERRORS as e:
         raise DicomError(f"{path}: malformed pixel description ({type(e).__name__}: {e})") from e
 
 

@@ -16,8 +16,13 @@ class UsageError(FastcxrError, ValueError):
     """An option, argument or configuration value that cannot be used."""
 
 
+class MissingFile(FastcxrError, FileNotFoundError):
+    """A file or folder the command was given, or needs beside one it was given, is not there
+    (the message names it). Also a `FileNotFoundError`, so library callers may catch either."""
+
+
 class Diverged(FastcxrError):
     """Training produced a loss that is not a finite number (NaN or infinite)."""
 
 
-__all__ = ["Diverged", "FastcxrError", "UsageError"]
+__all__ = ["Diverged", "FastcxrError", "MissingFile", "UsageError"]

@@ -19,7 +19,8 @@ from fastai.vision.learner import create_vision_model
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from fastcxr.errors import UsageError
+from fastcxr.errors import MissingFile, UsageError
+from fastcxr.runtime.runs import TORCH_LOAD_ERRORS
 
 
 def resnet10(weights=None, **kwargs) -> ResNet:
@@ -118,8 +119,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise
-    except Exception as e:
+        raise MissingFile(f"{path}: no such weights file") from None
+    except TORCH_LOAD_ERRORS as e:
         raise UsageError(
             f"{path}: not a plain state dict loadable with weights_only=True "
             f"({type(e).__name__}: {e})"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fastcxr.cli.render.evaluation import auc_ci
+from fastcxr.evaluate.intervals import ci_text
 from fastcxr.evaluate.report import _auc_ci
-from fastcxr.evaluate.stats import ci_text
 
 
 def _numbers(text: str) -> list[float]:

@@ -87,13 +87,18 @@ def test_an_expected_error_is_one_line_and_exit_2():
     assert res.exit_code == 2 and "--epochs must be >= 1" in res.stderr
 
 
-def test_a_file_error_names_the_file():
-    e = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/no/such/manifest.csv")
-    res = runner.invoke(_guarded_app(e), [])
+def test_a_missing_file_is_one_line_and_a_stray_file_error_is_a_bug():
+    """#23 item 7: fastcxr raises `MissingFile` (a FastcxrError) where it opens what the user
+    named; a FileNotFoundError or PermissionError that reaches the command line is a bug."""
+    from fastcxr.errors import MissingFile
+
+    res = runner.invoke(_guarded_app(MissingFile("/no/such/manifest.csv: no such file")), [])
     assert res.exit_code == 2
-    assert res.stderr.strip() == "error: /no/such/manifest.csv: No such file or directory"
-    res = runner.invoke(_guarded_app(PermissionError(errno.EACCES, "Permission denied", "/r")), [])
-    assert res.exit_code == 2 and "/r: Permission denied" in res.stderr
+    assert res.stderr.strip() == "error: /no/such/manifest.csv: no such file"
+    for e in (FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/x"),
+              PermissionError(errno.EACCES, "Permission denied", "/r")):  # fmt: skip
+        res = runner.invoke(_guarded_app(e), [])
+        assert res.exit_code != 2 and res.exception is e and "error:" not in res.stderr
 
 
 @pytest.mark.parametrize("bug", [ValueError("a bug"), KeyError("column"), TypeError("x")])

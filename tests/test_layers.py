@@ -28,7 +28,7 @@ LAYERS = [
     ["fastcxr.errors", "fastcxr.version", "fastcxr.config", "fastcxr.findings",
      "fastcxr.formulations", "fastcxr.manifest", "fastcxr.leakage", "fastcxr.dicom",
      "fastcxr.images", "fastcxr.models", "fastcxr.runtime", "fastcxr.evaluate.stats",
-     "fastcxr.evaluate.metrics", "fastcxr.standalone"],
+     "fastcxr.evaluate.metrics", "fastcxr.evaluate.intervals", "fastcxr.standalone"],
     ["fastcxr.prepare", "fastcxr.preprocessing"],
     ["fastcxr.data"],
     ["fastcxr.train"],

@@ -8,6 +8,7 @@ returned and logged: its epochs, early-stopping decisions, test metrics and envi
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -195,6 +196,8 @@ def test_two_nodes_train_one_record(prepared, tmp_path):
     run = nodes[main] / "runs" / "mn"
     record = json.loads((run / "record.json").read_text())
     assert record.pop("complete") is True
+    digest = hashlib.sha256((run / "predictions.csv").read_bytes()).hexdigest()
+    assert record.pop("predictions_sha256") == digest  # kept by the record, not the summary
     printed = json.loads(outs[main][0])  # the one JSON document: rank 0's
     assert printed.pop("run_dir") == str(run) and printed.pop("synthetic") in (True, False)
     assert printed == record

@@ -2,9 +2,11 @@
 the result, fastai's FutureWarnings hidden, and the one place expected errors become a clean
 exit. `guarded()` puts them together; the commands use that.
 
-Expected errors are `FastcxrError` (every error fastcxr raises on purpose), the GPU running
-out of memory, and a missing, forbidden or wrong-kind file: one line on stderr, exit status 2.
-Anything else is a bug: its traceback is shown. A job stopped by SIGTERM/SIGINT exits 143.
+Expected errors are `FastcxrError` (every error fastcxr raises on purpose: a file the user
+named that is missing or unreadable is one, raised where it is opened, naming the path) and the
+GPU running out of memory: one line on stderr, exit status 2. Anything else — a stray
+FileNotFoundError or PermissionError included — is a bug: its traceback is shown. A job
+stopped by SIGTERM/SIGINT exits 143.
 """
 
 from __future__ import annotations
@@ -72,11 +74,6 @@ def expected_message(e: BaseException) -> str | None:
         return str(e)
     if _is_out_of_memory(e):
         return OUT_OF_MEMORY
-    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
-        if e.filename is not None and e.strerror:  # open(), os.*: the file and the reason
-            other = f" → {e.filename2}" if e.filename2 is not None else ""
-            return f"{e.filename}{other}: {e.strerror}"
-        return str(e) or None  # raised by fastcxr with a message naming the file or folder
     return None
 
 

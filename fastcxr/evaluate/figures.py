@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from fastcxr.evaluate.stats import ci_text  # noqa: E402
+from fastcxr.evaluate.intervals import ci_text  # noqa: E402
 
 COLORS = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c"]
 

@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
+from fastcxr.errors import MissingFile, UsageError
 from fastcxr.evaluate.evaluation import EvalConfig, evaluate, pairwise, table, with_holm
 from fastcxr.evaluate.figures import (
     ablation_figure,
@@ -28,7 +29,7 @@ from fastcxr.evaluate.figures import (
     save_figure,
     tpr_gap_figure,
 )
-from fastcxr.evaluate.stats import ci_text, shown_digits
+from fastcxr.evaluate.intervals import ci_text, shown_digits
 from fastcxr.runtime.runs import RunError, is_complete, load_run
 from fastcxr.runtime.seeds import SEEDS_FILE
 
@@ -143,6 +144,7 @@ def build_report(
 
     `template` is a Markdown write-up whose text opens results.md (e.g. reports/template.md).
     """
+    intro = _template_text(template)  # before any figure is drawn
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs, ablations, series = _sources(run_dirs)
@@ -169,7 +171,6 @@ def build_report(
     for key, a in audits.items():
         if not a["stale"]:
             save(tpr_gap_figure(a, key), f"tpr_gaps_{key.replace('/', '_')}.png")
-    intro = Path(template).read_text().strip() if template else ""
     preds = {n: r["predictions"] for n, r in recs.items()}
     pairs = with_holm(pairwise(preds, findings)) if len(recs) > 1 else []
     md = results_markdown(intro, recs, evals, findings, ablations, pairs,
@@ -385,6 +386,19 @@ def external_markdown(external: Mapping[str, Mapping[str, dict]], evals) -> list
                     f"{_f(e['specificity'], 3, why)} | {_f(e['ece'])} | {_f(e['brier'])} |"
                 )
     return lines
+
+
+def _template_text(template: str | Path | None) -> str:
+    """The write-up that opens results.md ("" without one)."""
+    if not template:
+        return ""
+    try:
+        return Path(template).read_text().strip()
+    except FileNotFoundError:
+        raise MissingFile(f"--template {template}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+        raise UsageError(f"--template {template}: cannot read it as text ({why})") from None
 
 
 def _f(v, d=3, why: str | None = None) -> str:

@@ -4,13 +4,35 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from fastcxr.errors import FastcxrError
+
 INTENSITY_MODES = ("voi", "mimic-jpg")
+
+# What a tag of the wrong form raises, read by us (float(), an index) or applied by pydicom's
+# LUT functions: a value that is no number, a sequence too short, an item without its tag.
+TAG_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError)
+
+
+class TagError(FastcxrError, ValueError):
+    """A display tag (Modality LUT, VOI LUT, window) that cannot be applied; the reader adds
+    the file's path."""
+
+
+@contextlib.contextmanager
+def _tags(what: str) -> Iterator[None]:
+    try:
+        yield
+    except TAG_ERRORS as e:
+        raise TagError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def to_display(arr: np.ndarray, ds: pydicom.Dataset, mode: str = "voi") -> np.ndarray:
@@ -56,16 +78,16 @@ def window01(values: np.ndarray, center: float, width: float, function: str = "L
     x = np.asarray(values, np.float64)
     if function == "SIGMOID":
         if width <= 0:
-            raise ValueError(f"Window Width {width} must be > 0 for SIGMOID")
+            raise TagError(f"Window Width {width} must be > 0 for SIGMOID")
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if function == "LINEAR_EXACT":
         if width <= 0:
-            raise ValueError(f"Window Width {width} must be > 0 for LINEAR_EXACT")
+            raise TagError(f"Window Width {width} must be > 0 for LINEAR_EXACT")
         return np.clip((x - center) / width + 0.5, 0.0, 1.0)
     if function != "LINEAR":
-        raise ValueError(f"unknown VOI LUT Function {function!r}")
+        raise TagError(f"unknown VOI LUT Function {function!r}")
     if width < 1:
-        raise ValueError(f"Window Width {width} must be >= 1 for LINEAR")
+        raise TagError(f"Window Width {width} must be >= 1 for LINEAR")
     if width == 1:
         return (x > center - 0.5).astype(np.float64)
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
@@ -84,12 +106,16 @@ def _inverted(ds: pydicom.Dataset) -> bool:
 def display_voi(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Stored values → uint8 via Modality LUT, VOI LUT/window and inversion (MONOCHROME1 or
     Presentation LUT Shape INVERSE)."""
-    values = apply_modality_lut(arr, ds)
-    center = _first_number(ds.get("WindowCenter"))
-    width = _first_number(ds.get("WindowWidth"))
+    with _tags("Modality LUT"):
+        values = apply_modality_lut(arr, ds)
+    with _tags("window"):
+        center = _first_number(ds.get("WindowCenter"))
+        width = _first_number(ds.get("WindowWidth"))
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        img = _scale01(apply_voi_lut(values, ds, index=0, prefer_lut=True), 0.0, 2.0**bits - 1)
+        with _tags("VOI LUT"):
+            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+            lut = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        img = _scale01(lut, 0.0, 2.0**bits - 1)
     elif center is not None and width is not None:
         function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
         img = window01(values, center, width, function).astype(np.float32)
@@ -153,6 +179,6 @@ def resize_u8(img: np.ndarray, size: int) -> np.ndarray:
 
 
 __all__ = [
-    "INTENSITY_MODES", "display_mimic_jpg", "display_voi", "equalize_hist", "gray_u8",
-    "resize_u8", "to_display", "window01",
+    "INTENSITY_MODES", "TAG_ERRORS", "TagError", "display_mimic_jpg", "display_voi",
+    "equalize_hist", "gray_u8", "resize_u8", "to_display", "window01",
 ]  # fmt: skip

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fastcxr.errors import MissingFile
 from fastcxr.findings import CHEXPERT_FINDINGS
 from fastcxr.prepare.common import (
     PrepareReport,
@@ -30,7 +31,7 @@ REQUIRED = ("Path", "Frontal/Lateral", "AP/PA")
 def _read(root: Path, name: str) -> pd.DataFrame:
     p = root / name
     if not p.exists():
-        raise FileNotFoundError(f"{root}: no {name} — is this a CheXpert download?")
+        raise MissingFile(f"{root}: no {name} — is this a CheXpert download?")
     return read_label_file(p, REQUIRED)
 
 

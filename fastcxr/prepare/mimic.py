@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from fastcxr.dicom import RADIOGRAPH_MODALITIES, DicomError, not_a_radiograph_reason, read_modality
-from fastcxr.errors import UsageError
+from fastcxr.errors import MissingFile, UsageError
 from fastcxr.findings import CHEXPERT_FINDINGS
 from fastcxr.prepare.common import (
     PrepareError,
@@ -67,7 +67,7 @@ def _read_label_csv(root: Path, stem: str, needed: Sequence[str]) -> pd.DataFram
         p = root / name
         if p.exists():
             return read_label_file(p, needed)
-    raise FileNotFoundError(f"{root}: no {stem}.csv.gz — is this a MIMIC-CXR download?")
+    raise MissingFile(f"{root}: no {stem}.csv.gz — is this a MIMIC-CXR download?")
 
 
 def detect_extension(root: Path, rel_stems: Sequence[str]) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fastcxr.errors import MissingFile
 from fastcxr.prepare.common import (
     PrepareError,
     PrepareReport,
@@ -43,7 +44,7 @@ REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 def _entries(root: Path) -> pd.DataFrame:
     files = sorted(root.glob("Data_Entry_2017*.csv"))
     if not files:
-        raise FileNotFoundError(f"{root}: no Data_Entry_2017*.csv — is this ChestX-ray14?")
+        raise MissingFile(f"{root}: no Data_Entry_2017*.csv — is this ChestX-ray14?")
     return read_label_file(files[-1], REQUIRED)
 
 
@@ -66,7 +67,7 @@ def nih_table(
         else None
     )
     if test is None:
-        raise FileNotFoundError(f"{root}: no test_list.txt (the official test split)")
+        raise MissingFile(f"{root}: no test_list.txt (the official test split)")
     if views:
         df = df[df["View Position"].astype(str).isin(views)]
     df = df.reset_index(drop=True)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +100,13 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_csv(path: Path, df: pd.DataFrame, compression: str | None = None) -> None:
     write_atomic(path, lambda t: df.to_csv(t, index=False, compression=compression))
+
+
+# What torch.load raises for a file that is not a weights_only checkpoint: a refused pickle, a
+# cut or foreign zip, an empty file, a folder, a forbidden file, and — for corrupted bytes, as
+# fuzzing showed — IndexError, KeyError, AssertionError or UnicodeDecodeError from its parsers.
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
+                     IndexError, KeyError, AssertionError, TypeError, struct.error)  # fmt: skip
 
 
 def save_torch(path: Path, obj: Any) -> None:

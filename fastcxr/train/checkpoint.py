@@ -21,7 +21,7 @@ from fastai.optimizer import OptimWrapper
 from fastcore.foundation import L
 
 from fastcxr.runtime.distributed import unwrap
-from fastcxr.runtime.runs import RunError, save_torch
+from fastcxr.runtime.runs import TORCH_LOAD_ERRORS, RunError, save_torch
 
 FORMAT = "fastcxr-network-state-2"
 
@@ -53,18 +53,29 @@ class NetworkState:
         """The state at `path`; None when there is none; a clear error when unreadable."""
         if not path.exists():
             return None
+
+        def unreadable(why: str) -> RunError:
+            return RunError(
+                f"{path}: unreadable checkpoint ({why}); delete it to train this network afresh"
+            )
+
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-            if raw.get("format") is None and "stage_probs" in raw:  # fastcxr before #13
+        except TORCH_LOAD_ERRORS as e:
+            raise unreadable(f"{type(e).__name__}: {e}") from e
+        if not isinstance(raw, dict):
+            raise unreadable(f"a {type(raw).__name__}, not a dict")
+        if raw.get("format") is None and "stage_probs" in raw:  # fastcxr before #13
+            try:
                 raw = _from_untyped(raw)
-            if raw.get("format") != FORMAT:
-                raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT}")
-            return cls(**{f.name: raw[f.name] for f in fields(cls)})
-        except Exception as e:
-            raise RunError(
-                f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to "
-                "train this network afresh"
-            ) from e
+            except (KeyError, TypeError, ValueError) as e:
+                raise unreadable(f"an older checkpoint, malformed: {type(e).__name__}: {e}") from e
+        if raw.get("format") != FORMAT:
+            raise unreadable(f"format {raw.get('format')!r}, expected {FORMAT}")
+        missing = [f.name for f in fields(cls) if f.name not in raw]
+        if missing:
+            raise unreadable(f"no {', '.join(missing)}")
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
     @property
     def stage_started(self) -> bool:

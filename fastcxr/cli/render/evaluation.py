@@ -13,7 +13,7 @@ from fastcxr.cli.render.page import (
     Table,
     fmt,
 )
-from fastcxr.evaluate.stats import ci_text
+from fastcxr.evaluate.intervals import ci_text
 
 
 # -- external validation ------------------------------------------------------------------------

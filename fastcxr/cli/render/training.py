@@ -20,7 +20,7 @@ from fastcxr.cli.render.page import (
     threshold_label,
     threshold_rule,
 )
-from fastcxr.evaluate.stats import ci_text
+from fastcxr.evaluate.intervals import ci_text
 
 
 # -- training -----------------------------------------------------------------------------------
