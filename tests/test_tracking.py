@@ -200,6 +200,35 @@ def test_steps_names_and_a_resume_after_a_kill(kind, tmp_path, offline):
     assert not any("pr_auc" in k or "reason" in k for k in got)  # undefined: not logged
 
 
+def test_an_mlflow_experiment_id_that_draws_leaves_the_generators_alone(tmp_path, offline,
+                                                                        monkeypatch):  # fmt: skip
+    """The CI flake: MLflow's file store makes an experiment id from a uuid and, when its digits
+    start with 0 (one time in ten), pads it with `random.randint`, at the tracker's start-up,
+    which the guard did not cover. Here the uuid always starts with zeros."""
+    import types
+    import uuid
+
+    import mlflow.utils.name_utils as names
+
+    fixed = uuid.UUID(int=7 * 10**18 + 5)  # its last 18 digits: 000000000000000005
+    monkeypatch.setattr(names, "uuid", types.SimpleNamespace(uuid4=lambda: fixed))
+    state = random.getstate()
+    names._generate_unique_integer_id()
+    assert random.getstate() != state  # the test bites: making the id draws
+    root, run_dir = tmp_path / "cmp", tmp_path / "cmp" / "single"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps(METRICS))
+    (run_dir / "history.csv").write_text("network\n")
+    track = Tracking("mlflow", root)
+    a, _ = ROWS
+    before = _rng_states()
+    with tracked(track, run_dir, ABOUT, resume=False) as t:
+        t.network(a, [])
+        t.epoch(a, ROWS[a][:1])
+        t.finish(run_dir)
+    assert _drawn(before) == []
+
+
 def _read_fake(kind, root, a, b) -> dict[str, list[tuple[int, float]]]:
     folder = root / "tracking"
     if kind == "tensorboard":

@@ -175,6 +175,26 @@ class Tracking:
 
 
 @contextlib.contextmanager
+def kept_rng() -> Iterator[None]:
+    """Python's, numpy's and torch's global generators as they were before the block. A
+    tracker's client draws from them now and then — MLflow's file store when an experiment id
+    it makes from a uuid starts with 0 (`random.randint`), its telemetry, retry jitter — and
+    fastai's random transforms use them: tracking must never change a number."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+@contextlib.contextmanager
 def tracked(
     tracking: Tracking | None,
     run_dir: Path,
@@ -190,7 +210,8 @@ def tracked(
     backends: list[_Mirror] = []
     try:
         for kind in tracking.kinds:
-            backends.append(BACKENDS[kind](tracking, Path(run_dir), about, resume))
+            with kept_rng():  # a client's start-up (MLflow: its experiment, its run) draws too
+                backends.append(BACKENDS[kind](tracking, Path(run_dir), about, resume))
             if log:
                 log({"event": "data", "message": f"tracking: {backends[-1].where()}"})
         yield _Fanout(backends) if len(backends) > 1 else backends[0]
@@ -199,11 +220,12 @@ def tracked(
 
         stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
         for b in backends:
-            with contextlib.suppress(Exception):  # the error that ended the run is the news
-                b.close("KILLED" if stopped else "FAILED")
+            with contextlib.suppress(Exception), kept_rng():  # the error that ended the run
+                b.close("KILLED" if stopped else "FAILED")  # is the news
         raise
     for b in backends:
-        b.close("FINISHED")
+        with kept_rng():
+            b.close("FINISHED")
 
 
 class Tracker:
@@ -282,28 +304,11 @@ class _Mirror(Tracker, ABC):
             "the run is checkpointed: add --resume once the tracker works (or resume without "
             "--track)"
         )
-        import random
-
-        import numpy as np
-
-        # A tracker's client may draw from the global generators (MLflow does, now and then,
-        # e.g. for retry jitter), which fastai's random transforms also use (and torch's): put
-        # them back so tracking never changes a number.
-        import torch
-
-        state, np_state, torch_state = (
-            random.getstate(),
-            np.random.get_state(),
-            torch.get_rng_state(),
-        )
-        try:
-            yield
-        except self.errors as e:
-            raise FastcxrError(f"--track {self.kind}: {_first_line(e)}; {then}") from None
-        finally:
-            random.setstate(state)
-            np.random.set_state(np_state)
-            torch.set_rng_state(torch_state)
+        with kept_rng():
+            try:
+                yield
+            except self.errors as e:
+                raise FastcxrError(f"--track {self.kind}: {_first_line(e)}; {then}") from None
 
     def values(self, name: str, row: dict) -> dict[str, float]:
         """A history row's numbers, named `<network>/<column>`, and its stage's index."""
