@@ -33,7 +33,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset
 from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial, read_preamble
 from pydicom.pixels import get_decoder
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -94,7 +94,7 @@ def _one_line(text: str) -> str:
 # What pydicom's readers and decoders (and our checks of header values) raise for malformed
 # data; MemoryError, NameError (a bug) and the like propagate.
 PARSE_ERRORS = (*TAG_ERRORS, ZeroDivisionError, struct.error, EOFError, NotImplementedError,
-                RuntimeError, OSError)  # fmt: skip
+                RuntimeError, OSError, BytesLengthException, zlib.error)  # fmt: skip
 
 
 class DicomError(FastcxrError, ValueError):

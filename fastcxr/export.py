@@ -15,6 +15,7 @@ from torch import nn
 
 from fastcxr.errors import FastcxrError, UsageError
 from fastcxr.predict import Predictor
+from fastcxr.runtime.runs import writable_folder
 
 EXPORT_FORMATS = ("torch", "onnx")
 ONNX_OPSET = 20  # what the `onnx` extra's floor (onnx 1.15, onnxruntime 1.17) runs
@@ -65,7 +66,7 @@ def export(pred: Predictor, out: Path, format: str = "torch") -> list[Path]:
         raise UsageError(f"export format must be one of {'/'.join(EXPORT_FORMATS)}, not {format!r}")
     if format == "onnx":
         onnx_modules()  # missing packages are refused before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out)
     written, info = (_export_onnx if format == "onnx" else _export_torch)(pred, out)
     # the preprocessing, without fastcxr (pydicom, numpy, Pillow), pixel for pixel as ours
     prep_py = out / "preprocess.py"

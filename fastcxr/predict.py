@@ -23,7 +23,7 @@ from fastcxr.formulations import powerset_bits
 from fastcxr.images.readers import SUFFIXES, ImageError
 from fastcxr.models import build_model, load_state_dict
 from fastcxr.preprocessing import Preprocessing
-from fastcxr.runtime.runs import RunError, is_complete, write_atomic
+from fastcxr.runtime.runs import RunError, is_complete, read_record_json, write_atomic
 from fastcxr.runtime.stopping import check
 
 IMAGE_SUFFIXES = SUFFIXES  # what a folder is searched for
@@ -75,7 +75,7 @@ class Predictor:
         if not is_complete(run_dir):
             raise RunError(_not_one_run(run_dir))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg = read_record_json(run_dir / "config.json")
         findings = tuple(cfg["train"]["findings"])
         nets = []
         for p in _weights_of(run_dir, cfg):

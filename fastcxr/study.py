@@ -35,6 +35,7 @@ from fastcxr.runtime.runs import (
     config_differences,
     is_complete,
     load_run,
+    read_record_json,
     same_config,
     writable_folder,
     write_atomic,
@@ -153,7 +154,7 @@ def _resume_key(data: Dataset, form: Formulation, cfg: TrainConfig, stages) -> d
 def check_recorded(run_dir: Path, data: Dataset, form: Formulation, cfg: TrainConfig, stages):
     """A complete run read back instead of trained must be the run asked for: same
     formulation, configuration, schedule and data; else the differences are listed."""
-    rec = json.loads((run_dir / "config.json").read_text())
+    rec = read_record_json(run_dir / "config.json")
     train = _comparable(rec.get("train", {}))
     saved = {
         "formulation": rec.get("formulation"),

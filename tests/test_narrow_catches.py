@@ -84,3 +84,57 @@ def test_a_missing_template_is_one_line(tmp_path):
     assert res.exit_code == 2, res.output
     assert "--template" in res.stderr and "no such file" in res.stderr
     assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+
+
+def test_every_cut_and_a_fuzzed_deflated_dicom_is_a_dicom_error(tmp_path):
+    """The checker's finds: a DICOM cut inside its meta header raised pydicom's
+    BytesLengthException (an Exception, no ValueError), a damaged deflated one zlib.error."""
+    import glob
+    import random
+
+    import pydicom
+
+    px = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096
+    whole = make_dicom(tmp_path / "w.dcm", px).read_bytes()
+    deflated = glob.glob(os.path.join(os.path.dirname(pydicom.__file__),
+                                      "data", "test_files", "image_dfl.dcm"))  # fmt: skip
+    cases = [whole[:n] for n in range(0, 400)]
+    if deflated:
+        rng, src = random.Random(1), bytearray(open(deflated[0], "rb").read())
+        for _ in range(150):
+            c = bytearray(src)
+            for _ in range(8):
+                c[rng.randrange(300, len(c))] = rng.randrange(256)
+            cases.append(bytes(c))
+    others = []
+    for i, data in enumerate(cases):
+        p = tmp_path / f"c{i}.dcm"
+        p.write_bytes(data)
+        try:
+            dicom.read_dicom(p, size=32)
+        except dicom.DicomError:
+            pass
+        except Exception as e:  # noqa: BLE001  (what the test looks for)
+            others.append((i, type(e).__name__))
+    assert others == []
+
+
+def test_bad_output_paths_and_damaged_run_files_are_one_line(tmp_path):
+    """The checker's finds: `report --out` onto a file, a damaged config.json of a run given
+    to predict, a damaged checkpoints/run.json on --resume were tracebacks."""
+    from fastcxr.runtime.runs import RunError, read_record_json, same_config
+
+    afile = tmp_path / "results.md"
+    afile.write_text("mine")
+    res = runner.invoke(app, ["report", str(tmp_path), "--out", str(afile)])
+    assert res.exit_code == 2 and "it is a file" in res.stderr, res.output
+    assert afile.read_text() == "mine"
+    for text in ("{not json", "[1, 2]"):
+        bad = tmp_path / "config.json"
+        bad.write_text(text)
+        with pytest.raises(RunError, match="config.json"):
+            read_record_json(bad)
+        with pytest.raises(RunError, match="config.json"):
+            same_config(bad, {"a": 1}, "the run")
+    with pytest.raises(RunError, match="unreadable run file"):
+        read_record_json(tmp_path / "gone.json")

@@ -109,3 +109,19 @@ def test_one_seed_alone_and_an_unfinished_series(series, tmp_path):
     assert res.exit_code == 2, res.output
     msg = res.stderr.strip().splitlines()[-1]
     assert "--seeds series" in msg and "--resume" in msg and f"{half}/seed-1" in msg, msg
+
+
+def test_a_seeds_curve_from_an_edited_predictions_file_is_refused(series, tmp_path):
+    """The checker's find: the per-seed ROC figure read seed-K/predictions.csv without checking
+    it against the seed's record, so an edited file drew a curve its metrics never had."""
+    copy = tmp_path / "t"
+    shutil.copytree(series / "t", copy)
+    edited = sorted((copy / "seed-1").rglob("predictions.csv"))
+    assert edited
+    for f in edited:
+        df = pd.read_csv(f)
+        df["p_Edema"] = 1 - df["p_Edema"]
+        df.to_csv(f, index=False)
+    res = runner.invoke(app, ["report", str(copy), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2, res.output
+    assert "changed since the run wrote it" in res.stderr

@@ -20,6 +20,7 @@ from fastcxr.bench.arms import BenchJob, build_arms, close_arms, restored_global
 from fastcxr.errors import UsageError
 from fastcxr.prepare.cache import map_stoppable
 from fastcxr.prepare.synthetic import render_frontal
+from fastcxr.runtime.runs import writable_folder
 from fastcxr.runtime.stopping import Interrupted
 
 # Every measurement loop checks `fastcxr.runtime.stopping.STOP` (set by the CLI on SIGTERM/SIGINT)
@@ -41,7 +42,7 @@ def write_bench_cache(folder: Path, n: int, size: int, workers: int | None = Non
     stamp = folder / ".complete"
     if stamp.exists() and stamp.read_text().strip() == f"{n} {size}":
         return manifest
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    writable_folder(folder / "images")  # --cache a file or a read-only place: one line
     rng = np.random.default_rng(0)
     edema, effusion = rng.random(n) < 0.5, rng.random(n) < 0.5
     jobs = [(folder, i, size, bool(edema[i]), bool(effusion[i])) for i in range(n)]

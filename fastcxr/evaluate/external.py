@@ -43,6 +43,7 @@ from fastcxr.runtime.runs import (
     RunLock,
     is_complete,
     load_run,
+    read_record_json,
     write_csv,
     write_error,
     write_json,
@@ -301,7 +302,7 @@ def run_overlap(run_dir: Path, dataset, split: str) -> dict:
     from fastcxr.leakage import patient_key, same_files
     from fastcxr.manifest import ManifestError, file_sha256, read_manifest
 
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_record_json(run_dir / "config.json")
     data = config.get("data") or {}
     manifest = Path(data.get("manifest") or "")
     unchecked = {"checked": False, "images": 0, "patients": 0, "examples": []}

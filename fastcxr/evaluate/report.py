@@ -30,7 +30,14 @@ from fastcxr.evaluate.figures import (
     tpr_gap_figure,
 )
 from fastcxr.evaluate.intervals import ci_text, shown_digits
-from fastcxr.runtime.runs import RunError, is_complete, load_run
+from fastcxr.runtime.runs import (
+    RunError,
+    check_predictions,
+    is_complete,
+    load_run,
+    read_record_json,
+    writable_folder,
+)
 from fastcxr.runtime.seeds import SEEDS_FILE
 
 
@@ -54,7 +61,7 @@ def series_config(path: Path, series: dict) -> dict:
     """The configuration (config.json) of the series' first run: every seed shares it but
     the seed (`compare --seeds` checks that)."""
     run = next(iter(seed_runs(path / f"seed-{series['seeds'][0]}").values()))
-    return json.loads((run / "config.json").read_text())
+    return read_record_json(run / "config.json")
 
 
 def seed_curves(path: Path, series: dict, finding: str) -> dict[str, list[tuple]]:
@@ -62,6 +69,7 @@ def seed_curves(path: Path, series: dict, finding: str) -> dict[str, list[tuple]
     out: dict[str, list[tuple]] = {}
     for seed in series["seeds"]:
         for name, run in seed_runs(path / f"seed-{seed}").items():
+            check_predictions(run)  # the curve is the recorded run's, not an edited file's
             t = _test(pd.read_csv(run / "predictions.csv"))
             t = t[t[f"y_{finding}"].notna()]  # scored images only
             y = t[f"y_{finding}"].astype(int)
@@ -145,8 +153,7 @@ def build_report(
     `template` is a Markdown write-up whose text opens results.md (e.g. reports/template.md).
     """
     intro = _template_text(template)  # before any figure is drawn
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out)  # a file, a read-only place: one line, before anything
     runs, ablations, series = _sources(run_dirs)
     written: list[Path] = []
 
@@ -518,7 +525,7 @@ def pairs_markdown(pairs) -> list[str]:
         lines.append(
             f"| {p['a']} | {p['b']} | {p['finding']} | {p.get('patients', '')} | "
             f"{_f(p['auc_a'])} | {_f(p['auc_b'])} | {_f(p['auc_diff'], 3, why)} | "
-            + (f"{_f(ci[0])} to {_f(ci[1])}" if ci else _f(None, 3, why))
+            + (ci_text(p["auc_diff"], ci, sep=" to ")[1] if ci else _f(None, 3, why))
             + f" | {_f(p['p_value'], 4, why)} | "
             + f"{_f(p.get('p_holm'), 4, p.get('p_holm_reason'))} |"
         )

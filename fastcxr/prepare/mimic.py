@@ -316,7 +316,12 @@ def prepare_mimic(
     info: dict = {}
     table = mimic_table(root, views, labels, demographics, info)
     if list_files:
-        Path(list_files).write_text("\n".join(table["source"]) + "\n")
+        try:
+            Path(list_files).write_text("\n".join(table["source"]) + "\n")
+        except OSError as e:
+            raise UsageError(
+                f"--list-files {list_files}: cannot write it ({e.strerror or e})"
+            ) from None
     table, skipped = _by_modality(table, root, workers, modalities, shard)
     extra = {"dataset": "mimic-cxr", "labels": labels,
              "modalities": list(modalities) if modalities is not None else None,

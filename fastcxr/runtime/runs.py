@@ -186,13 +186,20 @@ def check_predictions(run_dir: str | Path) -> None:
 
     run_dir = Path(run_dir)
     try:
-        want = json.loads((run_dir / RECORD).read_text()).get("predictions_sha256")
+        record = json.loads((run_dir / RECORD).read_text())
     except (OSError, ValueError):
-        return
+        return  # is_complete and load_run say so
+    want = record.get("predictions_sha256") if isinstance(record, dict) else None
     pred = run_dir / "predictions.csv"
-    if want and pred.exists() and (now := file_sha256(pred)) != want:
+    if not want or not pred.exists():
+        return
+    try:
+        now = file_sha256(pred)
+    except OSError as e:
+        raise RunError(f"{pred}: unreadable ({e.strerror or e})") from None
+    if now != want:
         raise RunError(
-            f"{pred} changed since the run wrote it (sha256 {now[:12]}… ≠ {want[:12]}… in "
+            f"{pred} changed since the run wrote it (sha256 {now[:12]}… ≠ {str(want)[:12]}… in "
             f"{RECORD}): its metrics no longer describe it; restore the file or retrain"
         )
 
@@ -369,13 +376,27 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
+def read_record_json(path: Path) -> dict:
+    """A JSON object fastcxr wrote into a run folder; a missing, damaged or foreign one is a
+    `RunError` naming it."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(
+            f"{path}: unreadable run file ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: not a fastcxr run file (a JSON {type(obj).__name__})")
+    return obj
+
+
 def same_config(path: Path, current: dict, what: str) -> None:
     """Record `current` at `path`, or refuse when the one recorded there differs."""
     current = json.loads(json.dumps(current, default=_jsonable))
     if not path.exists():
         write_json(path, current)
         return
-    saved = json.loads(path.read_text())
+    saved = read_record_json(path)
     diffs = config_differences(saved, current)
     if diffs:
         raise RunError(

@@ -9,6 +9,8 @@ from copy import copy
 from rich.console import Console, ConsoleOptions, RenderableType
 from rich.table import Table as RichTable
 
+from fastcxr.evaluate.intervals import shown_digits
+
 SELECT_TEXT = {
     "best": "the stage with the lowest validation loss",
     "last": "the schedule's last stage (--select last)",
@@ -109,6 +111,7 @@ def spread(a: Mapping, digits: int = 3) -> str:
     """mean ± sd across seeds, with the range."""
     if a["mean"] is None:
         return fmt(None, why=a.get("reason"))
+    digits = shown_digits(a["mean"], a["min"], a["max"], digits=digits)
     sd = f" ± {a['sd']:.{digits}f}" if a["sd"] is not None else " ± undefined (one seed)"
     return f"{a['mean']:.{digits}f}{sd}\n[{a['min']:.{digits}f}–{a['max']:.{digits}f}]"
 

@@ -90,7 +90,9 @@ def pairs_table(pairs: Iterable[Mapping]) -> Table:
             f"{p['a']} − {p['b']}",
             str(p.get("patients", "")),
             fmt(p["auc_diff"], 4, why),
-            f"{ci[0]:+.4f} … {ci[1]:+.4f}" if ci else fmt(None, why=why),
+            ci_text(p["auc_diff"], ci, digits=4, signed=True, sep=" … ")[1]
+            if ci
+            else fmt(None, why=why),
             fmt(p["p_value"], 4, why),
             fmt(p.get("p_holm"), 4, p.get("p_holm_reason")),
         )
