@@ -1,7 +1,9 @@
 """The study's jobs as library functions: train one formulation, compare, unfreeze-ablation.
 
-They return plain dicts (the same ones `--json` prints) and write run records; they never
-print. `log` receives one dict per event (epoch finished, network started) for progress.
+The building blocks (`train_formulation`, `compare`, `unfreeze_ablation`) return the dicts
+their run records hold; the entry `run` (and `ablation_plan`, `write_lr_find`) return typed
+results (`fastcxr.results`: what `--json` prints is their `to_json()`). They never print;
+`log` receives one dict per event (epoch finished, network started) for progress.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from fastcxr.evaluate.evaluation import CLUSTERED, EvalConfig, evaluate, pairwis
 from fastcxr.formulations import FORMULATIONS, Formulation, get_formulation, powerset_bits
 from fastcxr.manifest import file_sha256
 from fastcxr.models import block_splitter, build_model, group_names, resolve_unfreeze
+from fastcxr.results import (
+    AblationPlan,
+    AblationResult,
+    CompareResult,
+    LRFindResult,
+    SeedsResult,
+    TrainingResult,
+    TrainResult,
+)
 from fastcxr.runtime.distributed import barrier, init, is_main
 from fastcxr.runtime.fastpath import resolve_speed
 from fastcxr.runtime.runs import (
@@ -344,6 +355,7 @@ def _ablation_stages(cfg: TrainConfig, summary: dict, metrics: dict) -> list[dic
 
 # -- one entry: any experiment, on one seed or several --------------------------------------
 KINDS = ("train", "compare", "ablation")
+ONE_SEED = {"train": TrainResult, "compare": CompareResult, "ablation": AblationResult}
 
 
 def run(
@@ -360,7 +372,7 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     track: Tracking | None = None,
-) -> dict:
+) -> TrainingResult:
     """The experiment `kind` — `train` (one `formulation`), `compare` (`formulations`,
     Experiment II) or `ablation` (progressive unfreezing of one `formulation`, Experiment
     I) — into `run_dir`; with `seeds`, once per seed (RUN/seed-K; finished seeds are read back
@@ -400,31 +412,31 @@ def run(
         rows = lambda r: {s["name"]: s["findings"] for s in r["stages"]}  # noqa: E731
         about, stages = {"formulation": formulation}, cfg.ablation_stages
     if not seeds:
-        return one(cfg, run_dir)
+        return ONE_SEED[kind].from_json(one(cfg, run_dir))
     check_schedule(cfg, stages)  # before the series' plan.json
     r = _seeded(data, cfg, run_dir, overwrite)(
         seeds, cfg, run_dir, lambda c, sub: one(c, sub, False), done, rows, log
     )
-    return {**r, **_about(data, cfg), **about}
+    return SeedsResult.from_json({**r, **_about(data, cfg), **about})
 
 
 def compare_seeds(data, cfg, run_dir, seeds, formulations=tuple(FORMULATIONS), log=None,
                   eval_cfg=EvalConfig(), resume=False, overwrite=False,
-                  track=None) -> dict:  # fmt: skip
+                  track=None) -> TrainingResult:  # fmt: skip
     """`compare` once per seed (RUN/seed-K): `run("compare", ..., seeds=seeds)`."""
     return run("compare", data, cfg, run_dir, seeds=seeds, formulations=formulations, log=log,
                eval_cfg=eval_cfg, resume=resume, overwrite=overwrite, track=track)  # fmt: skip
 
 
 def train_seeds(data, formulation, cfg, run_dir, seeds, log=None, resume=False,
-                overwrite=False, track=None) -> dict:  # fmt: skip
+                overwrite=False, track=None) -> TrainingResult:  # fmt: skip
     """`train_formulation` once per seed (RUN/seed-K): `run("train", ..., seeds=seeds)`."""
     return run("train", data, cfg, run_dir, seeds=seeds, formulation=formulation, log=log,
                resume=resume, overwrite=overwrite, track=track)  # fmt: skip
 
 
 def ablation_seeds(data, cfg, run_dir, seeds, formulation="multilabel", log=None,
-                   resume=False, overwrite=False, track=None) -> dict:  # fmt: skip
+                   resume=False, overwrite=False, track=None) -> TrainingResult:  # fmt: skip
     """`unfreeze_ablation` once per seed (RUN/seed-K): `run("ablation", ..., seeds=seeds)`."""
     return run("ablation", data, cfg, run_dir, seeds=seeds, formulation=formulation, log=log,
                resume=resume, overwrite=overwrite, track=track)  # fmt: skip
@@ -452,7 +464,7 @@ def _about(data: Dataset, cfg: TrainConfig) -> dict:
             "size": cfg.size, "findings": list(cfg.findings)}  # fmt: skip
 
 
-def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
+def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> AblationPlan:
     """The ablation's stages with trainable parameter counts, without data or training."""
     form = get_formulation(formulation)
     net = form.networks(cfg.findings)[0]
@@ -465,19 +477,21 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> dict:
         train_bn=Freezing.of(cfg).train_bn,
     )
     stages = plan(learn, cfg.ablation_stages, cfg.arch)
-    return {
-        "stages": stages,
-        "arch": cfg.arch,
-        "formulation": formulation,
-        "freeze_style": cfg.freeze_style,
-        "networks": len(form.networks(cfg.findings)),
-        "total_params": sum(p.numel() for p in model.parameters()),
-    }
+    return AblationPlan.from_json(
+        {
+            "stages": stages,
+            "arch": cfg.arch,
+            "formulation": formulation,
+            "freeze_style": cfg.freeze_style,
+            "networks": len(form.networks(cfg.findings)),
+            "total_params": sum(p.numel() for p in model.parameters()),
+        }
+    )
 
 
 # -- the `fastcxr lr-find` command's files ------------------------------------------------
 def write_lr_find(data, form, cfg, stages, out_dir, start_lr=START_LR, end_lr=END_LR,
-                  num_it=NUM_IT, log=None) -> dict:  # fmt: skip
+                  num_it=NUM_IT, log=None) -> LRFindResult:  # fmt: skip
     """`lr_find`, then OUT/lr_find.json (the suggestions and curves) and OUT/lr_find.png
     (loss against rate per stage, the suggestions marked), each written atomically."""
     from fastcxr.evaluate.figures import lr_find_figure, save_figure
@@ -488,4 +502,4 @@ def write_lr_find(data, form, cfg, stages, out_dir, start_lr=START_LR, end_lr=EN
     write_atomic(out_dir / "lr_find.png",
                  lambda t: save_figure(lr_find_figure(result), t, format="png"))  # fmt: skip
     write_json(out_dir / "lr_find.json", result)
-    return result
+    return LRFindResult.from_json(result)

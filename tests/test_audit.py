@@ -101,7 +101,7 @@ def _gap_ci(y, hit, patients, sub, n_boot=2000, seed=0):
 
 def test_counts_rates_aucs_and_gaps_equal_pandas(manifest, tmp_path):
     run = _record(tmp_path / "run", manifest)
-    a = audit_run(run, min_size=8)
+    a = audit_run(run, min_size=8).to_json()  # the JSON `audit --json` prints
     df = _joined(run, manifest)
     assert a["by"] == ["sex", "age", "race", "view"]
     checked_ci = 0
@@ -179,7 +179,7 @@ def test_custom_age_bins_and_no_no_finding(manifest, tmp_path):
     pred = pd.read_csv(run / "predictions.csv")
     pred.drop(columns=["y_No Finding", "p_No Finding"]).to_csv(run / "predictions.csv",
                                                              index=False)  # fmt: skip
-    a = audit_run(run, by=["age"], age_bins="30,65", write=False)
+    a = audit_run(run, by=["age"], age_bins="30,65", write=False).to_json()
     df = _joined(run, manifest)
     scored = df[df["y_Edema"].notna()]
     age = scored["age"]
@@ -234,7 +234,7 @@ def test_wrong_or_bare_manifest_is_refused(manifest, tmp_path):
     manifest.unlink()
     with pytest.raises(UsageError, match="--data"):
         audit_run(run, write=False)
-    assert audit_run(run, data=moved, write=False)["findings"]["Edema"]["all"]["n"] > 0
+    assert audit_run(run, data=moved, write=False).findings["Edema"].all.n > 0
 
 
 def test_report_includes_the_audit_and_flags_a_stale_one(manifest, tmp_path):
@@ -262,7 +262,7 @@ def test_a_subgroup_whose_tpr_cannot_vary_gets_no_gap_ci(manifest, tmp_path):
     ap = (m.loc[pred["image"], "view"] == "AP").to_numpy()
     pred.loc[ap & (pred["y_Edema"] == 1).to_numpy(), "p_Edema"] = 0.99
     pred.to_csv(run / "predictions.csv", index=False)
-    a = audit_run(run, by=["view"], write=False)
+    a = audit_run(run, by=["view"], write=False).to_json()
     s = {g["subgroup"]: g for g in a["findings"]["Edema"]["by"]["view"]}["AP"]
     assert s["tpr"] == 1.0 and s["tpr_gap"] > 0 and s["tpr_gap_ci"] is None
     assert "is 1 in every resample" in s["reasons"]["tpr_gap_ci"]

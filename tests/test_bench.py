@@ -81,7 +81,7 @@ def test_bench_train_rounds_and_restored_globals(tmp_path):
         r = bench_train(
             CFG, parse_stages("head"), ("keras",), warmup=1, steps=2,
             cache=tmp_path / "cache", log=said.append, rounds=3,
-        )  # fmt: skip
+        ).to_json()  # fmt: skip
         after = (cudnn.benchmark, cudnn.deterministic)
     finally:
         cudnn.benchmark, cudnn.deterministic = saved

@@ -45,6 +45,11 @@ def test_compare_json_shape(prepared, tmp_path):
         assert f["epochs"] == (2 if name == "single" else 1)  # two binary nets counted together
         assert f["train_seconds"] == pytest.approx(f["seconds_per_epoch"] * f["epochs"])
     run_dir = tmp_path / "c"
+    # --json is compare.json's keys in its order with its values (read into typed results
+    # and written back), then what the command adds
+    saved = json.loads((run_dir / "compare.json").read_text())
+    assert list(out)[: len(saved)] == list(saved)
+    assert json.dumps({k: out[k] for k in saved}) == json.dumps(saved)
     for name in out["formulations"]:
         preds = pd.read_csv(run_dir / name / "predictions.csv")
         assert {"image", "y_Edema", "p_Edema", "p_Pleural Effusion"} <= set(preds.columns)

@@ -12,6 +12,7 @@ from fastcxr import study
 from fastcxr.cli import app
 from fastcxr.cli.options import SHARED, SWEEP, TRAINING, Training
 from fastcxr.config import TrainConfig
+from fastcxr.results import TrainResult
 
 runner = CliRunner()
 
@@ -56,7 +57,7 @@ def test_what_a_command_gets_reaches_study_run(monkeypatch, tmp_path):
 
     def fake_run(kind, data, cfg, run_dir, **job):
         seen.update(kind=kind, cfg=cfg, run_dir=run_dir, **job)
-        return {"fake": True}
+        return TrainResult.from_json({"fake": True})
 
     monkeypatch.setattr(study, "run", fake_run)
     monkeypatch.setattr("fastcxr.cli.training._dataset",

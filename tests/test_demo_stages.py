@@ -43,18 +43,18 @@ def test_resnet10_is_unchanged_and_the_demo_uses_a_net_with_blocks_to_unfreeze()
 
 def test_the_demo_plan_unfreezes_four_different_sets_of_blocks():
     """`unfreeze-ablation --dry-run` (preset demo): each stage trains exactly what it names."""
-    plan = ablation_plan(DEMO)["stages"]
-    assert [s["name"] for s in plan] == [s.name for s in PAPER_STAGES]
+    plan = ablation_plan(DEMO).stages
+    assert [s.name for s in plan] == [s.name for s in PAPER_STAGES]
     ref = resnet22n()  # independent reference for block sizes
     head = n(build_model("resnet22n", 2)[1])  # multilabel: two outputs
-    assert [s["trainable_params"] for s in plan] == [
+    assert [s.trainable_params for s in plan] == [
         head,
         head + n(ref.layer4[2]),
         head + n(ref.layer4),
         head + n(ref.layer4) + n(ref.layer3),  # conv4 has 3 blocks: its last 3 are all of it
     ]
-    assert plan[1]["unfrozen"] == ["conv5_block3", "head"]
-    assert len({s["trainable_params"] for s in plan}) == 4
+    assert plan[1].unfrozen == ["conv5_block3", "head"]
+    assert len({s.trainable_params for s in plan}) == 4
 
 
 def test_a_stage_unfreezing_the_same_groups_as_the_one_before_is_refused():
@@ -68,7 +68,7 @@ def test_a_stage_unfreezing_the_same_groups_as_the_one_before_is_refused():
     assert f"{n(resnet10().layer4):,} backbone parameters" in msg
     # the dry run's count with the head, as the issue quotes it (4,201,472 both)
     plan = ablation_plan(DEMO.replace(arch="resnet22n"))  # (resnet10's is refused)
-    assert plan["stages"][0]["trainable_params"] == n(build_model("resnet22n", 2)[1])
+    assert plan.stages[0].trainable_params == n(build_model("resnet22n", 2)[1])
     with pytest.raises(UsageError, match="stages conv5_block3 .* and conv5 "):
         check_schedule(cfg, cfg.ablation_stages)  # train/compare/ablation: before any folder
     # named by what they unfreeze, not by their names: two specs for one group are refused too

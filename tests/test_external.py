@@ -71,6 +71,7 @@ def test_own_manifest_and_test_split_reproduce_the_record(run, prepared):
     with pytest.raises(UsageError, match="the run's own dataset"):  # not an external validation
         evaluate_run(run, prepared / "manifest.csv", name="own", device="cpu")
     r = evaluate_run(run, prepared / "manifest.csv", name="own", device="cpu", allow_overlap=True)
+    r = r.to_json()  # the JSON `evaluate --json` prints
     assert r["external"] is False and r["overlap"]["own_dataset"] is True
     recorded = json.loads((run / "metrics.json").read_text())["findings"]
     for f in FINDINGS:
@@ -217,7 +218,7 @@ def test_intensity_mismatch_and_unreadable_images_are_recorded(run, external, tm
     test = test[(test["split"] == "test") & test["Edema"].isin([0, 1])]
     broken = test["image"].iloc[0]
     (other / broken).write_bytes(b"not a png")
-    r = evaluate_run(run, other, name="jpg", device="cpu")
+    r = evaluate_run(run, other, name="jpg", device="cpu").to_json()
     assert len(r["preprocessing_mismatch"]) == 1 and "intensity" in r["preprocessing_mismatch"][0]
     assert r["images"]["unreadable"] == 1 and r["failures"][0]["image"] == broken
     assert r["findings"]["Edema"]["n"] == len(test) - 1
@@ -400,7 +401,7 @@ def test_an_overlap_that_cannot_be_checked_is_not_called_external(run, prepared,
         evaluate_run(changed, external / "manifest.csv", name="x", device="cpu")
     r = evaluate_run(changed, external / "manifest.csv", name="x", device="cpu",
                      allow_overlap=True)  # fmt: skip
-    assert r["external"] is False and r["overlap"]["checked"] is False
+    assert r.external is False and r.overlap.checked is False
 
 
 def test_a_default_name_from_a_long_folder_name_fits_the_name_rule(tmp_path):

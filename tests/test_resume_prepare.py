@@ -38,6 +38,6 @@ def test_killed_prepare_resumes(tmp_path):
 
 
 def test_bench_prepare_runs_small():
-    r = bench_prepare(n=2, size=32, repeats=1, rows=300, cols=254)
+    r = bench_prepare(n=2, size=32, repeats=1, rows=300, cols=254).to_json()
     assert r["baseline_images_per_s_per_core"] > 0 and r["fastcxr_images_per_s_per_core"] > 0
     assert r["ratio"] == r["fastcxr_images_per_s_per_core"] / r["baseline_images_per_s_per_core"]

@@ -15,6 +15,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from fastcxr.prepare.cache import convert_one
 from fastcxr.prepare.synthetic import encode_dicom, render_frontal
+from fastcxr.results import PrepareBench
 from fastcxr.runtime.stopping import check
 
 # Every measurement loop checks `fastcxr.runtime.stopping.STOP` (set by the CLI on SIGTERM/SIGINT)
@@ -61,7 +62,7 @@ def baseline_convert(src: Path, dst: Path, size: int) -> None:
 
 def bench_prepare(
     n: int = 8, size: int = 512, repeats: int = 2, rows: int = 3050, cols: int = 2539
-) -> dict:
+) -> PrepareBench:
     """Images per second per core: baseline vs fastcxr's converter, one process each."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -84,11 +85,11 @@ def bench_prepare(
         base = timed(lambda s, o: baseline_convert(s, o, size))
         fast = timed(lambda s, o: convert_one((str(s), str(o), size, "voi")))
     cores = os.cpu_count() or 1
-    return {
+    return PrepareBench.from_json({
         "images": n, "rows": int(shape.Rows), "cols": int(shape.Columns),
         "bits_stored": int(shape.BitsStored), "size": size,
         "baseline_images_per_s_per_core": base, "fastcxr_images_per_s_per_core": fast,
         "ratio": fast / base,
         "mimic_minutes_on_16_cores": MIMIC_IMAGES / (fast * 16) / 60,
         "mimic_minutes_on_this_machine": MIMIC_IMAGES / (fast * cores) / 60, "cores": cores,
-    }  # fmt: skip
+    })  # fmt: skip

@@ -20,6 +20,7 @@ from fastcxr.bench.arms import BenchJob, build_arms, close_arms, restored_global
 from fastcxr.errors import UsageError
 from fastcxr.prepare.cache import map_stoppable
 from fastcxr.prepare.synthetic import render_frontal
+from fastcxr.results import BenchResult
 from fastcxr.runtime.runs import writable_folder
 from fastcxr.runtime.stopping import Interrupted
 
@@ -221,7 +222,7 @@ def bench_train(
     log=None,
     rounds: int = 3,
     progress=None,
-) -> dict:
+) -> BenchResult:
     """Training img/s per stage and freezing style: model-only limit, fastcxr, fastai defaults.
 
     All run in this process on the same device, architecture, image size and batch size, in
@@ -255,14 +256,14 @@ def bench_train(
     ]
     measured, eval_ips = measure_all(jobs, stages, rounds, defaults, say, progress)
     rows = _rows(stages, freeze_styles, measured, defaults)
-    return {
+    return BenchResult.from_json({
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "arch": cfg.arch, "size": cfg.size, "batch_size": cfg.batch_size,
         "formulation": formulation, "speed": speed.to_dict(), "warmup": warmup,
         "steps": steps, "rounds": rounds, "wide_threshold": WIDE, "cache": str(cache),
         "cache_images": images, "eval_img_s": eval_ips, "rows": rows,
         "projection": project_compare(rows, eval_ips, cfg.freeze_style, project_images),
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def project_compare(rows: list[dict], eval_ips: float, style: str, train_images: int) -> dict:

@@ -64,6 +64,6 @@ def audit(
             evaluation=evaluation, data=data, log=report,
         )  # fmt: skip
     if json_out:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return
     show(render.audit(result))

@@ -70,6 +70,6 @@ def evaluate(
             allow_overlap=allow_overlap,
         )  # fmt: skip
     if json_out:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return
     show(render.evaluation(result))

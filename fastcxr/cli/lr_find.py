@@ -51,6 +51,6 @@ def lr_find(
         result = write_lr_find(ds, form, cfg, schedule, out_dir, start_lr, end_lr, num_it,
                                lambda ev: report(ev) or _log(ev))  # fmt: skip
     if o.json_out:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return
     show(render.lr_find(result))

@@ -34,7 +34,7 @@ def bench_prepare(
 
         r = bench.bench_prepare(n, size)
     if json_out:
-        print(json.dumps(r, indent=2))
+        print(json.dumps(r.to_json(), indent=2))
         return
     show(render.bench_prepare(r, size))
 
@@ -110,7 +110,7 @@ def bench(
             progress=lambda i, n: bar.update(task, completed=i, total=n),
         )  # fmt: skip
     if json_out:
-        print(json.dumps(r, indent=2))
+        print(json.dumps(r.to_json(), indent=2))
         return
     show(render.bench(r, defaults=not no_defaults))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,6 +14,9 @@ from fastcxr.cli.console import err, esc, report, reporting, show
 from fastcxr.cli.guard import guarded
 from fastcxr.cli.options import Training, training_options
 from fastcxr.errors import UsageError
+
+if TYPE_CHECKING:
+    from fastcxr.results import Result
 
 
 def _dataset(data: Path | None, cfg, log):
@@ -108,11 +111,11 @@ def _tracking(kind: str | None, run_dir: Path):
     return None if kind is None else Tracking(kind, run_dir)
 
 
-def _print_json(result: dict) -> None:
-    print(json.dumps(result, indent=2))
+def _print_json(result: Result) -> None:
+    print(json.dumps(result.to_json(), indent=2))
 
 
-def _run(o: Training, kind: str, command: str, **job) -> tuple[dict, object, Path]:
+def _run(o: Training, kind: str, command: str, **job) -> tuple[Result, object, Path]:
     """A training command's job: the config from `o`, the data, the run folder, then
     `study.run`; returns (result, config, run folder). The result says whether the data
     were the built-in synthetic dataset (`synthetic`)."""
@@ -128,11 +131,12 @@ def _run(o: Training, kind: str, command: str, **job) -> tuple[dict, object, Pat
         kind, ds, cfg, run_dir, seeds=seeds, log=_log, resume=o.resume, overwrite=o.overwrite,
         track=_tracking(o.track, run_dir), **job,
     )  # fmt: skip
-    result.setdefault("synthetic", ds.synthetic)
+    if result.synthetic is None:
+        result.synthetic = ds.synthetic
     return result, cfg, run_dir
 
 
-def _show(o: Training, result: dict, table) -> None:
+def _show(o: Training, result: Result, table) -> None:
     if not _is_main():
         return
     if o.json_out:
@@ -164,7 +168,7 @@ def train(
     """Train one formulation through the schedule and write its run record."""
     with guarded(), reporting(not o.json_out):
         result, cfg, run_dir = _run(o, "train", f"train-{formulation}", formulation=formulation)
-        result["run_dir"] = str(run_dir)
+        result.run_dir = str(run_dir)
     _show(o, result, lambda: render.train(result, cfg.to_dict(), formulation, run_dir))
 
 

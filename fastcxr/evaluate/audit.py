@@ -39,6 +39,7 @@ from fastcxr.evaluate.evaluation import EvalConfig
 from fastcxr.findings import ALL_FINDINGS
 from fastcxr.leakage import patient_keys
 from fastcxr.manifest import file_sha256
+from fastcxr.results import Audit
 from fastcxr.runtime.progress import progress_end, progress_event
 from fastcxr.runtime.runs import RunError, check_predictions, write_csv, write_json
 
@@ -487,12 +488,13 @@ def audit_run(
     cfg: EvalConfig = EvalConfig(),
     write: bool = True,
     log=None,
-) -> dict:
+) -> Audit:
     """Audit a finished run (every formulation of a compare folder), or an evaluation (an
     evaluation folder, or `evaluation`: RUN/evaluations/NAME), and write SOURCE/audit/.
     `log` hears of the subgroups scored as progress events (`fastcxr.runtime.progress`).
 
-    Returns the audit (with `dir`), or for several sources `{"runs": name → audit}`."""
+    Returns the audit (with `dir`), or for several sources one whose `runs` holds each
+    source's (name → audit)."""
     from fastcxr.evaluate.external import _publish
 
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
@@ -518,7 +520,7 @@ def audit_run(
 
             _publish(folder, put)
             a["dir"] = str(folder)
-    return next(iter(done.values())) if len(done) == 1 else {"runs": done}
+    return Audit.from_json(next(iter(done.values())) if len(done) == 1 else {"runs": done})
 
 
 def _replaced(folder: Path) -> str:

@@ -38,6 +38,7 @@ from fastcxr.evaluate import stats
 from fastcxr.evaluate.evaluation import CLUSTERED, EvalConfig, bootstrap_method
 from fastcxr.evaluate.metrics import finding_metrics, scored_rows
 from fastcxr.leakage import patient_keys
+from fastcxr.results import Evaluation
 from fastcxr.runtime.runs import (
     RunError,
     RunLock,
@@ -427,7 +428,7 @@ def evaluate_run(
     eval_cfg: EvalConfig = EvalConfig(),
     progress: Progress | None = None,
     allow_overlap: bool = False,
-) -> dict:
+) -> Evaluation:
     """Apply the finished run `run_dir` (or every formulation of a compare folder) to the
     manifest's `split` (test, valid or all) and write `evaluations/NAME/` into it.
 
@@ -470,12 +471,12 @@ def evaluate_run(
             metrics["external"] = is_external(overlap)
             _write_evaluation(sub / "evaluations" / name, metrics, rows, fails)
         if not is_compare:
-            return next(iter(done.values()))[0]
+            return Evaluation.from_json(next(iter(done.values()))[0])
         summary = _compare_summary(run_dir, name, split, overlap, done)
         folder = run_dir / "evaluations" / name
         folder.parent.mkdir(parents=True, exist_ok=True)
         _publish(folder, lambda tmp: write_json(tmp / "summary.json", summary))
-        return {**summary, "dir": str(folder)}
+        return Evaluation.from_json({**summary, "dir": str(folder)})
 
 
 def is_external(overlap: dict) -> bool:

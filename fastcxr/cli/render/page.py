@@ -10,6 +10,7 @@ from rich.console import Console, ConsoleOptions, RenderableType
 from rich.table import Table as RichTable
 
 from fastcxr.evaluate.intervals import shown_digits
+from fastcxr.results import Result, SeedsResult, Spread
 
 SELECT_TEXT = {
     "best": "the stage with the lowest validation loss",
@@ -107,13 +108,14 @@ def stages(selected) -> str:
     return str(selected)
 
 
-def spread(a: Mapping, digits: int = 3) -> str:
+def spread(a: Spread | Mapping, digits: int = 3) -> str:
     """mean ± sd across seeds, with the range."""
-    if a["mean"] is None:
-        return fmt(None, why=a.get("reason"))
-    digits = shown_digits(a["mean"], a["min"], a["max"], digits=digits)
-    sd = f" ± {a['sd']:.{digits}f}" if a["sd"] is not None else " ± undefined (one seed)"
-    return f"{a['mean']:.{digits}f}{sd}\n[{a['min']:.{digits}f}–{a['max']:.{digits}f}]"
+    a = Spread.from_json(a)
+    if a.mean is None:
+        return fmt(None, why=a.reason)
+    digits = shown_digits(a.mean, a.min, a.max, digits=digits)
+    sd = f" ± {a.sd:.{digits}f}" if a.sd is not None else " ± undefined (one seed)"
+    return f"{a.mean:.{digits}f}{sd}\n[{a.min:.{digits}f}–{a.max:.{digits}f}]"
 
 
 def threshold_rule(cfg: Mapping) -> str:
@@ -173,8 +175,8 @@ def ratio(median, rng: Sequence | None, suffix: str = "") -> str:
 
 
 # -- notes --------------------------------------------------------------------------------------
-def synthetic_note(result: Mapping) -> list[str]:
-    if not result.get("synthetic"):
+def synthetic_note(result: Result) -> list[str]:
+    if not getattr(result, "synthetic", None):
         return []
     return [
         "[yellow]Data: the built-in SYNTHETIC dataset (not patient data); "
@@ -182,15 +184,17 @@ def synthetic_note(result: Mapping) -> list[str]:
     ]
 
 
-def aggregate_table(result: Mapping, findings: Sequence[str], title: str, row_label: str) -> Table:
-    t = Table(title=f"{title} — mean ± sd [range] over seeds {result['seeds']}")
+def aggregate_table(
+    result: SeedsResult, findings: Sequence[str], title: str, row_label: str
+) -> Table:
+    t = Table(title=f"{title} — mean ± sd [range] over seeds {result.seeds}")
     t.add_column(row_label)
     for f in findings:
         t.add_column(f"{f}\nacc @ t", justify="right")
         t.add_column(f"{f}\nAUC", justify="right")
-    for row, by_f in result["aggregate"].items():
+    for row, by_f in result.aggregate.items():
         cells = [row]
         for f in findings:
-            cells += [spread(by_f[f]["accuracy"]), spread(by_f[f]["auc"])]
+            cells += [spread(by_f[f].accuracy), spread(by_f[f].auc)]
         t.add_row(*cells)
     return t

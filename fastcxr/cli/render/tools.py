@@ -12,86 +12,83 @@ from fastcxr.cli.render.page import (
     Table,
     ratio,
 )
+from fastcxr.results import BenchResult, PrepareBench
 
 
 # -- tools --------------------------------------------------------------------------------------
-def bench(result: Mapping, defaults: bool = True) -> Page:
+def bench(result: BenchResult | Mapping, defaults: bool = True) -> Page:
     """`fastcxr bench`: img/s per stage and freezing style; the ratios as median [range]
     over rounds, and a note on the rows whose rounds disagree."""
-    sp = result["speed"]
+    result = BenchResult.from_json(result)
+    sp = result.speed
     t = Table(
-        title=f"Training img/s — {result['arch']}, {result['size']}px, batch "
-        f"{result['batch_size']}, {sp['precision']}, channels_last={sp['channels_last']}, "
-        f"compile={sp['compile']} on {result['device']}"
+        title=f"Training img/s — {result.arch}, {result.size}px, batch "
+        f"{result.batch_size}, {sp.precision}, channels_last={sp.channels_last}, "
+        f"compile={sp.compile} on {result.device}"
     )
     cols = ["stage", "freezing", "limit", "fastcxr", "fastcxr / limit"]
     if defaults:
         cols += ["fastai defaults", "fastcxr / defaults"]
-    if sp["compile"]:
+    if sp.compile:
         cols += ["compile s (fastcxr)"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("stage", "freezing") else "right")
-    for row in result["rows"]:
+    for row in result.rows:
         cells = [
-            row["stage"],
-            row["freeze_style"],
-            f"{row['limit_img_s']:.1f}",
-            f"{row['fastcxr_img_s']:.1f}",
-            ratio(_median(row, "limit"), row.get("fastcxr_vs_limit_range")),
+            row.stage,
+            row.freeze_style,
+            f"{row.limit_img_s:.1f}",
+            f"{row.fastcxr_img_s:.1f}",
+            ratio(*row.vs("limit")),
         ]
         if defaults:
-            cells += [
-                f"{row['defaults_img_s']:.1f}",
-                ratio(_median(row, "defaults"), row.get("fastcxr_vs_defaults_range"), "x"),
-            ]
-        if sp["compile"]:
-            cells += [f"{row['compile_s']['fastcxr']:.1f}"]
+            cells += [f"{row.defaults_img_s:.1f}", ratio(*row.vs("defaults"), "x")]
+        if sp.compile:
+            cells += [f"{row.compile_s['fastcxr']:.1f}"]
         t.add_row(*cells)
     page = Page().out(
         t,
-        f"evaluation (no gradient, batch {2 * result['batch_size']}): "
-        f"{result['eval_img_s']:.1f} img/s",
+        f"evaluation (no gradient, batch {2 * result.batch_size}): {result.eval_img_s:.1f} img/s",
     )
-    rounds = result.get("rounds")
-    if rounds:
-        page.out(f"ratios: median [min–max] over {rounds} interleaved round(s) per stage")
-    pj = result["projection"]
-    if pj["available"]:
+    if result.rounds:
+        page.out(f"ratios: median [min–max] over {result.rounds} interleaved round(s) per stage")
+    pj = result.projection
+    if pj.available:
         page.out(
-            f"projected `compare --preset paper` on {pj['train_images']:,} training images "
-            f"({pj['networks']} networks x 4 stages x {pj['epochs_per_stage']} epochs, "
-            f"{pj['freeze_style']} freezing, no early stop): {pj['hours']:.2f} h"
+            f"projected `compare --preset paper` on {pj.train_images:,} training images "
+            f"({pj.networks} networks x 4 stages x {pj.epochs_per_stage} epochs, "
+            f"{pj.freeze_style} freezing, no early stop): {pj.hours:.2f} h"
         )
-    wide = [r for r in result["rows"] if r.get("wide")]
+    wide = [r for r in result.rows if r.wide]
     if wide:
         page.err(
             "[yellow]rounds disagree (read these ratios with care): "
             + "; ".join(
-                escape(f"{r['stage']} {r['freeze_style']}: {r.get('wide_reason') or 'wide range'}")
-                for r in wide
+                escape(f"{r.stage} {r.freeze_style}: {r.wide_reason or 'wide range'}") for r in wide
             )
             + "[/]"
         )
     return page
 
 
-def bench_prepare(result: Mapping, size: int) -> Page:
+def bench_prepare(result: PrepareBench | Mapping, size: int) -> Page:
     """`fastcxr bench-prepare`: conversion images/s per core, fastcxr against the baseline."""
+    r = PrepareBench.from_json(result)
     t = Table(
-        title=f"Conversion of {result['rows']}x{result['cols']} {result['bits_stored']}-bit "
+        title=f"Conversion of {r.rows}x{r.cols} {r.bits_stored}-bit "
         f"DICOMs to {size}x{size} PNG (one process)"
     )
     t.add_column("")
     t.add_column("images/s per core", justify="right")
     t.add_row(
         "baseline: pydicom + LUTs + float rescale + PIL resize + PNG",
-        f"{result['baseline_images_per_s_per_core']:.2f}",
+        f"{r.baseline_images_per_s_per_core:.2f}",
     )
-    t.add_row("fastcxr", f"{result['fastcxr_images_per_s_per_core']:.2f}")
+    t.add_row("fastcxr", f"{r.fastcxr_images_per_s_per_core:.2f}")
     return Page().out(
         t,
-        f"fastcxr / baseline = {result['ratio']:.2f}x; all of MIMIC-CXR (377,110 images) on 16 "
-        f"cores ≈ {result['mimic_minutes_on_16_cores']:.0f} min at this rate",
+        f"fastcxr / baseline = {r.ratio:.2f}x; all of MIMIC-CXR (377,110 images) on 16 "
+        f"cores ≈ {r.mimic_minutes_on_16_cores:.0f} min at this rate",
     )
 
 
@@ -112,9 +109,3 @@ def predict(summary: Mapping, cam_dir: Any = None, export_dir: Any = None) -> Pa
 def report(files: Iterable) -> Page:
     """`fastcxr report`: the files it wrote."""
     return Page().out(*(f"wrote {f}" for f in files))
-
-
-def _median(row: dict, other: str) -> float:
-    """A bench row's fastcxr/OTHER ratio: the median over its rounds (older results: the
-    quotient of its img/s)."""
-    return row.get(f"fastcxr_vs_{other}_median", row[f"fastcxr_vs_{other}"])
