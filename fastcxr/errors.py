@@ -25,4 +25,10 @@ class Diverged(FastcxrError):
     """Training produced a loss that is not a finite number (NaN or infinite)."""
 
 
-__all__ = ["Diverged", "FastcxrError", "MissingFile", "UsageError"]
+class DamagedRecord(FastcxrError, TypeError):
+    """A record's JSON whose value has the wrong type where a result reads it (the message
+    names the place, e.g. `CompareResult.formulations.single.findings.Edema`). Also a
+    `TypeError`, so library callers may catch either."""
+
+
+__all__ = ["DamagedRecord", "Diverged", "FastcxrError", "MissingFile", "UsageError"]

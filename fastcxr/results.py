@@ -17,8 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from fastcxr.errors import DamagedRecord
+
 R = TypeVar("R", bound="Result")
-Load = Callable[[Any], Any]
+Load = Callable[[Any, str], Any]  # (JSON value, where it is) -> typed value
 
 
 def _key(name: str, default: Any = None, load: Load | None = None) -> Any:
@@ -31,12 +33,29 @@ def _typed(load: Load) -> Any:
     return field(default=None, metadata={"load": load})
 
 
+def _expect(v: Any, kind: type, what: str, where: str) -> None:
+    if not isinstance(v, kind):
+        raise DamagedRecord(f"{where}: a JSON {what} expected, not {type(v).__name__}")
+
+
 def map_of(load: Load) -> Load:
-    return lambda v: {k: load(x) for k, x in v.items()}
+    """A JSON object of values `load` reads (a null value stays None, as the JSON had it)."""
+
+    def read(v: Any, where: str) -> dict:
+        _expect(v, Mapping, "object", where)
+        return {k: None if x is None else load(x, f"{where}.{k}") for k, x in v.items()}
+
+    return read
 
 
 def list_of(load: Load) -> Load:
-    return lambda v: [load(x) for x in v]
+    """A JSON list of values `load` reads (a null item stays None)."""
+
+    def read(v: Any, where: str) -> list:
+        _expect(v, list, "list", where)
+        return [None if x is None else load(x, f"{where}[{i}]") for i, x in enumerate(v)]
+
+    return read
 
 
 def _dump(v: Any) -> Any:
@@ -52,10 +71,19 @@ def _dump(v: Any) -> Any:
 @dataclass
 class Result:
     """A JSON object with typed fields. `extra`: the keys no field names; `keys`: the keys it
-    was read with, in order (empty when built in code: every field is written)."""
+    was read with, in order (None when built in code: every field is written)."""
 
     extra: dict = field(default_factory=dict, repr=False, compare=False, kw_only=True)
-    keys: tuple = field(default=(), repr=False, compare=False, kw_only=True)
+    keys: tuple | None = field(default=None, repr=False, compare=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_set", [])  # fields assigned after reading, in that order
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        done = self.__dict__.get("_set")
+        if done is not None and name not in done and name not in ("extra", "keys"):
+            done.append(name)
+        object.__setattr__(self, name, value)
 
     @classmethod
     def _fields(cls) -> dict[str, Any]:
@@ -65,29 +93,49 @@ class Result:
         }
 
     @classmethod
-    def from_json(cls: type[R], d: Mapping | R) -> R:
+    def from_json(cls: type[R], d: Mapping | R, where: str | None = None) -> R:
+        """The result of a JSON object. A value of the wrong type where a field reads a
+        nested result raises `DamagedRecord` naming its place (`where`: the path so far)."""
         if isinstance(d, cls):
             return d
-        if not isinstance(d, Mapping):
-            raise TypeError(f"{cls.__name__}: a JSON object expected, not {type(d).__name__}")
+        where = where or cls.__name__
+        _expect(d, Mapping, "object", where)
         named = cls._fields()
         kw = {}
         for k, f in named.items():
             if k in d:
                 load = f.metadata.get("load")
-                kw[f.name] = load(d[k]) if load is not None and d[k] is not None else d[k]
+                kw[f.name] = (
+                    load(d[k], f"{where}.{k}") if load is not None and d[k] is not None else d[k]
+                )
         extra = {k: v for k, v in d.items() if k not in named}
         return cls(**kw, extra=extra, keys=tuple(d))
 
+    def has(self, name: str) -> bool:
+        """Whether the field `name` is in the JSON: read with its key, set since, or the
+        result was built in code."""
+        key = next(k for k, f in self._fields().items() if f.name == name)
+        return self.keys is None or key in self.keys or name in self._set
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The field `name` as the JSON had it (a null kept), `default` where its key is
+        absent: what `dict.get` gave on the JSON."""
+        return getattr(self, name) if self.has(name) else default
+
     def to_json(self) -> dict:
-        """The JSON object: the keys it was read with, in order, then any field set since."""
-        values = {k: getattr(self, f.name) for k, f in self._fields().items()}
+        """The JSON object: the keys it was read with, in order, then the fields set since,
+        in the order they were set, then any extras."""
+        named = self._fields()
+        values = {k: getattr(self, f.name) for k, f in named.items()}
         out: dict = {}
-        for k in self.keys:
+        if self.keys is None:
+            out = {k: _dump(v) for k, v in values.items()}
+        for k in self.keys or ():
             out[k] = _dump(values[k] if k in values else self.extra[k])
-        for k, v in values.items():
-            if k not in out and (not self.keys or v is not None):
-                out[k] = _dump(v)
+        by_name = {f.name: k for k, f in named.items()}
+        for name in self._set:
+            if by_name[name] not in out:
+                out[by_name[name]] = _dump(getattr(self, name))
         for k, v in self.extra.items():
             if k not in out:
                 out[k] = _dump(v)
@@ -339,7 +387,7 @@ class Evaluation(Result):
     overlap: Overlap | None = _typed(Overlap.from_json)
     external: bool | None = None
     calibration_method: str | None = None
-    runs: dict[str, Evaluation] | None = _typed(lambda v: map_of(Evaluation.from_json)(v))
+    runs: dict[str, Evaluation] | None = _typed(lambda v, w: map_of(Evaluation.from_json)(v, w))
     dir: str | None = None
 
     def by_run(self) -> dict[str, Evaluation]:
@@ -403,7 +451,7 @@ class Audit(Result):
     gap_rule: str | None = None
     ci: dict | None = None
     min_size: int | None = None
-    runs: dict[str, Audit] | None = _typed(lambda v: map_of(Audit.from_json)(v))
+    runs: dict[str, Audit] | None = _typed(lambda v, w: map_of(Audit.from_json)(v, w))
     dir: str | None = None
 
     def by_run(self) -> dict[str, Audit]:
@@ -440,9 +488,7 @@ class BenchRow(Result):
     def vs(self, other: str) -> tuple[float | None, list[float] | None]:
         """fastcxr / `other` (limit, defaults): the median over rounds (an older result: the
         quotient of its img/s) and the range."""
-        median = getattr(self, f"fastcxr_vs_{other}_median")
-        if median is None:
-            median = getattr(self, f"fastcxr_vs_{other}")
+        median = self.get(f"fastcxr_vs_{other}_median", getattr(self, f"fastcxr_vs_{other}"))
         return median, getattr(self, f"fastcxr_vs_{other}_range")
 
 

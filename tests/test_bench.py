@@ -67,6 +67,7 @@ def test_rounds_below_one_are_refused_before_anything_is_written(tmp_path, round
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_bench_train_rounds_and_restored_globals(tmp_path):
     cudnn = torch.backends.cudnn
     saved = (cudnn.benchmark, cudnn.deterministic)
@@ -130,6 +131,7 @@ def test_no_private_imports_from_other_modules():
             assert not [a.name for a in node.names if a.name.startswith("_")], node.module
 
 
+@pytest.mark.slow
 def test_the_fastai_defaults_arm_can_cast_to_bf16(tmp_path):
     """On a GPU the defaults arm calls `learn.to_bf16()`, a method fastai adds to `Learner`
     only once `fastai.callback.fp16` is imported: the first GPU run of `fastcxr bench` stopped

@@ -69,6 +69,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow
 def test_sigterm_stops_bench_while_it_writes_its_image_cache(tmp_path):
     cache = tmp_path / "cache"
     # 200000 steps want a cache of a million images: the signal comes while it is written
@@ -85,6 +86,7 @@ def test_sigterm_stops_bench_while_it_writes_its_image_cache(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signal_stops_bench_between_measurement_steps(tmp_path, sig):
     cache = tmp_path / "cache"
     cmd = fastcxr(*BENCH, "--images", "48", "--cache", cache)

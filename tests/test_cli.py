@@ -21,6 +21,7 @@ def run(*args):
     return res
 
 
+@pytest.mark.slow
 def test_compare_json_shape(prepared, tmp_path):
     res = run(
         "compare",
@@ -99,6 +100,7 @@ def test_compare_json_shape(prepared, tmp_path):
     assert "Paired comparisons" in md and "uncertain=drop" in md
 
 
+@pytest.mark.slow
 def test_saved_weights_load_safely(prepared, tmp_path):
     import torch
 
@@ -127,6 +129,7 @@ def test_saved_weights_load_safely(prepared, tmp_path):
     m.load_state_dict(torch.load(p, weights_only=True))
 
 
+@pytest.mark.slow
 def test_ablation_table_and_json(prepared, tmp_path):
     res = run(
         "unfreeze-ablation",
@@ -254,6 +257,7 @@ def test_gpu_out_of_memory_is_a_clear_error(prepared, tmp_path, monkeypatch):
     assert "ran out of memory" in res.stderr and "--batch-size" in res.stderr
 
 
+@pytest.mark.slow
 def test_single_ablation_records_each_networks_own_best_stage(prepared, tmp_path):
     res = runner.invoke(app, ["unfreeze-ablation", "--data", str(prepared), *TINY_TRAIN,
                               "--formulation", "single", "--stages", "head,all", "--epochs", "1",

@@ -111,6 +111,7 @@ def test_valid_with_one_class_is_refused(prepared):
         require_thresholds(apply_policy(raw, CFG, FINDINGS), FINDINGS)
 
 
+@pytest.mark.slow
 def test_runs_with_different_policies_score_the_same_images(prepared, tmp_path):
     recs = []
     for policy in ("drop", "zeros"):
@@ -141,6 +142,7 @@ def two_stage_run(prepared, tmp_path_factory):
     return run, summary
 
 
+@pytest.mark.slow
 def test_selected_stage_is_the_argmin_of_validation_loss(two_stage_run, prepared):
     run, summary = two_stage_run
     hist = pd.read_csv(run / "history.csv")
@@ -165,6 +167,7 @@ def test_selected_stage_is_the_argmin_of_validation_loss(two_stage_run, prepared
     )
 
 
+@pytest.mark.slow
 def test_select_last_keeps_the_last_stage(prepared, tmp_path):
     stages = (
         Stage("head", "head", max_epochs=1, lr=2e-3),
@@ -198,6 +201,7 @@ def test_thresholds_are_sklearns_youden_point_on_validation(two_stage_run):
         assert m["accuracy_at_0.5"] == pytest.approx(((s >= 0.5) == y).mean())
 
 
+@pytest.mark.slow
 def test_sensitivity_target_threshold(prepared, tmp_path):
     cfg = CFG.replace(threshold="sensitivity", threshold_target=0.8)
     stages = (Stage("all", "all", max_epochs=1, lr=2e-3),)
@@ -230,6 +234,7 @@ def prepared_jpg(synthetic_tree, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["voi", "mimic-jpg"])
+@pytest.mark.slow
 def test_predict_on_source_dicoms_reproduces_the_run(
     mode, prepared, prepared_jpg, synthetic_tree, tmp_path
 ):
@@ -261,6 +266,7 @@ def test_predict_on_source_dicoms_reproduces_the_run(
 
 
 # -- seed variance ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compare_over_seeds_aggregates_each_seeds_record(prepared, tmp_path):
     args = ["compare", "--data", prepared, *TINY_TRAIN, "--epochs", "1", "--stages", "all",
             "--no-pretrained", "--formulations", "multilabel,multiclass", "--seeds", "0,1",
@@ -297,6 +303,7 @@ def test_compare_over_seeds_aggregates_each_seeds_record(prepared, tmp_path):
     assert "±" in table and "mean ± sd" in table
 
 
+@pytest.mark.slow
 def test_ablation_and_train_over_seeds(prepared, tmp_path):
     common = [*TINY_TRAIN, "--epochs", "1", "--stages", "head,all", "--no-pretrained",
               "--runs", tmp_path, "--json"]  # fmt: skip
@@ -350,6 +357,7 @@ def test_undefined_bootstrap_and_numpy_nan():
         CFG.replace(threshold_target=0.9)
 
 
+@pytest.mark.slow
 def test_compare_never_reads_back_runs_of_another_configuration(prepared, tmp_path):
     args = [
         "compare",

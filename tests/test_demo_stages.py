@@ -105,6 +105,7 @@ def test_the_command_line_refuses_it_in_one_line_before_any_folder(prepared, tmp
         assert not (tmp_path / "x").exists(), cmd
 
 
+@pytest.mark.slow
 def test_a_finished_ablation_is_shown_again_and_another_config_is_listed(prepared, tmp_path):
     """`make ablation` twice: the second shows the finished run, as `make demo` does."""
     args = ["unfreeze-ablation", "--data", prepared, *TINY_TRAIN, "--epochs", "1",

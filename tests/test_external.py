@@ -67,6 +67,7 @@ def _predictions(folder) -> pd.DataFrame:
     return pd.read_csv(folder / "predictions.csv", dtype={"image": str, "patient_id": str})
 
 
+@pytest.mark.slow
 def test_own_manifest_and_test_split_reproduce_the_record(run, prepared):
     with pytest.raises(UsageError, match="the run's own dataset"):  # not an external validation
         evaluate_run(run, prepared / "manifest.csv", name="own", device="cpu")
@@ -227,6 +228,7 @@ def test_intensity_mismatch_and_unreadable_images_are_recorded(run, external, tm
     assert list(pd.read_csv(folder / "failures.csv")["image"]) == [broken]
 
 
+@pytest.mark.slow
 def test_compare_folder_and_report(run, external, tmp_path):
     from fastcxr.evaluate.evaluation import EvalConfig, evaluate
 

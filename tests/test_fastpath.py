@@ -68,6 +68,7 @@ def test_fast_loader_batches_equal_the_datablock_batches(prepared):
 
 
 @pytest.mark.parametrize("formulation", ["multilabel", "multiclass"])
+@pytest.mark.slow
 def test_fast_path_predicts_what_the_fastai_path_predicts(prepared, formulation):
     form, net, [(db, ldb), (fast, lfast)] = _learners(prepared, formulation, precision="fp32")
     p_db, y_db = _probs(form, net, db, ldb)
@@ -105,6 +106,7 @@ def test_device_smooth_loss_equals_fastais():
         assert math.isclose(float(b.value), float(a.value), rel_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_grouped_adamw_steps_like_fastais_adam():
     """Same gradients, same per-block LRs and weight decay: the torch AdamW behind fastai's
     interface moves every parameter as fastai's Adam does, norm weights and biases included
@@ -199,6 +201,7 @@ def test_fast_loaders_always_name_the_device(prepared):
         assert dl.device == torch.device(speed.device)
 
 
+@pytest.mark.slow
 def test_compile_time_is_reported_apart(prepared, tmp_path):
     """`--compile` (aot_eager: no C compiler needed) trains; the batches that compiled graphs
     are counted as compile time, not training time."""
@@ -215,6 +218,7 @@ def test_compile_time_is_reported_apart(prepared, tmp_path):
         assert 0 <= res["findings"][n]["auc"] <= 1
 
 
+@pytest.mark.slow
 def test_compile_needs_the_fast_loader(prepared, tmp_path):
     cmd = fastcxr(
         "train", "--data", prepared, "--loader", "datablock", "--compile", "--runs", tmp_path
@@ -223,6 +227,7 @@ def test_compile_needs_the_fast_loader(prepared, tmp_path):
     assert r.returncode == 2 and "fast loader" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_json(tmp_path):
     cmd = fastcxr(
         "bench", "--arch", "resnet10", "--size", "32", "--batch-size", "4", "--warmup", "1",
@@ -261,6 +266,7 @@ def test_bench_json(tmp_path):
     assert "fastcxr / limit" in r2.stdout and "defaults" not in r2.stdout
 
 
+@pytest.mark.slow
 def test_bench_compiled_reports_compile_time_of_each_measurement(tmp_path):
     cmd = fastcxr(
         "bench", "--arch", "resnet10", "--size", "32", "--batch-size", "4", "--warmup", "1",
@@ -434,6 +440,7 @@ def test_a_networks_loader_workers_stop_with_it_and_later_workers_leave_them_alo
     second.close()
 
 
+@pytest.mark.slow
 def test_a_compare_with_loader_workers_prints_no_worker_errors(prepared, tmp_path):
     cmd = fastcxr(
         "train", "--data", prepared, *TINY_TRAIN[:-2], "--workers", "2", "--loader", "fast",
@@ -446,6 +453,7 @@ def test_a_compare_with_loader_workers_prints_no_worker_errors(prepared, tmp_pat
     assert "Exception ignored" not in r.stderr
 
 
+@pytest.mark.slow
 def test_training_on_the_fast_path_prints_no_library_warning(prepared, tmp_path):
     """fastai warned "You are shadowing an attribute (smooth_loss)" in every run on the fast
     path (the Recorder's smoothed loss replaced through `Callback.__setattr__`)."""

@@ -53,6 +53,7 @@ def ablation(prepared, tmp_path_factory):
     return runs / "abl", json.loads(res.stdout)
 
 
+@pytest.mark.slow
 def test_curves_mark_each_stages_restored_epoch_as_the_record_says(ablation):
     run_dir, _ = ablation
     run = load_run(run_dir)

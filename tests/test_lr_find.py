@@ -136,6 +136,7 @@ def lr_run(prepared, tmp_path_factory):
     return runs / "lr"
 
 
+@pytest.mark.slow
 def test_train_lr_find_uses_and_records_the_suggestion(lr_run):
     cfg = json.loads((lr_run / "config.json").read_text())
     assert [s["lr"] for s in cfg["stages"]] == ["find", "find"]

@@ -89,6 +89,7 @@ def exported(request, multilabel, prepared, tmp_path_factory):
     return form, run, out
 
 
+@pytest.mark.slow
 def test_onnx_matches_the_predictor_on_the_runs_own_images(exported, multilabel, prepared):
     form, run, out = exported
     meta = json.loads((out / "export.json").read_text())

@@ -43,6 +43,7 @@ def trained(prepared, tmp_path_factory):
     return runs / "mc"
 
 
+@pytest.mark.slow
 def test_predict_on_dicoms_matches_the_run_record(trained, prepared, synthetic_tree, tmp_path):
     manifest = pd.read_csv(prepared / "manifest.csv")
     rec = pd.read_csv(trained / "predictions.csv")
@@ -71,6 +72,7 @@ def test_predict_on_dicoms_matches_the_run_record(trained, prepared, synthetic_t
         assert (m[f"pred_{f}"] == (m[f"p_{f}"] >= side["thresholds"][f])).all()
 
 
+@pytest.mark.slow
 def test_predict_uses_the_runs_bf16_and_matches_its_record(prepared, tmp_path):
     """A run evaluated in bf16 (fast path) is predicted in bf16: same numbers as its record."""
     res = runner.invoke(

@@ -21,6 +21,7 @@ def trained(prepared, tmp_path_factory):
     return runs / "t"
 
 
+@pytest.mark.slow
 def test_predict_on_a_compare_folder_names_its_formulations(trained, prepared, tmp_path):
     cmp = tmp_path / "demo-compare"
     for form in ("single", "multilabel", "multiclass"):

@@ -266,6 +266,7 @@ def _prepare_cmd(tree: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signal_stops_prepare_quickly_and_it_resumes(slow_tree, tmp_path, sig):
     out = tmp_path / "out"
     total = len(mimic_table(slow_tree))

@@ -248,6 +248,7 @@ def stderr_terminal(monkeypatch):
     return c.file
 
 
+@pytest.mark.slow
 def test_lr_find_shows_bars_on_a_terminal_only(prepared, tmp_path, stderr_terminal):
     args = ["lr-find", "--data", str(prepared), *TINY_TRAIN, "--stages", "head",
             "--no-pretrained", "--loader", "datablock", "--precision", "fp32",
@@ -263,6 +264,7 @@ def test_lr_find_shows_bars_on_a_terminal_only(prepared, tmp_path, stderr_termin
     assert "lr_find: network" in res.stderr  # the log lines stay as they were
 
 
+@pytest.mark.slow
 def test_train_shows_stage_and_epoch_bars_on_a_terminal_only(prepared, tmp_path, stderr_terminal):
     args = ["train", "--data", str(prepared), *TINY_TRAIN, "--stages", "head,all",
             "--epochs", "1", "--no-pretrained", "--loader", "datablock", "--precision", "fp32",

@@ -32,12 +32,14 @@ def trained(prepared, tmp_path_factory):
     return runs / "q"
 
 
+@pytest.mark.slow
 def test_lr_find_prints_no_warning(prepared, tmp_path):
     _quiet("lr-find", "--data", prepared, *TINY_TRAIN, "--stages", "head", "--num-it", "8",
            "--out", tmp_path / "lr")  # fmt: skip
     assert (tmp_path / "lr" / "lr_find.json").exists()
 
 
+@pytest.mark.slow
 def test_predict_with_grad_cam_prints_no_warning(trained, prepared, tmp_path):
     images = sorted((prepared / "images").rglob("*.png"))[:3]
     _quiet("predict", trained, *images, "--out", tmp_path / "p.csv", "--cam", tmp_path / "cam")

@@ -56,6 +56,7 @@ def _expect(values) -> tuple[str, str]:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}", f"{v.min():.3f}–{v.max():.3f}"
 
 
+@pytest.mark.slow
 def test_report_across_seeds_of_train_ablation_and_compare(series, tmp_path):
     out = tmp_path / "fig"
     res = _cli("report", series / "t", series / "a", series / "c", "--out", out)

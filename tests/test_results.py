@@ -7,6 +7,7 @@ import pytest
 from rich.console import Console
 
 from fastcxr.cli import render
+from fastcxr.errors import DamagedRecord, FastcxrError
 from fastcxr.results import (
     Audit,
     BenchResult,
@@ -171,19 +172,59 @@ def test_a_record_without_newer_keys_loads_and_older_bench_ratios_are_used():
     assert newer.rows[0].vs("limit") == (0.5, [0.45, 0.6])
 
 
-def test_a_field_set_after_reading_is_written_after_the_keys_read():
+def test_fields_set_after_reading_are_written_after_the_keys_read_in_the_order_set():
     r = TrainResult.from_json({"epochs": 3, "z_unknown": 1})
-    r.run_dir, r.synthetic = "runs/t", False
+    r.synthetic = False  # set first, though declared after run_dir (as `fastcxr train` does)
+    r.run_dir = "runs/t"
     assert list(r.to_json().items()) == [
-        ("epochs", 3), ("z_unknown", 1), ("run_dir", "runs/t"), ("synthetic", False)
+        ("epochs", 3), ("z_unknown", 1), ("synthetic", False), ("run_dir", "runs/t")
     ]  # fmt: skip
     r.epochs = 4  # a key read is written in its place with its new value
     assert list(r.to_json())[0] == "epochs" and r.to_json()["epochs"] == 4
 
 
-def test_not_a_json_object_is_a_type_error():
-    with pytest.raises(TypeError, match="CompareResult: a JSON object expected, not list"):
-        CompareResult.from_json([COMPARE])
+def test_an_empty_object_stays_empty_and_a_null_is_not_an_absent_key():
+    assert Score.from_json({}).to_json() == {}
+    assert TrainResult.from_json({"findings": {"Edema": {}}}).to_json() == {
+        "findings": {"Edema": {}}
+    }
+    built = Score(auc=0.5)  # built in code: every field written
+    assert list(built.to_json()) == [f for f in Score._fields()] and built.to_json()["auc"] == 0.5
+    e = Evaluation.from_json({"external": None})
+    assert e.has("external") and e.get("external", True) is None  # as dict.get on the JSON
+    assert not Evaluation.from_json({}).has("external")
+    assert Evaluation.from_json({}).get("external", True) is True
+    row = BenchResult.from_json(
+        {"rows": [{"fastcxr_vs_limit": 0.5, "fastcxr_vs_limit_median": None}]}
+    ).rows[0]
+    assert row.vs("limit") == (None, None)  # a recorded null median is not replaced
+
+
+@pytest.mark.parametrize(
+    "cls, d, where, what",
+    [
+        (CompareResult, [COMPARE], "CompareResult", "object expected, not list"),
+        (TrainResult, {"findings": []}, "TrainResult.findings", "object expected, not list"),
+        (TrainResult, {"findings": {"Foo": [1]}}, "TrainResult.findings.Foo", "not list"),
+        (CompareResult, {**COMPARE, "pairs": {"a": 1}}, "CompareResult.pairs", "list expected"),
+        (CompareResult, {**COMPARE, "pairs": [1]}, r"CompareResult.pairs\[0\]", "not int"),
+        (
+            Audit,
+            {"runs": {"x": {"findings": {"Edema": {"by": {"sex": "F"}}}}}},
+            "Audit.runs.x.findings.Edema.by.sex",
+            "list expected, not str",
+        ),
+    ],  # fmt: skip
+)
+def test_a_damaged_record_is_one_error_naming_the_place(cls, d, where, what):
+    with pytest.raises(DamagedRecord, match=f"^{where}: a JSON .*{what}"):
+        cls.from_json(d)
+    assert issubclass(DamagedRecord, FastcxrError)  # the command line prints it in one line
+
+
+def test_a_null_inside_a_map_or_list_is_kept():
+    d = {"findings": {"Edema": None}, "networks": None}
+    assert TrainResult.from_json(d).to_json() == d
 
 
 def test_the_table_of_a_typed_result_is_the_table_of_its_json():

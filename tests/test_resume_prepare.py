@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pandas as pd
+import pytest
 from tiny import fastcxr
 
 from fastcxr.bench import bench_prepare
@@ -13,6 +14,7 @@ from fastcxr.prepare.mimic import prepare_mimic
 from fastcxr.prepare.synthetic import SyntheticSpec, write_synthetic_mimic
 
 
+@pytest.mark.slow
 def test_killed_prepare_resumes(tmp_path):
     raw = write_synthetic_mimic(
         tmp_path / "raw", SyntheticSpec(patients=80, seed=5, rows=384, cols=448)

@@ -40,6 +40,7 @@ def _check_history(run, stages, epochs):
 
 
 @pytest.mark.parametrize("loader", ["datablock", "fast"])
+@pytest.mark.slow
 def test_sigkill_then_resume(prepared, tmp_path, loader):
     """Both loaders; the fast one checkpoints a torch (fused) AdamW instead of fastai's Adam."""
     run = tmp_path / "k"
@@ -60,6 +61,7 @@ def test_sigkill_then_resume(prepared, tmp_path, loader):
     assert json.loads((run / "config.json").read_text())["speed"]["loader"] == loader
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_then_resumes(prepared, tmp_path):
     run = tmp_path / "t"
     ckpt = run / "checkpoints" / "edema+pleural_effusion.pt"

@@ -41,6 +41,7 @@ def _one_line_error(res, *words):
 
 
 # -- one run, one folder ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_complete_run_is_not_overwritten_and_predict_loads_only_its_networks(prepared, tmp_path):
     assert _train(prepared, tmp_path, "mix", "--formulation", "single").exit_code == 0
     before = (tmp_path / "mix" / "record.json").read_text()
@@ -79,6 +80,7 @@ def test_a_folder_being_trained_into_is_locked(prepared, tmp_path):
     assert _train(prepared, tmp_path, "busy").exit_code == 0  # released: free again
 
 
+@pytest.mark.slow
 def test_two_concurrent_trains_into_one_name(prepared, tmp_path):
     cmd = fastcxr("train", "--data", prepared, *TINY, "--runs", tmp_path, "--name", "same")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -163,6 +165,7 @@ def test_a_run_name_is_a_folder_inside_runs(prepared, tmp_path, name):
     assert not (tmp_path / "escape").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(prepared, tmp_path):
     run = tmp_path / "r"
     # an interrupted run: start one and stop it after its first epoch
@@ -209,6 +212,7 @@ def uninterrupted(prepared, tmp_path_factory):
 @pytest.mark.parametrize(
     "kills", [[1], [2], [3], [1, 3]], ids=lambda k: "kill@" + "+".join(map(str, k))
 )
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_the_uninterrupted_run(
     prepared, tmp_path, uninterrupted, kills
 ):
@@ -231,6 +235,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(
     assert m == uninterrupted[2]
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_equals_the_uninterrupted_run(prepared, tmp_path, uninterrupted):
     base = fastcxr("train", "--data", prepared, *RESUME, "--runs", tmp_path, "--name", "t")
     proc = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -274,6 +279,7 @@ def test_a_corrupt_cached_image_during_training_names_the_file(prepared, tmp_pat
     _one_line_error(res, bad, "fastcxr prepare")
 
 
+@pytest.mark.slow
 def test_an_edited_sidecar_arch_is_refused(prepared, tmp_path):
     assert _train(prepared, tmp_path, "s").exit_code == 0
     side = tmp_path / "s" / "model-edema+pleural_effusion.json"

@@ -313,6 +313,7 @@ def _history(run_dir):
     return h, "edema+pleural_effusion"
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_history(run):
     run_dir, _ = run
     h, net = _history(run_dir)

@@ -65,6 +65,7 @@ def _run(cmd, cwd, **extra) -> subprocess.CompletedProcess:
                           timeout=120)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_readme_python_read_path(tracked):
     net = "edema-pleural_effusion"  # fastcxr.runtime.tracking.metric_name("edema+pleural_effusion")
     py = [sys.executable, "-c", README_PYTHON, "runs/m", net]
@@ -87,6 +88,7 @@ def test_the_readme_python_read_path(tracked):
     assert run["params"]["formulation"] == "multilabel"
 
 
+@pytest.mark.slow
 def test_the_readme_command_line_read_path(tracked):
     uri = {"MLFLOW_TRACKING_URI": f"file:{tracked / 'm'}/tracking/mlruns",
            "MLFLOW_ALLOW_FILE_STORE": "true"}  # fmt: skip

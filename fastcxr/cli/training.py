@@ -131,7 +131,7 @@ def _run(o: Training, kind: str, command: str, **job) -> tuple[Result, object, P
         kind, ds, cfg, run_dir, seeds=seeds, log=_log, resume=o.resume, overwrite=o.overwrite,
         track=_tracking(o.track, run_dir), **job,
     )  # fmt: skip
-    if result.synthetic is None:
+    if not result.has("synthetic"):
         result.synthetic = ds.synthetic
     return result, cfg, run_dir
 

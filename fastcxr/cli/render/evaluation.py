@@ -60,7 +60,7 @@ def evaluation(result: Evaluation | Mapping) -> Page:
     method = first.auc_ci_method or "percentile bootstrap over patients"
     for run, r in runs.items():
         shown = str(run).rstrip("/").rsplit("/", 1)[-1]
-        kind = "external validation" if result.external is not False else "NOT external"
+        kind = "external validation" if result.get("external", True) else "NOT external"
         t = Table(title=f"{shown} — {kind} {result.name} (split {result.split})")
         for c in cols:
             t.add_column(c, justify="left" if c == "finding" else "right",
