@@ -111,6 +111,15 @@ class Result:
         extra = {k: v for k, v in d.items() if k not in named}
         return cls(**kw, extra=extra, keys=tuple(d))
 
+    @classmethod
+    def read(cls: type[R], d: Mapping, source: object) -> R:
+        """`from_json` of what was read from `source` (a run folder, a file): a damaged
+        record's error names it."""
+        try:
+            return cls.from_json(d)
+        except DamagedRecord as e:
+            raise DamagedRecord(f"{source}: a damaged run record ({e})") from None
+
     def has(self, name: str) -> bool:
         """Whether the field `name` is in the JSON: read with its key, set since, or the
         result was built in code."""

@@ -412,12 +412,12 @@ def run(
         rows = lambda r: {s["name"]: s["findings"] for s in r["stages"]}  # noqa: E731
         about, stages = {"formulation": formulation}, cfg.ablation_stages
     if not seeds:
-        return ONE_SEED[kind].from_json(one(cfg, run_dir))
+        return ONE_SEED[kind].read(one(cfg, run_dir), run_dir)
     check_schedule(cfg, stages)  # before the series' plan.json
     r = _seeded(data, cfg, run_dir, overwrite)(
         seeds, cfg, run_dir, lambda c, sub: one(c, sub, False), done, rows, log
     )
-    return SeedsResult.from_json({**r, **_about(data, cfg), **about})
+    return SeedsResult.read({**r, **_about(data, cfg), **about}, run_dir)
 
 
 def compare_seeds(data, cfg, run_dir, seeds, formulations=tuple(FORMULATIONS), log=None,

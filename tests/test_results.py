@@ -222,6 +222,11 @@ def test_a_damaged_record_is_one_error_naming_the_place(cls, d, where, what):
     assert issubclass(DamagedRecord, FastcxrError)  # the command line prints it in one line
 
 
+def test_a_damaged_record_read_from_a_folder_names_it():
+    with pytest.raises(DamagedRecord, match=r"^runs/t1: a damaged run record \(TrainResult"):
+        TrainResult.read({"findings": {"Foo": [1]}}, "runs/t1")
+
+
 def test_a_null_inside_a_map_or_list_is_kept():
     d = {"findings": {"Edema": None}, "networks": None}
     assert TrainResult.from_json(d).to_json() == d
