@@ -12,7 +12,7 @@ LOCK ?= requirements.lock
 # lock is refreshed under the same cap.
 LOCK_CONSTRAINTS ?= $(wildcard /etc/xdg/pip/constraints.txt)
 
-.PHONY: install lock demo ablation figures bench gpu-check test test-fast lint clean
+.PHONY: install lock demo ablation backbones figures bench gpu-check test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,15 @@ demo: install
 ## the finished result (as demo does; --overwrite in the command retrains).
 ablation: install
 	$(FASTCXR) unfreeze-ablation --name demo-ablation --runs $(RUNS)
+
+## Experiment I on three backbone families (torchvision ResNet-18, timm ConvNeXt-atto and
+## EfficientNet-B0, from scratch at 48 px on the built-in data): one table each.
+BACKBONES ?= resnet18 convnext_atto efficientnet_b0
+backbones: install
+	for a in $(BACKBONES); do \
+	  $(FASTCXR) unfreeze-ablation --arch $$a --stages head,conv5,conv4_block-1,conv4 \
+	    --name backbones-$$a --runs $(RUNS) || exit 1; \
+	done
 
 ## Report figures + results.md from the demo comparison (runs it first if absent).
 figures: install

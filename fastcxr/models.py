@@ -19,6 +19,7 @@ from fastai.vision.learner import create_vision_model
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from fastcxr.backbones import alias, is_timm_arch, timm_available, timm_groups, timm_model
 from fastcxr.errors import MissingFile, UsageError
 from fastcxr.runtime.runs import TORCH_LOAD_ERRORS
 
@@ -97,7 +98,7 @@ class TorchvisionArch:
 
     def __init__(self, name: str, weights_file: str | Path | None = None):
         if name not in ARCHS:
-            raise UsageError(f"unknown architecture {name!r}; choose from {list(ARCHS)}")
+            raise UsageError(unknown_arch(name))
         self.name, self.weights_file = name, weights_file
         self.__name__ = name
 
@@ -112,6 +113,13 @@ class TorchvisionArch:
             load_into(model, load_state_dict(self.weights_file), self.weights_file, self.name)
             return model
         return build(weights="DEFAULT" if pretrained else None)
+
+
+def unknown_arch(name: str) -> str:
+    timm = "any timm model name"
+    if not timm_available():
+        timm = f"with `pip install 'fastcxr[timm]'`, {timm}"
+    return f"unknown architecture {name!r}; choose from {list(ARCHS)}, or {timm}"
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -170,7 +178,10 @@ def load_into(model: nn.Module, sd: dict, source, arch: str) -> None:
 def build_model(
     arch: str, n_out: int, pretrained: bool = False, weights_file: str | Path | None = None
 ) -> nn.Module:
-    """fastai's body (1 input channel) + head, as `vision_learner` would build it."""
+    """fastai's body (1 input channel) + head, as `vision_learner` would build it: a
+    torchvision architecture (`ARCHS`) or any timm model (`fastcxr.backbones`)."""
+    if arch not in ARCHS and is_timm_arch(arch):
+        return timm_model(arch, n_out, pretrained, weights_file)
     a = TorchvisionArch(arch, weights_file)
     return create_vision_model(
         a, n_out, pretrained=pretrained or weights_file is not None, cut=a.cut, n_in=1
@@ -181,6 +192,8 @@ def build_model(
 def block_groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """(name, modules) per parameter group, input to output; the last is the head."""
     body, head = model[0], model[1]
+    if hasattr(body, "model") and hasattr(body.model, "feature_info"):  # fastai's TimmBody
+        return [*timm_groups(body), ("head", [head])]
     if isinstance(body[0], nn.Conv2d) and len(body) == 8:  # ResNet: conv1 bn1 relu pool l1..l4
         groups = [("stem", [body[0], body[1]])]
         for stage, layer in enumerate(body[4:], start=2):
@@ -197,7 +210,9 @@ def block_groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
                 pending = [getattr(f, f"transition{stage}")]
         groups[-1][1].append(f.norm5)
     else:
-        raise ValueError(f"no block splitter for {type(body[0]).__name__}; ResNet or DenseNet")
+        raise ValueError(
+            f"no block splitter for {type(body[0]).__name__}; ResNet, DenseNet or a timm model"
+        )
     return [*groups, ("head", [head])]
 
 
@@ -220,6 +235,7 @@ def resolve_unfreeze(spec: str, names: list[str]) -> int:
     nets (the stage's `unfrozen` groups are recorded); a block number that does not exist
     (`conv5_block9` on a stage of 3 blocks, `block0`, `block-0`) is refused with the range.
     """
+    spec = alias(spec, names)  # conv5, conv4_block-3 … on a timm network's stages
     if spec == "head":
         return 1
     if spec == "all":

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from fastcxr.backbones import cam_stages
 from fastcxr.dicom import DicomError
 from fastcxr.errors import UsageError
 from fastcxr.formulations import powerset_bits
@@ -286,7 +287,10 @@ def grad_cam(
     """
     device = device or next(pm.parameters()).device
     body = pm.net[0]
-    stages = [body[-1], body[-2]] if len(body) == 8 else [body[-1]]  # ResNet: layer4, layer3
+    if hasattr(body, "model") and hasattr(body.model, "feature_info"):  # a timm backbone
+        stages = cam_stages(body.model)
+    else:
+        stages = [body[-1], body[-2]] if len(body) == 8 else [body[-1]]  # ResNet: layer4, layer3
     feats: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda m, i, o: feats.append(o)) for m in stages]
     try:
@@ -296,6 +300,11 @@ def grad_cam(
             prob = pm(x)[0, index]
             # hooks fire in forward order: feats = [layer3, layer4] for a ResNet
             acts = feats[::-1]
+            if any(t.ndim != 4 for t in acts):
+                raise UsageError(
+                    "Grad-CAM needs feature maps; this backbone's last stage gives tokens "
+                    "(a vision transformer): --cam is not available for it yet"
+                )
             a = next((t for t in acts if min(t.shape[-2:]) >= min_side), acts[-1])
             (grad,) = torch.autograd.grad(prob, a)
     finally:

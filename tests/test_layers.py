@@ -27,9 +27,9 @@ PKG = Path(__file__).resolve().parents[1] / "fastcxr"
 LAYERS = [
     ["fastcxr.errors", "fastcxr.version", "fastcxr.config", "fastcxr.findings",
      "fastcxr.formulations", "fastcxr.manifest", "fastcxr.leakage", "fastcxr.dicom",
-     "fastcxr.images", "fastcxr.models", "fastcxr.runtime", "fastcxr.evaluate.stats",
-     "fastcxr.evaluate.metrics", "fastcxr.evaluate.intervals", "fastcxr.standalone",
-     "fastcxr.results"],
+     "fastcxr.images", "fastcxr.models", "fastcxr.backbones", "fastcxr.runtime",
+     "fastcxr.evaluate.stats", "fastcxr.evaluate.metrics", "fastcxr.evaluate.intervals",
+     "fastcxr.standalone", "fastcxr.results"],
     ["fastcxr.prepare", "fastcxr.preprocessing"],
     ["fastcxr.data"],
     ["fastcxr.train"],

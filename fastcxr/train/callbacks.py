@@ -49,10 +49,14 @@ class FrozenBNEval(Callback):
         frozen_bn_eval(self.learn.model)
 
 
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)  # timm's LayerNorm2d too
+
+
 def frozen_bn_eval(model: nn.Module) -> None:
-    """Put every BatchNorm layer whose parameters are frozen in eval mode."""
+    """Put every normalisation layer (BatchNorm; LayerNorm and GroupNorm of a ConvNeXt or a
+    vision transformer) whose parameters are frozen in eval mode."""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+        if isinstance(m, NORMS) and getattr(m, "weight", None) is not None:
             if not m.weight.requires_grad:
                 m.eval()
 

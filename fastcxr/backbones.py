@@ -1,0 +1,193 @@
+"""timm backbones (#24): any timm architecture by name, its stages and blocks found from the
+model itself, so Experiment I (progressive unfreezing) runs on ConvNeXt, EfficientNet, RegNet
+or a vision transformer as on ResNet152.
+
+The stages are the modules timm's `feature_info` names (`stages.3`, `blocks.6`, `s4`,
+`layer4`): where they are children of one container, every child of it is a stage (the
+container's children between two feature levels too, as EfficientNet's `blocks.3`); a
+transformer whose feature levels are its blocks, all at one reduction, is one stage of those
+blocks. A stage's blocks are its `blocks` (ConvNeXt, its downsampling joined to the first) or
+its children. What comes before the first stage (stem, patch embedding, class token, position
+embedding) is the `stem` group; what comes after the last (final norm, head convolution) joins
+the last block, as DenseNet's `norm5` does. Groups are named `stageK_blockI`, K from 1; the
+study's ResNet names (`conv5`, `conv4_block-3`) are aliases counted from the last stage
+(`conv5` is the last stage, `conv4` the one before), so its stage list runs unchanged.
+
+timm is optional (`pip install 'fastcxr[timm]'`); nothing here imports it until a timm
+architecture is asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from fastcxr.errors import UsageError
+
+
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_timm_arch(name: str) -> bool:
+    """Whether `name` is a timm model (and timm is installed)."""
+    if not timm_available():
+        return False
+    import timm
+
+    return bool(timm.is_model(name))
+
+
+def timm_model(
+    name: str, n_out: int, pretrained: bool = False, weights_file: str | Path | None = None
+) -> nn.Module:
+    """fastai's body (1 input channel, `TimmBody`) + head for the timm model `name`, as
+    `vision_learner(dls, name)` builds it; `weights_file` (a timm state dict of `name`, its
+    classifier ignored, a 3-channel first convolution summed to 1 channel) for offline use."""
+    from fastai.vision.learner import create_timm_model
+
+    model, _ = create_timm_model(name, n_out, pretrained=pretrained and weights_file is None,
+                                 n_in=1)  # fmt: skip
+    if weights_file is not None:
+        from fastcxr.models import load_into, load_state_dict
+
+        tm = model[0].model
+        sd = _for_one_channel(tm, load_state_dict(weights_file))
+        ours = tm.state_dict()
+        sd = {k: v for k, v in sd.items() if k in ours or not _is_classifier(tm, k)}
+        load_into(tm, sd, weights_file, name)
+    head = unused_head(model[0])
+    if head is not None:
+        head.requires_grad_(False)
+    return model
+
+
+def _is_classifier(tm: nn.Module, key: str) -> bool:
+    heads = tm.default_cfg.get("classifier", "head")
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return any(key == h or key.startswith(h + ".") for h in heads)
+
+
+def _for_one_channel(tm: nn.Module, sd: dict) -> dict:
+    """A 3-channel first convolution summed over its input channels (what timm's own
+    pretrained loading does for `in_chans=1`)."""
+    first = tm.default_cfg.get("first_conv")
+    firsts = (first,) if isinstance(first, str) else tuple(first or ())
+    out = dict(sd)
+    for f in firsts:
+        k = f"{f}.weight"
+        if k in out and out[k].ndim == 4 and out[k].shape[1] == 3:
+            out[k] = out[k].sum(dim=1, keepdim=True)
+    return out
+
+
+class _Loose(nn.Module):
+    """Parameters a model holds directly (a ViT's class token, position embedding), as one
+    module of a group: shared, not copied; the model's own state dict is unchanged."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]):
+        super().__init__()
+        for n, p in named:
+            self.register_parameter(n.replace(".", "_"), p)
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def _stage_modules(tm: nn.Module) -> tuple[list[nn.Module], str]:
+    """The stage modules of timm model `tm`, input to output, and the path of their container
+    ('' when they are the model's own children)."""
+    info = list(tm.feature_info)
+    paths = [f["module"] for f in info]
+    parents = {p.rpartition(".")[0] for p in paths if "." in p}
+    if len(parents) == 1 and all("." in p for p in paths):
+        trunk = parents.pop()
+        kids = list(_module(tm, trunk).children())
+        if len({f["reduction"] for f in info}) == 1 and len(paths) == len(kids) > 1:
+            return [_module(tm, trunk)], trunk  # a transformer: its blocks are one stage
+        return kids, trunk
+    staged = [p for p in paths if "." not in p and re.fullmatch(r"[a-z_]*\d+", p)]
+    if not staged:
+        raise UsageError(f"{type(tm).__name__}: cannot find its stages in feature_info {paths}")
+    return [_module(tm, p) for p in staged], ""
+
+
+def _blocks(stage: nn.Module) -> list[list[nn.Module]]:
+    """A stage's blocks, each a list of modules (the first with the stage's other parts:
+    a ConvNeXt stage's downsampling)."""
+    inner = getattr(stage, "blocks", None)
+    if isinstance(inner, nn.Sequential) and len(inner):
+        rest = [m for n, m in stage.named_children() if n != "blocks"]
+        blocks = [[b] for b in inner]
+        blocks[0] = [*rest, *blocks[0]]
+        return blocks
+    kids = [m for m in stage.children() if any(True for _ in m.parameters())]
+    return [[k] for k in kids] if kids else [[stage]]
+
+
+def unused_head(body: nn.Module) -> nn.Module | None:
+    """timm's own classifier head (ConvNeXt's norm + fc, EfficientNet's classifier) where
+    fastai's `TimmBody` never calls it (it takes `forward_features` and pools in its own
+    head): in no group, and frozen for good."""
+    if not body.needs_pool:
+        return None
+    name = body.model.default_cfg.get("classifier") or "head"
+    name = name if isinstance(name, str) else name[0]
+    top = name.split(".")[0]
+    return getattr(body.model, top, None)
+
+
+def timm_groups(body: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """(name, modules) per block group of fastai's `TimmBody` around a timm model, input to
+    output, without the head: `stem`, `stage1_block1` … the last block (with what follows
+    the last stage that the body uses)."""
+    tm, skip = body.model, unused_head(body)
+    stages, trunk = _stage_modules(tm)
+    inside = {id(p) for s in stages for p in s.parameters()}
+    top = [n for n, _ in tm.named_children()]
+    anchor = trunk.split(".")[0] if trunk else None
+    # the last stage's top-level position: what comes after it is the neck
+    last = anchor if anchor else next(n for n, m in tm.named_children() if m is stages[-1])
+    after = top[top.index(last) + 1 :]
+    neck = [m for n, m in tm.named_children() if n in after and m is not skip]
+    neck_ids = {id(p) for m in [*neck, *([skip] if skip else [])] for p in m.parameters()}
+    stem_named = [(n, p) for n, p in tm.named_parameters()
+                  if id(p) not in inside and id(p) not in neck_ids]  # fmt: skip
+    groups = [("stem", [_Loose(stem_named)])] if stem_named else []
+    for k, stage in enumerate(stages, 1):
+        groups += [(f"stage{k}_block{i}", mods) for i, mods in enumerate(_blocks(stage), 1)]
+    groups[-1][1].extend(neck)
+    return groups
+
+
+def cam_stages(tm: nn.Module) -> list[nn.Module]:
+    """Grad-CAM's modules: the last stage, then the one before it (used when the last one's
+    map is too small)."""
+    stages, _ = _stage_modules(tm)
+    return stages[::-1][:2]
+
+
+def alias(spec: str, names: list[str]) -> str:
+    """The study's ResNet spec (`conv5`, `conv5_block-1`, `conv4_block3`) on a network whose
+    groups are `stageK_blockI`: conv5 is the last stage, conv4 the one before, and so on."""
+    m = re.fullmatch(r"conv(\d)(_block.*)?", spec)
+    stages = sorted({int(n[5:].split("_")[0]) for n in names if n.startswith("stage")})
+    if not m or not stages or any(n.startswith("conv") for n in names):
+        return spec
+    k = stages[-1] - (5 - int(m[1]))
+    if k < 1:
+        raise UsageError(
+            f"unfreeze spec {spec!r}: this network has {stages[-1]} stage(s) "
+            f"(stage1 … stage{stages[-1]}); conv5 is its last stage"
+        )
+    return f"stage{k}{m[2] or ''}"
+
+
+__all__ = ["alias", "cam_stages", "is_timm_arch", "timm_available", "timm_groups", "timm_model"]
