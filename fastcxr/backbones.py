@@ -20,7 +20,6 @@ architecture is asked for.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from torch import nn
 
@@ -44,28 +43,26 @@ def is_timm_arch(name: str) -> bool:
     return bool(timm.is_model(name))
 
 
-def timm_model(
-    name: str, n_out: int, pretrained: bool = False, weights_file: str | Path | None = None
-) -> nn.Module:
+def timm_model(name: str, n_out: int, pretrained: bool = False) -> nn.Module:
     """fastai's body (1 input channel, `TimmBody`) + head for the timm model `name`, as
-    `vision_learner(dls, name)` builds it; `weights_file` (a timm state dict of `name`, its
-    classifier ignored, a 3-channel first convolution summed to 1 channel) for offline use."""
+    `vision_learner(dls, name)` builds it; timm's own head, which the body never calls,
+    frozen (`unused_head`). A weights file is loaded by `models.build_model` (`timm_state`)."""
     from fastai.vision.learner import create_timm_model
 
-    model, _ = create_timm_model(name, n_out, pretrained=pretrained and weights_file is None,
-                                 n_in=1)  # fmt: skip
-    if weights_file is not None:
-        from fastcxr.models import load_into, load_state_dict
-
-        tm = model[0].model
-        sd = _for_one_channel(tm, load_state_dict(weights_file))
-        ours = tm.state_dict()
-        sd = {k: v for k, v in sd.items() if k in ours or not _is_classifier(tm, k)}
-        load_into(tm, sd, weights_file, name)
+    model, _ = create_timm_model(name, n_out, pretrained=pretrained, n_in=1)
     head = unused_head(model[0])
     if head is not None:
         head.requires_grad_(False)
     return model
+
+
+def timm_state(tm: nn.Module, sd: dict) -> dict:
+    """A timm state dict of `tm`'s architecture made loadable into `tm` (1 input channel, no
+    classifier): a 3-channel first convolution summed to 1 channel, the classifier's weights
+    dropped."""
+    sd = _for_one_channel(tm, sd)
+    ours = tm.state_dict()
+    return {k: v for k, v in sd.items() if k in ours or not _is_classifier(tm, k)}
 
 
 def _is_classifier(tm: nn.Module, key: str) -> bool:
@@ -190,4 +187,12 @@ def alias(spec: str, names: list[str]) -> str:
     return f"stage{k}{m[2] or ''}"
 
 
-__all__ = ["alias", "cam_stages", "is_timm_arch", "timm_available", "timm_groups", "timm_model"]
+__all__ = [
+    "alias",
+    "cam_stages",
+    "timm_state",
+    "is_timm_arch",
+    "timm_available",
+    "timm_groups",
+    "timm_model",
+]

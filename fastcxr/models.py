@@ -19,7 +19,14 @@ from fastai.vision.learner import create_vision_model
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from fastcxr.backbones import alias, is_timm_arch, timm_available, timm_groups, timm_model
+from fastcxr.backbones import (
+    alias,
+    is_timm_arch,
+    timm_available,
+    timm_groups,
+    timm_model,
+    timm_state,
+)
 from fastcxr.errors import MissingFile, UsageError
 from fastcxr.runtime.runs import TORCH_LOAD_ERRORS
 
@@ -181,7 +188,11 @@ def build_model(
     """fastai's body (1 input channel) + head, as `vision_learner` would build it: a
     torchvision architecture (`ARCHS`) or any timm model (`fastcxr.backbones`)."""
     if arch not in ARCHS and is_timm_arch(arch):
-        return timm_model(arch, n_out, pretrained, weights_file)
+        model = timm_model(arch, n_out, pretrained and weights_file is None)
+        if weights_file is not None:
+            tm = model[0].model
+            load_into(tm, timm_state(tm, load_state_dict(weights_file)), weights_file, arch)
+        return model
     a = TorchvisionArch(arch, weights_file)
     return create_vision_model(
         a, n_out, pretrained=pretrained or weights_file is not None, cut=a.cut, n_in=1
