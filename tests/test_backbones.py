@@ -165,3 +165,12 @@ def test_train_predict_and_onnx_on_a_timm_family(prepared, tmp_path, name):
     pred = pd.read_csv(out)
     assert len(pred) and pred.filter(like="p_").apply(lambda c: c.between(0, 1).all()).all()
     assert (tmp_path / "x" / "model.onnx").exists() and any((tmp_path / "cam").iterdir())
+
+
+def test_bench_says_it_measures_torchvision_architectures(tmp_path):
+    from fastcxr.bench import bench_train
+    from fastcxr.config import parse_stages
+
+    with pytest.raises(UsageError, match="bench measures torchvision architectures"):
+        bench_train(DEMO.replace(arch="convnext_atto"), parse_stages("head"), cache=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written

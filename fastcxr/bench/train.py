@@ -239,6 +239,13 @@ def bench_train(
     from fastcxr.runtime.fastpath import resolve_speed
 
     check_rounds(rounds)
+    from fastcxr.models import ARCHS
+
+    if cfg.arch not in ARCHS:  # before any cache or model: the defaults arm needs torchvision
+        raise UsageError(
+            f"fastcxr bench measures torchvision architectures ({', '.join(ARCHS)}): its "
+            f"fastai-defaults arm is vision_learner on a torchvision model; {cfg.arch!r} is not one"
+        )
     say = log or (lambda what: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = cfg.replace(loader="fast")
