@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from fastcxr.errors import UsageError
@@ -46,13 +47,12 @@ def is_timm_arch(name: str) -> bool:
 def timm_model(name: str, n_out: int, pretrained: bool = False) -> nn.Module:
     """fastai's body (1 input channel, `TimmBody`) + head for the timm model `name`, as
     `vision_learner(dls, name)` builds it; timm's own head, which the body never calls,
-    frozen (`unused_head`). A weights file is loaded by `models.build_model` (`timm_state`)."""
+    frozen (`unused_modules`). A weights file is loaded by `models.build_model` (`timm_state`)."""
     from fastai.vision.learner import create_timm_model
 
     model, _ = create_timm_model(name, n_out, pretrained=pretrained, n_in=1)
-    head = unused_head(model[0])
-    if head is not None:
-        head.requires_grad_(False)
+    for m in unused_modules(model[0]):
+        m.requires_grad_(False)
     return model
 
 
@@ -95,57 +95,113 @@ class _Loose(nn.Module):
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path) if path else root
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        raise UsageError(
+            f"{type(root).__name__}: its feature_info names {path!r}, which is not one of its "
+            "modules; fastcxr cannot find its stages (choose another architecture)"
+        ) from None
+
+
+def _container(m: nn.Module) -> bool:
+    """A module of modules with parameters (a stage or a block), not a single layer."""
+    return any(any(True for _ in c.parameters()) for c in m.children())
+
+
+def _refuse(tm: nn.Module, why: str) -> UsageError:
+    return UsageError(f"{type(tm).__name__}: fastcxr cannot find its stages ({why}); choose "
+                      "another architecture")  # fmt: skip
 
 
 def _stage_modules(tm: nn.Module) -> tuple[list[nn.Module], str]:
     """The stage modules of timm model `tm`, input to output, and the path of their container
-    ('' when they are the model's own children)."""
-    info = list(tm.feature_info)
-    paths = [f["module"] for f in info]
-    parents = {p.rpartition(".")[0] for p in paths if "." in p}
-    if len(parents) == 1 and all("." in p for p in paths):
+    ('' when they are the model's own children). Feature levels that are single layers (a
+    stem's `act1`, `bn1`) are the stem's, not stages."""
+    info = [f for f in tm.feature_info if "." in f["module"]]
+    parents = {f["module"].rpartition(".")[0] for f in info}
+    if len(info) >= 2 and len(parents) == 1:
         trunk = parents.pop()
-        kids = list(_module(tm, trunk).children())
-        if len({f["reduction"] for f in info}) == 1 and len(paths) == len(kids) > 1:
+        kids = [c for c in _module(tm, trunk).children() if any(True for _ in c.parameters())]
+        if not all(_container(c) for c in kids):
+            raise _refuse(tm, f"{trunk} holds single layers, not stages or blocks")
+        if len({f["reduction"] for f in info}) == 1 and len(info) == len(kids) > 1:
             return [_module(tm, trunk)], trunk  # a transformer: its blocks are one stage
         return kids, trunk
+    paths = [f["module"] for f in tm.feature_info]
     staged = [p for p in paths if "." not in p and re.fullmatch(r"[a-z_]*\d+", p)]
-    if not staged:
-        raise UsageError(f"{type(tm).__name__}: cannot find its stages in feature_info {paths}")
+    staged = [p for p in staged if _container(_module(tm, p))]
+    if len(staged) < 2:
+        raise _refuse(tm, f"feature levels {paths}")
     return [_module(tm, p) for p in staged], ""
 
 
 def _blocks(stage: nn.Module) -> list[list[nn.Module]]:
     """A stage's blocks, each a list of modules (the first with the stage's other parts:
-    a ConvNeXt stage's downsampling)."""
+    a ConvNeXt stage's downsampling, parameters the stage holds itself)."""
+    own = [(n, p) for n, p in stage.named_parameters(recurse=False)]
+    extra = [_Loose(own)] if own else []
     inner = getattr(stage, "blocks", None)
     if isinstance(inner, nn.Sequential) and len(inner):
         rest = [m for n, m in stage.named_children() if n != "blocks"]
         blocks = [[b] for b in inner]
-        blocks[0] = [*rest, *blocks[0]]
+        blocks[0] = [*extra, *rest, *blocks[0]]
         return blocks
     kids = [m for m in stage.children() if any(True for _ in m.parameters())]
-    return [[k] for k in kids] if kids else [[stage]]
+    if not kids:
+        return [[stage]]
+    blocks = [[k] for k in kids]
+    blocks[0] = [*extra, *blocks[0]]
+    return blocks
 
 
-def unused_head(body: nn.Module) -> nn.Module | None:
-    """timm's own classifier head (ConvNeXt's norm + fc, EfficientNet's classifier) where
-    fastai's `TimmBody` never calls it (it takes `forward_features` and pools in its own
-    head): in no group, and frozen for good."""
-    if not body.needs_pool:
+def used_children(body: nn.Module) -> set[str] | None:
+    """The names of the timm model's own children that fastai's `TimmBody` calls: traced on a
+    copy built on the meta device (no memory, no compute); None where that cannot run."""
+    import timm
+
+    tm = body.model
+    size = tm.default_cfg.get("input_size", (3, 224, 224))[-2:]
+    try:
+        with torch.device("meta"):
+            twin = timm.create_model(tm.default_cfg["architecture"], pretrained=False,
+                                     num_classes=0, in_chans=1)  # fmt: skip
+            called: set[str] = set()
+            hooks = [m.register_forward_hook(lambda m, i, o, n=n: called.add(n))
+                     for n, m in twin.named_children()]  # fmt: skip
+            x = torch.empty(1, 1, *size)
+            twin.forward_features(x) if body.needs_pool else twin(x)
+    except Exception:  # noqa: BLE001 — ops meta tensors cannot run: the classifier rule only
         return None
-    name = body.model.default_cfg.get("classifier") or "head"
-    name = name if isinstance(name, str) else name[0]
-    top = name.split(".")[0]
-    return getattr(body.model, top, None)
+    del hooks  # the twin is thrown away with them
+    return called
+
+
+def unused_modules(body: nn.Module) -> list[nn.Module]:
+    """timm's own modules fastai's `TimmBody` never calls (a classifier head, MobileNet's
+    `conv_head`, VGG's `pre_logits`, when the body pools itself): in no group, frozen."""
+    tm = body.model
+    if not body.needs_pool:
+        return []
+    called = used_children(body)
+    if called is None:  # the classifier by name
+        name = tm.default_cfg.get("classifier") or "head"
+        top = (name if isinstance(name, str) else name[0]).split(".")[0]
+        return [m for n, m in tm.named_children() if n == top]
+    return [m for n, m in tm.named_children()
+            if n not in called and any(True for _ in m.parameters())]  # fmt: skip
 
 
 def timm_groups(body: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """(name, modules) per block group of fastai's `TimmBody` around a timm model, input to
     output, without the head: `stem`, `stage1_block1` … the last block (with what follows
-    the last stage that the body uses)."""
-    tm, skip = body.model, unused_head(body)
+    the last stage that the body uses). Every parameter the body uses is in exactly one
+    group, or the architecture is refused."""
+    tm = body.model
+    if getattr(tm, "output_fmt", "NCHW") not in ("NCHW", None):
+        raise _refuse(tm, f"its features are {tm.output_fmt}, fastai's head takes NCHW")
+    skip = unused_modules(body)
+    skip_ids = {id(p) for m in skip for p in m.parameters()}
     stages, trunk = _stage_modules(tm)
     inside = {id(p) for s in stages for p in s.parameters()}
     top = [n for n, _ in tm.named_children()]
@@ -153,14 +209,20 @@ def timm_groups(body: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     # the last stage's top-level position: what comes after it is the neck
     last = anchor if anchor else next(n for n, m in tm.named_children() if m is stages[-1])
     after = top[top.index(last) + 1 :]
-    neck = [m for n, m in tm.named_children() if n in after and m is not skip]
-    neck_ids = {id(p) for m in [*neck, *([skip] if skip else [])] for p in m.parameters()}
+    neck = [m for n, m in tm.named_children()
+            if n in after and all(m is not k for k in skip)]  # fmt: skip
+    neck_ids = {id(p) for m in neck for p in m.parameters()}
     stem_named = [(n, p) for n, p in tm.named_parameters()
-                  if id(p) not in inside and id(p) not in neck_ids]  # fmt: skip
+                  if id(p) not in inside | neck_ids | skip_ids]  # fmt: skip
     groups = [("stem", [_Loose(stem_named)])] if stem_named else []
     for k, stage in enumerate(stages, 1):
         groups += [(f"stage{k}_block{i}", mods) for i, mods in enumerate(_blocks(stage), 1)]
     groups[-1][1].extend(neck)
+    ids = [id(p) for _, mods in groups for m in mods for p in m.parameters()]
+    if len(ids) != len(set(ids)):
+        raise _refuse(tm, "modules shared between its blocks")
+    if set(ids) | skip_ids != {id(p) for p in tm.parameters()}:
+        raise _refuse(tm, "parameters outside its stages and blocks")
     return groups
 
 

@@ -300,7 +300,7 @@ def grad_cam(
             prob = pm(x)[0, index]
             # hooks fire in forward order: feats = [layer3, layer4] for a ResNet
             acts = feats[::-1]
-            if any(t.ndim != 4 for t in acts):
+            if not acts or any(not isinstance(t, torch.Tensor) or t.ndim != 4 for t in acts):
                 raise UsageError(
                     "Grad-CAM needs feature maps; this backbone's last stage gives tokens "
                     "(a vision transformer): --cam is not available for it yet"
