@@ -20,6 +20,8 @@ architecture is asked for.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,23 +46,72 @@ def is_timm_arch(name: str) -> bool:
     return bool(timm.is_model(name))
 
 
-def timm_model(name: str, n_out: int, pretrained: bool = False) -> nn.Module:
+def timm_model(
+    name: str, n_out: int, pretrained: bool = False, size: int | None = None
+) -> nn.Module:
     """fastai's body (1 input channel, `TimmBody`) + head for the timm model `name`, as
-    `vision_learner(dls, name)` builds it; timm's own head, which the body never calls,
-    frozen (`unused_modules`). A weights file is loaded by `models.build_model` (`timm_state`)."""
+    `vision_learner(dls, name)` builds it, for `size` x `size` images (`size_kwargs`); timm's
+    own head, which the body never calls, frozen (`unused_modules`). A weights file is loaded
+    by `models.build_model` (`timm_state`)."""
     from fastai.vision.learner import create_timm_model
 
-    model, _ = create_timm_model(name, n_out, pretrained=pretrained, n_in=1)
+    kw = size_kwargs(name, size)
+    model, _ = create_timm_model(name, n_out, pretrained=pretrained, n_in=1, **kw)
     for m in unused_modules(model[0]):
         m.requires_grad_(False)
     return model
+
+
+def _twin(name: str, **kw) -> nn.Module:
+    """timm model `name` (1 channel, no classifier) on the meta device: no memory, no compute."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0, in_chans=1, **kw)
+
+
+def _takes(name: str, size: int, **kw) -> bool:
+    """Whether timm model `name`, built with `kw`, runs on a `size` x `size` image (traced on
+    the meta device)."""
+    try:
+        with torch.device("meta"):
+            _twin(name, **kw)(torch.empty(1, 1, size, size))
+    except Exception:  # noqa: BLE001 — any failure means: not as built
+        return False
+    return True
+
+
+def size_kwargs(name: str, size: int | None) -> dict:
+    """timm's `img_size=size` for a model built for one image size (a vision transformer's
+    patch grid and position embedding: ViT, DeiT, EVA, MLP-Mixer) that cannot take `size` x
+    `size` images as built; {} for one that can (a convolutional network). timm resamples
+    pretrained position embeddings to the new grid, as `timm_state` does for a weights file."""
+    if size is None or _takes(name, size):
+        return {}
+    return {"img_size": size} if _takes(name, size, img_size=size) else {}
+
+
+def _patch_embed(tm: nn.Module) -> nn.Module | None:
+    from timm.layers import PatchEmbed
+
+    return next((m for m in tm.modules() if isinstance(m, PatchEmbed)), None)
+
+
+def _built_kwargs(tm: nn.Module) -> tuple[dict, tuple[int, int]]:
+    """The `img_size` timm model `tm` was built with where it is not its default, and the
+    image size it takes."""
+    size = tuple(tm.default_cfg.get("input_size", (3, 224, 224))[-2:])
+    built = getattr(_patch_embed(tm), "img_size", None)
+    if built is not None and tuple(built) != size:
+        return {"img_size": tuple(built)}, tuple(built)
+    return {}, size
 
 
 def timm_state(tm: nn.Module, sd: dict) -> dict:
     """A timm state dict of `tm`'s architecture made loadable into `tm` (1 input channel, no
     classifier): a 3-channel first convolution summed to 1 channel, the classifier's weights
     dropped."""
-    sd = _for_one_channel(tm, sd)
+    sd = _resampled(tm, _for_one_channel(tm, sd))
     ours = tm.state_dict()
     return {k: v for k, v in sd.items() if k in ours or not _is_classifier(tm, k)}
 
@@ -82,6 +133,22 @@ def _for_one_channel(tm: nn.Module, sd: dict) -> dict:
         if k in out and out[k].ndim == 4 and out[k].shape[1] == 3:
             out[k] = out[k].sum(dim=1, keepdim=True)
     return out
+
+
+def _resampled(tm: nn.Module, sd: dict) -> dict:
+    """A vision transformer's position embedding resampled to `tm`'s patch grid (a 224 px
+    checkpoint on a model built for 512 px), as timm does for its own pretrained weights."""
+    pos, ours = sd.get("pos_embed"), getattr(tm, "pos_embed", None)
+    pe = _patch_embed(tm)
+    if pos is None or not isinstance(ours, torch.Tensor) or pos.shape == ours.shape:
+        return sd
+    if pos.ndim != 3 or ours.ndim != 3 or pe is None:
+        return sd  # another layout: `load_into` names it as mis-shaped
+    from timm.layers import resample_abs_pos_embed
+
+    npt = 0 if getattr(tm, "no_embed_class", False) else getattr(tm, "num_prefix_tokens", 1)
+    new = resample_abs_pos_embed(pos, new_size=list(pe.grid_size), num_prefix_tokens=npt)
+    return {**sd, "pos_embed": new}
 
 
 class _Loose(nn.Module):
@@ -158,14 +225,11 @@ def _blocks(stage: nn.Module) -> list[list[nn.Module]]:
 def used_children(body: nn.Module) -> set[str] | None:
     """The names of the timm model's own children that fastai's `TimmBody` calls: traced on a
     copy built on the meta device (no memory, no compute); None where that cannot run."""
-    import timm
-
     tm = body.model
-    size = tm.default_cfg.get("input_size", (3, 224, 224))[-2:]
+    kw, size = _built_kwargs(tm)
     try:
         with torch.device("meta"):
-            twin = timm.create_model(tm.default_cfg["architecture"], pretrained=False,
-                                     num_classes=0, in_chans=1)  # fmt: skip
+            twin = _twin(tm.default_cfg["architecture"], **kw)
             called: set[str] = set()
             hooks = [m.register_forward_hook(lambda m, i, o, n=n: called.add(n))
                      for n, m in twin.named_children()]  # fmt: skip
@@ -226,11 +290,63 @@ def timm_groups(body: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return groups
 
 
-def cam_stages(tm: nn.Module) -> list[nn.Module]:
-    """Grad-CAM's modules: the last stage, then the one before it (used when the last one's
-    map is too small)."""
+@dataclass(frozen=True)
+class CamLayer:
+    """Where Grad-CAM reads a backbone: `module`'s output (its input when `pre`: a vision
+    transformer's tokens entering its last block), and `to_map(activation, (H, W))`, which
+    makes an activation (or its gradient) a (B, C, h, w) map or raises a `UsageError`."""
+
+    module: nn.Module
+    pre: bool
+    to_map: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
+def nchw(channels: int | None = None) -> Callable:
+    """`to_map` of a feature map: (B, C, h, w), or channels-last (B, h, w, C) permuted (VOLO's
+    stages), told apart by the level's `channels`."""
+
+    def to_map(t, hw):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise UsageError("Grad-CAM needs a feature map (B, C, h, w); this backbone's "
+                             f"stage gives {_what(t)}")  # fmt: skip
+        if channels is not None and t.shape[1] != channels and t.shape[-1] == channels:
+            return t.permute(0, 3, 1, 2)
+        return t
+
+    return to_map
+
+
+def _what(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _tokens(tm: nn.Module) -> Callable:
+    """`to_map` of a transformer's tokens (B, N, C): its prefix tokens (class, distillation,
+    registers) dropped, the patch tokens laid out on the patch grid of the image."""
+    prefix = getattr(tm, "num_prefix_tokens", 0) or 0
+    ph, pw = _patch_embed(tm).patch_size
+
+    def to_map(t, hw):
+        h, w = hw[0] // ph, hw[1] // pw
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[1] != prefix + h * w:
+            raise UsageError(f"Grad-CAM: expected {prefix} + {h}x{w} tokens of "
+                             f"{ph}x{pw} patches, got {_what(t)}")  # fmt: skip
+        return t[:, prefix:].transpose(1, 2).reshape(t.shape[0], -1, h, w)
+
+    return to_map
+
+
+def cam_layers(tm: nn.Module) -> list[CamLayer]:
+    """Grad-CAM's layers of timm model `tm`, the last first: a convolutional network's last
+    two feature levels (the one before is used where the last one's map is too small); a
+    vision transformer's tokens as they enter its last block (with a class token, the last
+    block's own patch tokens reach no output, so their gradient is zero)."""
     stages, _ = _stage_modules(tm)
-    return stages[::-1][:2]
+    if len(stages) == 1 and _patch_embed(tm) is not None:  # one stage of transformer blocks
+        return [CamLayer(list(stages[0].children())[-1], True, _tokens(tm))]
+    levels = [f for f in tm.feature_info if "." in f["module"] or _container(
+        _module(tm, f["module"]))][::-1][:2]  # fmt: skip
+    return [CamLayer(_module(tm, f["module"]), False, nchw(f["num_chs"])) for f in levels]
 
 
 def alias(spec: str, names: list[str]) -> str:
@@ -251,7 +367,10 @@ def alias(spec: str, names: list[str]) -> str:
 
 __all__ = [
     "alias",
-    "cam_stages",
+    "CamLayer",
+    "cam_layers",
+    "nchw",
+    "size_kwargs",
     "timm_state",
     "is_timm_arch",
     "timm_available",

@@ -200,6 +200,7 @@ def load_exported(folder: Path) -> Callable[[torch.Tensor], np.ndarray]:
     ]
 
     def run(x: torch.Tensor) -> np.ndarray:
+        x = torch.as_tensor(x, dtype=torch.float32)  # a NumPy array too, as ONNX takes
         out = np.zeros((len(x), len(meta["findings"])))
         for prog, fs in progs:
             cols = [meta["findings"].index(f) for f in fs]

@@ -183,12 +183,17 @@ def load_into(model: nn.Module, sd: dict, source, arch: str) -> None:
 
 
 def build_model(
-    arch: str, n_out: int, pretrained: bool = False, weights_file: str | Path | None = None
+    arch: str,
+    n_out: int,
+    pretrained: bool = False,
+    weights_file: str | Path | None = None,
+    size: int | None = None,
 ) -> nn.Module:
     """fastai's body (1 input channel) + head, as `vision_learner` would build it: a
-    torchvision architecture (`ARCHS`) or any timm model (`fastcxr.backbones`)."""
+    torchvision architecture (`ARCHS`) or any timm model (`fastcxr.backbones`), the latter
+    built for `size` x `size` images where it is built for one size (a vision transformer)."""
     if arch not in ARCHS and is_timm_arch(arch):
-        model = timm_model(arch, n_out, pretrained and weights_file is None)
+        model = timm_model(arch, n_out, pretrained and weights_file is None, size)
         if weights_file is not None:
             tm = model[0].model
             load_into(tm, timm_state(tm, load_state_dict(weights_file)), weights_file, arch)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fastcxr.backbones import cam_stages
+from fastcxr.backbones import CamLayer, cam_layers, nchw
 from fastcxr.dicom import DicomError
 from fastcxr.errors import UsageError
 from fastcxr.formulations import powerset_bits
@@ -85,8 +85,9 @@ class Predictor:
             except (OSError, ValueError) as e:
                 raise RunError(f"{p.with_suffix('.json')}: unreadable sidecar ({e})") from None
             try:
-                net = build_model(side["arch"], side["n_out"])
-            except (KeyError, ValueError) as e:
+                size = side.get("preprocessing", {}).get("size")
+                net = build_model(side["arch"], side["n_out"], size=size)
+            except (KeyError, ValueError, AttributeError) as e:
                 raise RunError(f"{p.with_suffix('.json')}: unusable sidecar ({e})") from None
             try:
                 net.load_state_dict(load_state_dict(p))
@@ -283,30 +284,35 @@ def grad_cam(
     powerset, its marginal); (H, W) in 0..1.
 
     The map comes from the backbone's last stage (1/32 of the image: 16x16 at 512 px), or
-    from the stage before it when the last one is smaller than `min_side` (small images).
+    from the stage before it when the last one is smaller than `min_side` (small images); a
+    vision transformer's from the patch tokens entering its last block (`cam_layers`).
     """
     device = device or next(pm.parameters()).device
-    body = pm.net[0]
-    if hasattr(body, "model") and hasattr(body.model, "feature_info"):  # a timm backbone
-        stages = cam_stages(body.model)
-    else:
-        stages = [body[-1], body[-2]] if len(body) == 8 else [body[-1]]  # ResNet: layer4, layer3
-    feats: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: feats.append(o)) for m in stages]
+    layers = _cam_layers(pm.net[0])
+    feats: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        return lambda m, *io: feats.__setitem__(i, io[0][0] if layers[i].pre else io[-1])
+
+    hooks = [
+        c.module.register_forward_pre_hook(keep(i))
+        if c.pre
+        else c.module.register_forward_hook(keep(i))
+        for i, c in enumerate(layers)
+    ]
     try:
         x = torch.from_numpy(np.array(image, np.float32))[None, None].to(device)  # a copy:
         # the image may be a read-only view of a decoded file, which torch would warn about
         with torch.enable_grad():
             prob = pm(x)[0, index]
-            # hooks fire in forward order: feats = [layer3, layer4] for a ResNet
-            acts = feats[::-1]
-            if not acts or any(not isinstance(t, torch.Tensor) or t.ndim != 4 for t in acts):
-                raise UsageError(
-                    "Grad-CAM needs feature maps; this backbone's last stage gives tokens "
-                    "(a vision transformer): --cam is not available for it yet"
-                )
-            a = next((t for t in acts if min(t.shape[-2:]) >= min_side), acts[-1])
-            (grad,) = torch.autograd.grad(prob, a)
+            hw = tuple(image.shape)
+            if not feats:
+                raise UsageError("Grad-CAM: the forward pass never reached the backbone's "
+                                 "last stage, so it has no map to show")  # fmt: skip
+            maps = [(i, layers[i].to_map(feats[i], hw)) for i in sorted(feats)]
+            i, a = next(((i, m) for i, m in maps if min(m.shape[-2:]) >= min_side), maps[-1])
+            (grad,) = torch.autograd.grad(prob, feats[i])
+            grad = layers[i].to_map(grad, hw)
     finally:
         for h in hooks:
             h.remove()
@@ -315,6 +321,15 @@ def grad_cam(
     cam = nn.functional.interpolate(cam, size=image.shape, mode="bilinear", align_corners=False)
     cam = cam[0, 0].detach().cpu().numpy()
     return cam / cam.max() if cam.max() > 0 else cam
+
+
+def _cam_layers(body: nn.Module) -> list[CamLayer]:
+    """Grad-CAM's layers, the last first: a timm backbone's (`cam_layers`); a ResNet's layer4
+    then layer3; a DenseNet's features."""
+    if hasattr(body, "model") and hasattr(body.model, "feature_info"):  # a timm backbone
+        return cam_layers(body.model)
+    mods = [body[-1], body[-2]] if len(body) == 8 else [body[-1]]
+    return [CamLayer(m, False, nchw()) for m in mods]
 
 
 def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path, title: str) -> None:

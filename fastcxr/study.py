@@ -139,7 +139,7 @@ def check_schedule(cfg: TrainConfig, stages) -> None:
     folder is written (the model is built on the meta device: no memory, no weights)."""
     resolve_speed(cfg, default_device())
     with torch.device("meta"):
-        model = build_model(cfg.arch, 1)
+        model = build_model(cfg.arch, 1, size=cfg.size)
     names = group_names(model)
     for st in stages:
         try:
@@ -468,7 +468,7 @@ def ablation_plan(cfg: TrainConfig, formulation: str = "multilabel") -> Ablation
     """The ablation's stages with trainable parameter counts, without data or training."""
     form = get_formulation(formulation)
     net = form.networks(cfg.findings)[0]
-    model = build_model(cfg.arch, form.n_out(net), pretrained=False)
+    model = build_model(cfg.arch, form.n_out(net), size=cfg.size)
     learn = Learner(
         DataLoaders(),
         model,

@@ -128,7 +128,7 @@ class LimitArm(Arm):
         cfg, speed, form, net, device = job.cfg, job.speed, job.form, job.net, job.device
         self.job, self.label = job, f"model-only limit, {job.style} freezing"
         self.cudnn = (speed.cudnn_benchmark, not speed.cudnn_benchmark)
-        model = build_model(cfg.arch, form.n_out(net), pretrained=False).to(device)
+        model = build_model(cfg.arch, form.n_out(net), size=cfg.size).to(device)
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(cfg.batch_size, 1, cfg.size, cfg.size, device=device, generator=g)
         if speed.channels_last:
@@ -263,8 +263,9 @@ def _defaults_learner(job: BenchJob):
     from fastai.vision.data import ImageBlock
     from fastai.vision.learner import vision_learner
 
+    from fastcxr.backbones import size_kwargs
     from fastcxr.data import apply_policy
-    from fastcxr.models import TorchvisionArch, block_splitter
+    from fastcxr.models import ARCHS, TorchvisionArch, block_splitter
     from fastcxr.runtime.fastpath import AUGMENT
     from fastcxr.train.learner import silence
 
@@ -284,9 +285,13 @@ def _defaults_learner(job: BenchJob):
         batch_tfms=batch_tfms,
     )
     dls = block.dataloaders(df, bs=cfg.batch_size, device=job.device)
-    arch = TorchvisionArch(cfg.arch)  # torchvision's builder, as `vision_learner(dls, resnet152)`
+    if cfg.arch in ARCHS:  # torchvision's builder, as `vision_learner(dls, resnet152)`
+        arch = TorchvisionArch(cfg.arch)
+        extra: dict = {"cut": arch.cut}
+    else:  # a timm name, as `vision_learner(dls, "convnext_tiny")`; a ViT built for the size
+        arch, extra = cfg.arch, size_kwargs(cfg.arch, cfg.size)
     learn = vision_learner(
-        dls, arch, n_out=form.n_out(net), pretrained=False, cut=arch.cut,
+        dls, arch, n_out=form.n_out(net), pretrained=False, **extra,
         loss_func=form.loss(net, powerset_bits(len(net.findings)), device=job.device),
         splitter=block_splitter, metrics=[],
     )  # fmt: skip

@@ -207,18 +207,6 @@ def measure_all(jobs: list[BenchJob], stages, rounds: int, defaults: bool, say, 
     return measured, eval_ips
 
 
-def _torchvision_only(arch: str) -> None:
-    """Before any cache or model: the fastai-defaults arm is `vision_learner` on a torchvision
-    model, so a timm architecture cannot be benched against it."""
-    from fastcxr.models import ARCHS
-
-    if arch not in ARCHS:
-        raise UsageError(
-            f"fastcxr bench measures torchvision architectures ({', '.join(ARCHS)}): its "
-            f"fastai-defaults arm is vision_learner on a torchvision model; {arch!r} is not one"
-        )
-
-
 def bench_train(
     cfg,
     stages,
@@ -251,7 +239,6 @@ def bench_train(
     from fastcxr.runtime.fastpath import resolve_speed
 
     check_rounds(rounds)
-    _torchvision_only(cfg.arch)
     say = log or (lambda what: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = cfg.replace(loader="fast")

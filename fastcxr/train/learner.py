@@ -41,7 +41,7 @@ def _timm_learner(nd, form, net, cfg: TrainConfig, fast: bool) -> Learner:
     """What `vision_learner(dls, name)` builds for a timm `name` (fastai's `TimmBody` and
     head), built by fastcxr so that `--weights FILE` and 1 input channel work the same."""
     pretrained = cfg.pretrained or bool(cfg.weights)
-    model = build_model(cfg.arch, form.n_out(net), cfg.pretrained, cfg.weights)
+    model = build_model(cfg.arch, form.n_out(net), cfg.pretrained, cfg.weights, cfg.size)
     learn = Learner(
         nd.dls, model, loss_func=form.loss(net, nd.y_train, device=nd.dls.device),
         opt_func=fused_adamw(nd.speed) if fast else Adam, splitter=block_splitter,
