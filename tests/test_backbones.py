@@ -206,8 +206,7 @@ def _cam_by_hand(pm, image: np.ndarray, index: int) -> np.ndarray:
 
 
 def test_grad_cam_of_a_vision_transformer_reads_the_tokens_entering_its_last_block():
-    from fastcxr.predict import grad_cam
-    from fastcxr.predict import ProbabilityModel
+    from fastcxr.predict import ProbabilityModel, grad_cam
 
     torch.manual_seed(0)
     pm = ProbabilityModel(build_model("vit_tiny_patch16_224", 2, size=64), "multilabel", 2,
