@@ -19,12 +19,15 @@ architecture is asked for.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from fastcxr.errors import UsageError
 
@@ -203,16 +206,27 @@ def _stage_modules(tm: nn.Module) -> tuple[list[nn.Module], str]:
     return [_module(tm, p) for p in staged], ""
 
 
-def _blocks(stage: nn.Module) -> list[list[nn.Module]]:
-    """A stage's blocks, each a list of modules (the first with the stage's other parts:
-    a ConvNeXt stage's downsampling, parameters the stage holds itself)."""
+def _blocks(stage: nn.Module, when: Callable[[nn.Module], int | None]) -> list[list[nn.Module]]:
+    """A stage's blocks, each a list of modules, the block's own module first after any
+    `_Loose`: the stage's other parts join its first block
+    (a ConvNeXt stage's downsampling, parameters the stage holds itself) or, when they run
+    after its blocks (`when`: first use; else registration order), its last (a PVT stage's
+    norm)."""
     own = [(n, p) for n, p in stage.named_parameters(recurse=False)]
     extra = [_Loose(own)] if own else []
     inner = getattr(stage, "blocks", None)
-    if isinstance(inner, nn.Sequential) and len(inner):
-        rest = [m for n, m in stage.named_children() if n != "blocks"]
+    if isinstance(inner, (nn.Sequential, nn.ModuleList)) and len(inner):
+        names = [n for n, _ in stage.named_children()]
+        start = when(inner[0])
+
+        def late(n: str, m: nn.Module) -> bool:
+            t = when(m)
+            return t > start if None not in (t, start) else names.index(n) > names.index("blocks")
+
+        rest = [(n, m) for n, m in stage.named_children() if n != "blocks"]
         blocks = [[b] for b in inner]
-        blocks[0] = [*extra, *rest, *blocks[0]]
+        blocks[0] = [*extra, *blocks[0], *(m for n, m in rest if not late(n, m))]
+        blocks[-1] = [*blocks[-1], *(m for n, m in rest if late(n, m))]
         return blocks
     kids = [m for m in stage.children() if any(True for _ in m.parameters())]
     if not kids:
@@ -222,23 +236,57 @@ def _blocks(stage: nn.Module) -> list[list[nn.Module]]:
     return blocks
 
 
-def used_children(body: nn.Module) -> set[str] | None:
-    """The names of the timm model's own children that fastai's `TimmBody` calls: traced on a
-    copy built on the meta device (no memory, no compute); None where that cannot run."""
-    tm = body.model
-    kw, size = _built_kwargs(tm)
+class _Uses(TorchFunctionMode):
+    """Calls `note(name)` at each use of one of `watch`'s tensors (id → name)."""
+
+    def __init__(self, watch: dict[int, str], note: Callable[[str], None]):
+        super().__init__()
+        self.watch, self.note = watch, note
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs or {})):
+            if id(t) in self.watch:
+                self.note(self.watch[id(t)])
+        return func(*args, **(kwargs or {}))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced(arch: str, kw: tuple, size: tuple, features: bool) -> tuple[str, ...] | None:
+    order: dict[str, None] = {}  # first uses, in order
+
+    def note(name: str) -> None:
+        order.setdefault(name, None)
+
     try:
         with torch.device("meta"):
-            twin = _twin(tm.default_cfg["architecture"], **kw)
-            called: set[str] = set()
-            hooks = [m.register_forward_hook(lambda m, i, o, n=n: called.add(n))
-                     for n, m in twin.named_children()]  # fmt: skip
+            twin = _twin(arch, **dict(kw)).eval()  # batch norm on 1x1 maps in eval mode too
+            hooks = [m.register_forward_pre_hook(lambda m, i, p=path: note(p))
+                     for path, m in twin.named_modules() if path]  # fmt: skip
+            own = {id(p): f"param:{n}" for n, p in twin.named_parameters(recurse=False)}
             x = torch.empty(1, 1, *size)
-            twin.forward_features(x) if body.needs_pool else twin(x)
-    except Exception:  # noqa: BLE001 — ops meta tensors cannot run: the classifier rule only
+            with _Uses(own, note):
+                twin.forward_features(x) if features else twin(x)
+    except Exception:  # noqa: BLE001 — ops meta tensors cannot run: the registration order
         return None
     del hooks  # the twin is thrown away with them
-    return called
+    return tuple(order)
+
+
+def call_order(body: nn.Module) -> tuple[str, ...] | None:
+    """The timm model's modules (by path) and own parameters (`param:NAME`: a ViT's class
+    token, Visformer's `pos_embed2`) in the order fastai's `TimmBody` first uses them: traced
+    on a copy built on the meta device (no memory, no compute); None where that cannot run."""
+    tm = body.model
+    kw, size = _built_kwargs(tm)
+    return _traced(tm.default_cfg["architecture"], tuple(kw.items()), size, body.needs_pool)
+
+
+def used_children(body: nn.Module) -> set[str] | None:
+    """The names of the timm model's own children that fastai's `TimmBody` runs (a child is
+    used when any module inside it runs: a ModuleList of blocks is never called itself)."""
+    order = call_order(body)
+    return None if order is None else {
+        n.split(".")[0] for n in order if not n.startswith("param:")}  # fmt: skip
 
 
 def unused_modules(body: nn.Module) -> list[nn.Module]:
@@ -256,36 +304,81 @@ def unused_modules(body: nn.Module) -> list[nn.Module]:
             if n not in called and any(True for _ in m.parameters())]  # fmt: skip
 
 
+def _own(mods: list[nn.Module]) -> nn.Module:
+    """A block's own module (`_blocks`): the first that holds no loose parameters."""
+    return next(m for m in mods if not isinstance(m, _Loose))
+
+
+def _first_use(order: tuple[str, ...] | None) -> dict[str, int] | None:
+    """Each module path's first use in `order`: its own, or that of a module inside it (a
+    ModuleList of blocks is never called itself, its blocks are)."""
+    if order is None:
+        return None
+    first: dict[str, int] = {}
+    for i, path in enumerate(order):
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            first.setdefault(".".join(parts[:k]), i)
+    return first
+
+
+def _place(rank: dict | None, item: str, heads: list, slots: list[str], top: list[str]):
+    """Where a module or parameter outside the stages goes: `stem` (used before the first
+    block), `neck` (after the last), or j (before block j: Visformer's `patch_embed3` and
+    `pos_embed3` before stage 3, ConViT's class token before its first global block). By
+    first use (`call_order`: `rank` of each path); by registration order where it was not
+    traced (after the last stage: the neck)."""
+    if rank is None or item not in rank:
+        if item.startswith("param:") or item not in top:
+            return "stem"
+        return "neck" if top.index(item) > top.index(slots[-1]) else "stem"
+    later = [j for j, h in enumerate(heads) if h in rank and rank[h] > rank[item]]
+    if not later:
+        return "neck"
+    return "stem" if later[0] == 0 else later[0]
+
+
 def timm_groups(body: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """(name, modules) per block group of fastai's `TimmBody` around a timm model, input to
     output, without the head: `stem`, `stage1_block1` … the last block (with what follows
-    the last stage that the body uses). Every parameter the body uses is in exactly one
-    group, or the architecture is refused."""
+    the last stage that the body uses); what the body uses between two blocks joins the
+    later one (`_place`). Every parameter the body uses is in exactly one group, or the
+    architecture is refused."""
     tm = body.model
     if getattr(tm, "output_fmt", "NCHW") not in ("NCHW", None):
         raise _refuse(tm, f"its features are {tm.output_fmt}, fastai's head takes NCHW")
-    skip = unused_modules(body)
-    skip_ids = {id(p) for m in skip for p in m.parameters()}
+    skip = {id(p) for m in unused_modules(body) for p in m.parameters()}
     stages, trunk = _stage_modules(tm)
     inside = {id(p) for s in stages for p in s.parameters()}
     top = [n for n, _ in tm.named_children()]
-    anchor = trunk.split(".")[0] if trunk else None
-    # the last stage's top-level position: what comes after it is the neck
-    last = anchor if anchor else next(n for n, m in tm.named_children() if m is stages[-1])
-    after = top[top.index(last) + 1 :]
-    neck = [m for n, m in tm.named_children()
-            if n in after and all(m is not k for k in skip)]  # fmt: skip
-    neck_ids = {id(p) for m in neck for p in m.parameters()}
-    stem_named = [(n, p) for n, p in tm.named_parameters()
-                  if id(p) not in inside | neck_ids | skip_ids]  # fmt: skip
+    slots = [trunk.split(".")[0]] if trunk else [
+        next(n for n, m in tm.named_children() if m is s) for s in stages]  # fmt: skip
+    paths = {id(m): p for p, m in tm.named_modules()}
+    rank = _first_use(call_order(body))
+
+    def when(m: nn.Module) -> int | None:
+        return None if rank is None else rank.get(paths.get(id(m), ""))
+
+    blocks = [(f"stage{k}_block{i}", mods) for k, stage in enumerate(stages, 1)
+              for i, mods in enumerate(_blocks(stage, when), 1)]  # fmt: skip
+    heads = [paths.get(id(_own(mods))) for _, mods in blocks]  # each block's own module
+    units = [(n, m) for n, m in tm.named_children() if n not in slots]
+    units += [(f"param:{n}", _Loose([(n, p)])) for n, p in tm.named_parameters(recurse=False)]
+    placed: dict = {}
+    for n, m in units:
+        own = {id(p) for p in m.parameters()}
+        if own and not own & (inside | skip):
+            placed.setdefault(_place(rank, n, heads, slots, top), []).append(m)
+    taken = inside | skip | {id(p) for w, ms in placed.items() if w != "stem" for m in ms
+                             for p in m.parameters()}  # fmt: skip
+    stem_named = [(n, p) for n, p in tm.named_parameters() if id(p) not in taken]
     groups = [("stem", [_Loose(stem_named)])] if stem_named else []
-    for k, stage in enumerate(stages, 1):
-        groups += [(f"stage{k}_block{i}", mods) for i, mods in enumerate(_blocks(stage), 1)]
-    groups[-1][1].extend(neck)
+    groups += [(g, [*mods, *placed.get(j, [])]) for j, (g, mods) in enumerate(blocks)]
+    groups[-1][1].extend(placed.get("neck", []))
     ids = [id(p) for _, mods in groups for m in mods for p in m.parameters()]
     if len(ids) != len(set(ids)):
         raise _refuse(tm, "modules shared between its blocks")
-    if set(ids) | skip_ids != {id(p) for p in tm.parameters()}:
+    if set(ids) | skip != {id(p) for p in tm.parameters()}:
         raise _refuse(tm, "parameters outside its stages and blocks")
     return groups
 

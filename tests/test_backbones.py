@@ -98,6 +98,38 @@ def test_a_vision_transformer_is_one_stage_of_its_blocks_with_its_tokens_in_the_
         ablation_plan(cfg)  # conv4 names a stage a ViT does not have
 
 
+def test_what_runs_between_two_stages_joins_the_first_block_of_the_later_one():
+    """Visformer embeds patches (and adds a position embedding it holds itself) before each
+    stage: unfreezing stage 3 unfreezes its patch embedding, which comes before its first
+    block, as ConvNeXt's downsampling joins its stage's first block."""
+    model = build_model("visformer_tiny", 2, size=64)
+    tm = model[0].model
+    got = {g: n(*mods) for g, mods in block_groups(model)}
+    assert got["stem"] == n(tm.stem, tm.patch_embed1) + tm.pos_embed1.numel()
+    for k in (2, 3):
+        embed, pos = tm.get_submodule(f"patch_embed{k}"), getattr(tm, f"pos_embed{k}")
+        first = tm.get_submodule(f"stage{k}")[0]
+        assert got[f"stage{k}_block1"] == n(embed, first) + pos.numel()
+    assert got["stage3_block4"] == n(tm.stage3[3], tm.norm)
+    assert sum(got.values()) == n(model)
+
+
+def test_a_module_list_of_blocks_is_split_and_a_stage_norm_joins_its_last_block():
+    """PVT v2 keeps its blocks in a ModuleList and ends each stage with a norm: one group per
+    block, the downsampling with the first, the norm (it runs last) with the last."""
+    model = build_model("pvt_v2_b0", 2, size=64)
+    stages = model[0].model.stages
+    got = {g: n(*mods) for g, mods in block_groups(model)}
+    for k, st in enumerate(stages, 1):
+        assert len(st.blocks) == 2 and f"stage{k}_block3" not in got
+        down = [] if st.downsample is None else [st.downsample]  # stage 1: the patch embed
+        assert got[f"stage{k}_block1"] == n(*down, st.blocks[0])
+        assert got[f"stage{k}_block2"] == n(st.blocks[1], st.norm)
+    tm = model[0].model
+    assert got["stem"] == n(tm.patch_embed)
+    assert sum(got.values()) == n(model) - n(tm.head)  # timm's unused classifier
+
+
 @pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny_patch16_224"])
 def test_keras_freezing_runs_no_backward_through_frozen_blocks(name):
     from fastai.data.core import DataLoaders
@@ -262,12 +294,24 @@ def test_lr_find_sweeps_each_stage_of_a_timm_network(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_measures_a_timm_architecture_against_fastai_defaults(tmp_path):
+def test_bench_measures_a_timm_architecture_against_fastai_defaults(tmp_path, monkeypatch):
+    """bench on convnext_atto: each arm is a ConvNeXt (the fastai-defaults arm is
+    `vision_learner(dls, "convnext_atto")`, as a user writes it), each row's ratios are its
+    img/s divided."""
+    import fastcxr.bench.arms as arms
     from fastcxr.bench import bench_train
     from fastcxr.config import parse_stages
 
+    built, make = [], arms._defaults_learner
+    monkeypatch.setattr(arms, "_defaults_learner", lambda job: built.append(make(job)) or built[-1])
     cfg = DEMO.replace(arch="convnext_atto", size=32, batch_size=4, workers=0)
     res = bench_train(cfg, parse_stages("head,conv5"), freeze_styles=("keras",), warmup=1,
                       steps=2, rounds=1, cache=tmp_path / "cache")  # fmt: skip
-    print(res)
-    raise AssertionError
+    assert res.arch == "convnext_atto" and [r.stage for r in res.rows] == ["head", "conv5"]
+    for r in res.rows:
+        assert min(r.limit_img_s, r.fastcxr_img_s, r.defaults_img_s) > 0
+        assert r.fastcxr_vs_limit == pytest.approx(r.fastcxr_img_s / r.limit_img_s)
+        assert r.fastcxr_vs_defaults == pytest.approx(r.fastcxr_img_s / r.defaults_img_s)
+    (learn,) = built
+    assert type(learn.model[0].model).__name__ == "ConvNeXt"
+    assert learn.model[0].model.stem[0].in_channels == 3  # fastai's RGB PILImage default
