@@ -112,29 +112,39 @@ def _built_kwargs(tm: nn.Module) -> tuple[dict, tuple[int, int]]:
 
 def timm_state(tm: nn.Module, sd: dict) -> dict:
     """A timm state dict of `tm`'s architecture made loadable into `tm` (1 input channel, no
-    classifier): a 3-channel first convolution summed to 1 channel, the classifier's weights
-    dropped."""
-    sd = _resampled(tm, _for_one_channel(tm, sd))
+    classifier): the first convolution's input channels folded to 1 as timm folds them for
+    `in_chans=1`, the classifier's weights dropped (with a LeViT head's norm, which `tm`
+    without a classifier does not have)."""
     ours = tm.state_dict()
+    sd = _resampled(tm, _for_one_channel(tm, sd, ours))
     return {k: v for k, v in sd.items() if k in ours or not _is_classifier(tm, k)}
 
 
 def _is_classifier(tm: nn.Module, key: str) -> bool:
     heads = tm.default_cfg.get("classifier", "head")
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    return any(key == h or key.startswith(h + ".") for h in heads)
+    tops = {h.rpartition(".")[0] or h for h in heads}  # LeViT's `head.linear`: all of `head`
+    return any(key == h or key.startswith(h + ".") for h in tops)
 
 
-def _for_one_channel(tm: nn.Module, sd: dict) -> dict:
-    """A 3-channel first convolution summed over its input channels (what timm's own
-    pretrained loading does for `in_chans=1`)."""
+def _for_one_channel(tm: nn.Module, sd: dict, ours: dict) -> dict:
+    """The first convolution of 3 input channels summed to 1 (TResNet's space-to-depth 48
+    to 16), by timm's own `adapt_input_conv`, as its pretrained loading does for
+    `in_chans=1`."""
+    from timm.models import adapt_input_conv
+
     first = tm.default_cfg.get("first_conv")
     firsts = (first,) if isinstance(first, str) else tuple(first or ())
     out = dict(sd)
     for f in firsts:
         k = f"{f}.weight"
-        if k in out and out[k].ndim == 4 and out[k].shape[1] == 3:
-            out[k] = out[k].sum(dim=1, keepdim=True)
+        w, want = out.get(k), ours.get(k)
+        if w is None or want is None or w.ndim != 4 or w.shape[1] == want.shape[1]:
+            continue
+        try:
+            out[k] = adapt_input_conv(1, w)
+        except (AssertionError, NotImplementedError, RuntimeError):
+            pass  # a layout timm cannot fold: `load_into` names it as mis-shaped
     return out
 
 

@@ -178,6 +178,22 @@ def test_weights_file_of_the_architecture_loads_and_another_is_refused(tmp_path)
         build_model("convnext_atto", 2, weights_file=tmp_path / "o.pth")
 
 
+def test_weights_files_of_heads_with_norms_and_space_to_depth_stems_load(tmp_path):
+    """LeViT's classifier has a norm (`head.bn`) besides its linear layer; TResNet's first
+    convolution takes 48 channels (3 colours x 4x4 space-to-depth), folded to 16."""
+    src = timm.create_model("levit_128s", pretrained=False)
+    torch.save(src.state_dict(), tmp_path / "levit.pth")
+    got = build_model("levit_128s", 2, weights_file=tmp_path / "levit.pth")[0].model
+    assert torch.equal(got.stages[2].blocks[0].attn.qkv.linear.weight,
+                       src.stages[2].blocks[0].attn.qkv.linear.weight)  # fmt: skip
+    src = timm.create_model("tresnet_m", pretrained=False)
+    torch.save(src.state_dict(), tmp_path / "tresnet.pth")
+    got = build_model("tresnet_m", 2, weights_file=tmp_path / "tresnet.pth")[0].model
+    w = src.body.conv1.conv.weight  # (64, 48, 3, 3): 16 positions x 3 colours
+    want = w.reshape(64, 16, 3, 3, 3).sum(dim=2)
+    assert torch.allclose(got.body.conv1.conv.weight, want)
+
+
 def test_an_unknown_architecture_names_the_choices():
     with pytest.raises(UsageError, match="unknown architecture 'convnext_nope'.*timm model"):
         build_model("convnext_nope", 2)
