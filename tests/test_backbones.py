@@ -96,6 +96,19 @@ def test_a_vision_transformer_is_one_stage_of_its_blocks_with_its_tokens_in_the_
     cfg = DEMO.replace(arch="vit_tiny_patch16_224", ablation_stages=STAGES)
     with pytest.raises(UsageError, match="this network has 1 stage"):
         ablation_plan(cfg)  # conv4 names a stage a ViT does not have
+    vit = (Stage("head", "head"), Stage("b1", "conv5_block-1"), Stage("b4", "stage1_block-4"),
+           Stage("all", "all"))  # fmt: skip
+    plan = ablation_plan(DEMO.replace(arch="vit_tiny_patch16_224", size=48, ablation_stages=vit))
+    model = build_model("vit_tiny_patch16_224", 2, size=48)  # its plan at 48 px: 3x3 patches
+    tm, head = model[0].model, n(model[1])
+    last = head + n(tm.norm, tm.fc_norm, tm.head)  # what follows the blocks joins the last one
+    assert [s.trainable_params for s in plan.stages] == [
+        head,
+        last + n(tm.blocks[11]),
+        last + n(*tm.blocks[8:]),
+        n(model),
+    ]
+    assert plan.total_params == n(model) and tm.pos_embed.shape[1] == 1 + 9
 
 
 def test_what_runs_between_two_stages_joins_the_first_block_of_the_later_one():
