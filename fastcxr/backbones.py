@@ -78,7 +78,7 @@ def _takes(name: str, size: int, **kw) -> bool:
     the meta device)."""
     try:
         with torch.device("meta"):
-            _twin(name, **kw)(torch.empty(1, 1, size, size))
+            _twin(name, **kw).eval()(torch.empty(1, 1, size, size))  # eval: BN on 1 image
     except Exception:  # noqa: BLE001 — any failure means: not as built
         return False
     return True
@@ -91,7 +91,16 @@ def size_kwargs(name: str, size: int | None) -> dict:
     pretrained position embeddings to the new grid, as `timm_state` does for a weights file."""
     if size is None or _takes(name, size):
         return {}
-    return {"img_size": size} if _takes(name, size, img_size=size) else {}
+    if _takes(name, size, img_size=size):
+        return {"img_size": size}
+    import timm
+
+    own = timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224)
+    if _takes(name, own[-1]):  # it runs at its own size only (EfficientFormer)
+        raise UsageError(f"{name} runs at its own input size only ({own[-1]} px), and timm "
+                         f"cannot build it for {size} px; use --size {own[-1]} or another "
+                         "architecture")  # fmt: skip
+    return {}  # the meta device cannot run it: the model as built
 
 
 def _patch_embed(tm: nn.Module) -> nn.Module | None:
@@ -199,6 +208,11 @@ def _stage_modules(tm: nn.Module) -> tuple[list[nn.Module], str]:
     ('' when they are the model's own children). Feature levels that are single layers (a
     stem's `act1`, `bn1`) are the stem's, not stages."""
     info = [f for f in tm.feature_info if "." in f["module"]]
+    parent = [f["module"].rpartition(".")[0] for f in info]
+    if parent and parent[-1] in parent[:-1]:  # levels before the trunk (`stem.conv`) are stem
+        first = parent.index(parent[-1])
+        if all(q == parent[-1] for q in parent[first:]):
+            info = info[first:]
     parents = {f["module"].rpartition(".")[0] for f in info}
     if len(info) >= 2 and len(parents) == 1:
         trunk = parents.pop()
@@ -430,11 +444,11 @@ def _tokens(tm: nn.Module) -> Callable:
     ph, pw = _patch_embed(tm).patch_size
 
     def to_map(t, hw):
-        h, w = hw[0] // ph, hw[1] // pw
-        if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[1] != prefix + h * w:
-            raise UsageError(f"Grad-CAM: expected {prefix} + {h}x{w} tokens of "
-                             f"{ph}x{pw} patches, got {_what(t)}")  # fmt: skip
-        return t[:, prefix:].transpose(1, 2).reshape(t.shape[0], -1, h, w)
+        h, w = hw[0] // ph, hw[1] // pw  # CaiT adds its class token after these blocks
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[1] - h * w not in (0, prefix):
+            raise UsageError(f"Grad-CAM: expected {h}x{w} tokens of {ph}x{pw} patches (and "
+                             f"{prefix} class tokens), got {_what(t)}")  # fmt: skip
+        return t[:, t.shape[1] - h * w :].transpose(1, 2).reshape(t.shape[0], -1, h, w)
 
     return to_map
 

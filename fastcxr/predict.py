@@ -310,7 +310,10 @@ def grad_cam(
                 raise UsageError("Grad-CAM: the forward pass never reached the backbone's "
                                  "last stage, so it has no map to show")  # fmt: skip
             maps = [(i, layers[i].to_map(feats[i], hw)) for i in sorted(feats)]
-            i, a = next(((i, m) for i, m in maps if min(m.shape[-2:]) >= min_side), maps[-1])
+            # the last level whose map is big enough; else the biggest map, the last on a tie
+            # (VOLO's last two levels are both 1/16: the earlier one is no better)
+            big = max(maps, key=lambda im: (min(im[1].shape[-2:]), -im[0]))
+            i, a = next(((i, m) for i, m in maps if min(m.shape[-2:]) >= min_side), big)
             (grad,) = torch.autograd.grad(prob, feats[i])
             grad = layers[i].to_map(grad, hw)
     finally:

@@ -207,6 +207,43 @@ def test_weights_files_of_heads_with_norms_and_space_to_depth_stems_load(tmp_pat
     assert torch.allclose(got.body.conv1.conv.weight, want)
 
 
+def test_models_built_for_one_size_are_rebuilt_or_refused_in_one_line():
+    """LeViT (batch norm over tokens) is rebuilt by timm for 64 px; EfficientFormer runs at
+    224 px only: refused before anything is built, naming the size it takes."""
+    levit = build_model("levit_128s", 2, size=64).eval()
+    assert levit(torch.randn(2, 1, 64, 64)).shape == (2, 2)
+    with pytest.raises(UsageError, match=r"efficientformer_l1 runs at its own input size only "
+                       r"\(224 px\).*--size 224"):  # fmt: skip
+        build_model("efficientformer_l1", 2, size=64)
+
+
+def test_a_stem_feature_level_inside_a_stem_module_is_the_stem():
+    """BiT's first feature level is `stem.conv`, the rest `stages.K`: four stages, its stem
+    the stem group."""
+    model = build_model("resnetv2_50x1_bit", 2)
+    tm = model[0].model
+    groups = dict(block_groups(model))
+    assert n(*groups["stem"]) == n(tm.stem)
+    assert [sum(g.startswith(f"stage{k}_") for g in groups) for k in (1, 2, 3, 4)] == [
+        len(st.blocks) for st in tm.stages]  # fmt: skip
+
+
+def test_grad_cam_of_cait_reads_its_patch_tokens_before_the_class_token_joins():
+    from fastcxr.predict import ProbabilityModel, grad_cam
+
+    torch.manual_seed(0)
+    pm = ProbabilityModel(build_model("cait_xxs24_224", 2, size=64), "multilabel", 2, 0.5,
+                          0.25).eval()  # fmt: skip
+    tm = pm.net[0].model
+    seen = []
+    h = tm.blocks[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)
+    cam = grad_cam(pm, image, 0)
+    h.remove()
+    assert seen[0].shape[1] == 16  # a 4x4 grid of 16 px patches, no class token yet
+    assert cam.shape == (64, 64) and cam.max() == pytest.approx(1.0)
+
+
 def test_an_unknown_architecture_names_the_choices():
     with pytest.raises(UsageError, match="unknown architecture 'convnext_nope'.*timm model"):
         build_model("convnext_nope", 2)
