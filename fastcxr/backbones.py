@@ -209,10 +209,9 @@ def _stage_modules(tm: nn.Module) -> tuple[list[nn.Module], str]:
     stem's `act1`, `bn1`) are the stem's, not stages."""
     info = [f for f in tm.feature_info if "." in f["module"]]
     parent = [f["module"].rpartition(".")[0] for f in info]
-    if parent and parent[-1] in parent[:-1]:  # levels before the trunk (`stem.conv`) are stem
-        first = parent.index(parent[-1])
-        if all(q == parent[-1] for q in parent[first:]):
-            info = info[first:]
+    stem = [q.split(".")[0] == "stem" for q in parent]  # BiT's `stem.conv`, VoVNet's `stem.1`
+    if any(stem) and not any(stem[stem.index(False) :] if False in stem else []):
+        info = info[stem.index(False) :] if False in stem else []
     parents = {f["module"].rpartition(".")[0] for f in info}
     if len(info) >= 2 and len(parents) == 1:
         trunk = parents.pop()
@@ -226,7 +225,7 @@ def _stage_modules(tm: nn.Module) -> tuple[list[nn.Module], str]:
     staged = [p for p in paths if "." not in p and re.fullmatch(r"[a-z_]*\d+", p)]
     staged = [p for p in staged if _container(_module(tm, p))]
     if len(staged) < 2:
-        raise _refuse(tm, f"feature levels {paths}")
+        raise _refuse(tm, f"its feature levels {paths} are not the children of one module")
     return [_module(tm, p) for p in staged], ""
 
 
