@@ -73,6 +73,7 @@ def _twin(name: str, **kw) -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=0, in_chans=1, **kw)
 
 
+@functools.lru_cache(maxsize=64)  # build_model asks again for each run, plan and predict
 def _takes(name: str, size: int, **kw) -> bool:
     """Whether timm model `name`, built with `kw`, runs on a `size` x `size` image (traced on
     the meta device)."""
